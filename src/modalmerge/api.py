@@ -1,0 +1,76 @@
+"""The Python API: merge model folders from a recipe, or state dicts in memory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint.sources import StateDictSource
+from .engine.executor import Executor, Report
+from .engine.plan import DEFAULT_CHUNK_ELEMS, Plan, build_plan, open_models
+from .engine.recipe import Recipe, load_recipe, parse_recipe
+from .engine.sinks import DictSink, FolderSink
+
+
+def _recipe(recipe: str | os.PathLike | dict | Recipe) -> Recipe:
+    if isinstance(recipe, (str, os.PathLike)):
+        return load_recipe(recipe)
+    return parse_recipe(recipe)
+
+
+def plan(recipe: str | os.PathLike | dict | Recipe, *, allow_pickle: bool = False,
+         chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Plan:
+    """Open the models and check the recipe without merging anything."""
+    r = _recipe(recipe)
+    base, models = open_models(r, allow_pickle=allow_pickle)
+    return build_plan(r, base, models, chunk_elems)
+
+
+def merge(recipe: str | os.PathLike | dict | Recipe, output: str | os.PathLike, *, device: str = "cpu",
+          overwrite: bool = False, allow_pickle: bool = False, exact_stats: bool = False,
+          progress: bool = False, max_shard_bytes: int | None = None,
+          chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Report:
+    """Merge the recipe's models into a model folder at `output` (written atomically)."""
+    from . import __version__
+
+    p = plan(recipe, allow_pickle=allow_pickle, chunk_elems=chunk_elems)
+    sink = FolderSink(p, output, overwrite=overwrite, max_shard_bytes=max_shard_bytes, tool_version=__version__)
+    return Executor(p, device=device, exact_stats=exact_stats, progress=progress).run(sink)
+
+
+def merge_state_dicts(method: str, models: list[dict[str, torch.Tensor]] | dict[str, dict[str, torch.Tensor]],
+                      base: dict[str, torch.Tensor] | None = None, params: dict[str, Any] | None = None, *,
+                      weights: list[float] | None = None, model_params: list[dict[str, Any]] | None = None,
+                      include: list[str] | None = None, exclude: list[str] | None = None,
+                      seed: int = 0, device: str = "cpu", exact_stats: bool = False,
+                      chunk_elems: int = DEFAULT_CHUNK_ELEMS, return_decoupled: bool = False):
+    """Merge in-memory state dicts; returns the merged state dict.
+
+    `models` is a list (named model_0, model_1, …) or a {name: state_dict} mapping. With
+    `return_decoupled=True`, returns (state_dict, DictSink) so the shared vector, masks and
+    manifest of a task-conditional method can be read.
+    """
+    named = models if isinstance(models, dict) else {f"model_{i}": sd for i, sd in enumerate(models)}
+    weights = weights or [1.0] * len(named)
+    model_params = model_params or [{}] * len(named)
+    preloaded = {f"<memory:{n}>": StateDictSource(sd, n) for n, sd in named.items()}
+    if base is not None:
+        preloaded["<memory:base>"] = StateDictSource(base, "base")
+    recipe = parse_recipe({
+        "method": method,
+        "base": "<memory:base>" if base is not None else None,
+        "models": [{"path": f"<memory:{n}>", "name": n, "weight": w, "params": mp}
+                   for n, w, mp in zip(named, weights, model_params)],
+        "params": params or {},
+        "include": include or [],
+        "exclude": exclude or [],
+        "seed": seed,
+    })
+    base_src, model_srcs = open_models(recipe, preloaded=preloaded)
+    p = build_plan(recipe, base_src, model_srcs, chunk_elems)
+    sink = DictSink(p)
+    Executor(p, device=device, exact_stats=exact_stats, progress=False).run(sink)
+    return (sink.tensors, sink) if return_decoupled else sink.tensors

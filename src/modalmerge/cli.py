@@ -1,0 +1,140 @@
+"""The `modalmerge` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import MergeError
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    if n is None:
+        try:
+            n = len(os.sched_getaffinity(0))
+        except AttributeError:
+            n = os.cpu_count() or 1
+    torch.set_num_threads(max(1, n))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def cmd_merge(args) -> int:
+    from . import __version__
+    from .api import _recipe
+    from .engine.executor import Executor
+    from .engine.plan import build_plan, open_models
+    from .engine.sinks import FolderSink
+
+    _threads(args.threads)
+    recipe = _recipe(args.recipe)
+    if args.seed is not None:
+        recipe = recipe.model_copy(update={"seed": args.seed})
+    base, models = open_models(recipe, allow_pickle=args.allow_pickle)
+    plan = build_plan(recipe, base, models)
+    if args.dry_run:
+        s = plan.summary()
+        print(f"method      {s['method']}  {json.dumps(s['params'])}")
+        print(f"base        {s['base']}")
+        print(f"models      {', '.join(s['models'])}")
+        print(f"tensors     {s['tensors']} ({s['merged_tensors']} merged, {s['copied_tensors']} copied), "
+              f"{s['merged_parameters']:,} merged parameters in {s['jobs']} jobs")
+        print(f"passes      {' -> '.join(s['passes'])}")
+        print(f"peak memory ~{_human(s['estimated_peak_bytes'])} (estimate, besides the Python runtime)")
+        print(f"output      {_human(s['output_bytes'])} -> {args.output or '(no --output given)'}")
+        return 0
+    if not args.output:
+        raise MergeError("merge needs --output DIR (or --dry-run to only print the plan)")
+    sink = FolderSink(plan, args.output, overwrite=args.overwrite, tool_version=__version__)
+    report = Executor(plan, device=args.device, exact_stats=args.exact_stats,
+                      progress=not args.no_progress).run(sink)
+    print(f"merged {report.merged_tensors} tensors ({report.merged_parameters:,} parameters), copied "
+          f"{report.copied_tensors}, in {report.seconds['total']:.1f} s -> {args.output}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .methods.registry import METHODS
+
+    if args.json:
+        out = {name: {"summary": m.summary, "base": m.base, "min_models": m.min_models,
+                      "max_models": m.max_models, "decoupled": m.decoupled,
+                      "params": [{"name": n, "type": t, "default": d, "help": h}
+                                 for n, t, d, h in m.parameter_table()]}
+               for name, m in METHODS.items()}
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    for name, m in METHODS.items():
+        print(f"{name}: {m.summary}")
+        needs = {"required": "needs a base", "optional": "base optional", "forbidden": "no base"}[m.base]
+        count = f"{m.min_models}+" if m.max_models is None else (
+            f"{m.min_models}" if m.min_models == m.max_models else f"{m.min_models}-{m.max_models}")
+        print(f"    {needs}; {count} models" + ("; writes per-task masks" if m.decoupled else ""))
+        for n, t, d, h in m.parameter_table():
+            print(f"    {n:<20} {t:<28} default {d!r:<10} {h}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="modalmerge", description="Training-free model merging.")
+    parser.add_argument("--version", action="version", version=f"modalmerge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("merge", help="merge models as a recipe says",
+                       description="Merge the models of a YAML recipe (native or mergekit format) into a folder.")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--output", "-o", help="output folder (written atomically)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (tensors, passes, memory, size) only")
+    p.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--allow-pickle", action="store_true", help="load pickled .bin checkpoints (weights_only)")
+    p.add_argument("--exact-stats", action="store_true",
+                   help="statistics passes read every element instead of a sample")
+    p.add_argument("--seed", type=int, help="random seed (overrides the recipe's)")
+    p.add_argument("--threads", type=int, help="torch threads (default: the cores available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("methods", help="list the merge methods and their parameters",
+                       description="List every merge method with its parameters, defaults and a summary.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_methods)
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands():
+    """Commands that live in their own modules register themselves here."""
+    from .commands import COMMANDS
+
+    return COMMANDS
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except MergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130

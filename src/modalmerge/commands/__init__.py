@@ -1,0 +1,3 @@
+"""Further CLI commands, one module each; each exposes `register(subparsers)`."""
+
+COMMANDS: list = []

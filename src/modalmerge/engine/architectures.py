@@ -1,0 +1,82 @@
+"""Architecture knowledge as data: which tensors are neurons along which axis, which block a
+tensor belongs to, and which part of a multimodal model (LLM, encoder, projector) it is.
+
+A spec is a list of (name pattern, property) rules matched in order; the generic fallback
+decides by shape and common names. Methods read the result (TensorInfo), never names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from ..methods.base import TensorInfo
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    model_types: tuple[str, ...] = ()
+    # tensors used as x @ W: their neurons are columns
+    column_neurons: tuple[str, ...] = ()
+    # multimodal parts, by name pattern (regex, matched at the start of the name)
+    parts: tuple[tuple[str, str], ...] = ()
+    layer_pattern: str = r"(?:^|\.)(?:layers|layer|h|blocks|block|resblocks)\.(\d+)\."
+    embeddings: tuple[str, ...] = (r"embed", r"wte\.", r"wpe\.", r"lm_head\.", r"word_embeddings", r"shared\.weight")
+
+
+GENERIC = ArchSpec("generic")
+
+SPECS: tuple[ArchSpec, ...] = (
+    ArchSpec("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")),
+    ArchSpec("bert", ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "mpnet")),
+    ArchSpec("gpt2", ("gpt2",), column_neurons=(r".*\.(c_attn|c_proj|c_fc)\.weight$",)),
+    ArchSpec("clip", ("clip", "open_clip"), column_neurons=(r"^visual\.proj$", r"^text_projection$")),
+    ArchSpec("t5", ("t5", "mt5")),
+    ArchSpec("llava", ("llava", "llava_next", "llava_onevision"), parts=(
+        (r"(model\.)?vision_tower\.", "encoder"),
+        (r"(model\.)?multi_modal_projector\.", "projector"),
+        (r"(model\.)?language_model\.|lm_head\.", "llm"),
+    )),
+    ArchSpec("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), parts=(
+        (r"(model\.)?visual\.merger\.", "projector"),
+        (r"(model\.)?visual\.", "encoder"),
+        (r"(model\.)?language_model\.|model\.|lm_head\.", "llm"),
+    )),
+    ArchSpec("qwen2_audio", ("qwen2_audio",), parts=(
+        (r"audio_tower\.", "encoder"),
+        (r"multi_modal_projector\.", "projector"),
+        (r"language_model\.", "llm"),
+    )),
+)
+
+
+def spec_for(model_type: str | None) -> ArchSpec:
+    for spec in SPECS:
+        if model_type in spec.model_types:
+            return spec
+    return GENERIC
+
+
+@dataclass
+class Describer:
+    spec: ArchSpec = GENERIC
+    parts: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # recipe's own, first
+
+    def describe(self, name: str, shape: tuple[int, ...]) -> TensorInfo:
+        m = re.search(self.spec.layer_pattern, name)
+        layer = int(m.group(1)) if m else None
+        part = "all"
+        for pattern, value in self.parts + self.spec.parts:
+            if re.match(pattern, name):
+                part = value
+                break
+        if len(shape) <= 1:
+            return TensorInfo(name, shape, "point", None, layer, part)
+        if any(re.fullmatch(p, name) for p in self.spec.column_neurons):
+            return TensorInfo(name, shape, "linear", 1, layer, part)
+        if len(shape) > 2:
+            return TensorInfo(name, shape, "conv", 0, layer, part)
+        if any(re.search(p, name) for p in self.spec.embeddings):
+            return TensorInfo(name, shape, "embedding", 0, layer, part)
+        return TensorInfo(name, shape, "linear", 0, layer, part)

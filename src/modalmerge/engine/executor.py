@@ -1,0 +1,263 @@
+"""The streaming executor: statistics passes, then the apply pass, one tensor job at a time.
+
+Only the inputs of the current job (and the prefetched next one) are in memory, so peak memory
+is O(models × largest chunk), never O(model size). The device is a parameter here, not of
+the methods.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from tqdm import tqdm
+
+from ..errors import MergeError
+from ..methods.base import TensorGroup
+from ..ops import pack_bits
+from .plan import Plan, TensorPlan
+
+# statistics passes over a sample look at every k-th element (k <= SAMPLE_STRIDE, chosen so the
+# whole sample keeps >= SAMPLE_TARGET values) of tensors larger than SAMPLE_MIN elements, with a
+# per-tensor offset, unless exact statistics are asked for. 4M values put the kept-fraction error
+# of a global threshold near 2e-4 (binomial standard error sqrt(p(1-p)/n)).
+SAMPLE_STRIDE = 16
+SAMPLE_TARGET = 1 << 22
+SAMPLE_MIN = 1 << 16
+
+
+@dataclass
+class Job:
+    tensor: TensorPlan
+    rows: tuple[int, int]
+
+    @property
+    def start(self) -> int:
+        return self.rows[0] * self.tensor.row_elems
+
+    @property
+    def stop(self) -> int:
+        return min(self.rows[1] * self.tensor.row_elems, self.tensor.meta.numel)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = self.tensor.meta.shape
+        if not shape:
+            return ()
+        return (self.rows[1] - self.rows[0],) + tuple(shape[1:])
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.stop == self.tensor.meta.numel
+
+
+@dataclass
+class Report:
+    seconds: dict[str, float] = field(default_factory=dict)
+    merged_tensors: int = 0
+    copied_tensors: int = 0
+    merged_parameters: int = 0
+    statistics: dict[str, Any] = field(default_factory=dict)
+
+
+class Executor:
+    def __init__(self, plan: Plan, device: str = "cpu", exact_stats: bool = False, progress: bool = True):
+        self.plan = plan
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise MergeError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+        self.exact_stats = exact_stats
+        self.progress = progress
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modalmerge-read")
+
+    # -- reading ---------------------------------------------------------------------------
+    def _read_raw(self, job: Job) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        p = self.plan
+        name = job.tensor.name
+        whole = job.whole
+        def one(src):
+            return src.read(name) if whole else src.read(name, job.start, job.stop)
+        base = one(p.base) if p.base is not None else None
+        return base, [one(m) for m in p.models]
+
+    def _group(self, job: Job, raw, sample: tuple[int, int] | None = None) -> TensorGroup:
+        base_raw, model_raw = raw
+        p = self.plan
+        shape = job.shape
+
+        def prep(t: torch.Tensor) -> torch.Tensor:
+            if sample is not None:
+                t = t.reshape(-1)[sample[0]::sample[1]]
+            return t
+
+        n_models = len(model_raw)
+        first = prep(model_raw[0])
+        out_shape = tuple(first.shape) if sample is not None else shape
+        models = torch.empty((n_models,) + out_shape, dtype=torch.float32, device=self.device)
+        for i, r in enumerate(model_raw):
+            models[i].copy_(prep(r).reshape(out_shape))
+        base = None
+        if base_raw is not None:
+            base = torch.empty(out_shape, dtype=torch.float32, device=self.device)
+            base.copy_(prep(base_raw).reshape(out_shape))
+        self._check_finite(job, base, models)
+        weight = 1.0
+        if sample is not None:
+            weight = (job.stop - job.start) / max(models.shape[1], 1)
+        return TensorGroup(
+            info=job.tensor.info, base=base, models=models, model_names=p.model_names,
+            weights=torch.tensor(p.weights, dtype=torch.float32, device=self.device),
+            model_params=p.model_params, row_start=job.rows[0], seed=p.recipe.seed,
+            sample_weight=weight, is_sample=sample is not None,
+        )
+
+    def _check_finite(self, job: Job, base, models) -> None:
+        if base is not None and not bool(torch.isfinite(base).all()):
+            raise MergeError(f"model {self.plan.base.label!r}: tensor {job.tensor.name!r} contains NaN or Inf; "
+                             "fix or exclude the tensor (`exclude` in the recipe)")
+        if not bool(torch.isfinite(models).all()):
+            bad = next(i for i in range(models.shape[0]) if not bool(torch.isfinite(models[i]).all()))
+            raise MergeError(f"model {self.plan.models[bad].label!r}: tensor {job.tensor.name!r} contains NaN "
+                             "or Inf; fix or exclude the tensor (`exclude` in the recipe)")
+
+    def _prefetched(self, jobs: list[Job]) -> Iterator[tuple[Job, Any]]:
+        """Yield (job, raw inputs) with the next job's reads already under way in a thread."""
+        if not jobs:
+            return
+        future = self._pool.submit(self._read_raw, jobs[0])
+        for i, job in enumerate(jobs):
+            raw = future.result()
+            if i + 1 < len(jobs):
+                future = self._pool.submit(self._read_raw, jobs[i + 1])
+            yield job, raw
+
+    def _bar(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, unit="param", unit_scale=True, disable=not self.progress,
+                    leave=False, dynamic_ncols=True)
+
+    # -- passes ----------------------------------------------------------------------------
+    def jobs(self) -> list[Job]:
+        return [Job(t, rows) for t in self.plan.merged for rows in t.chunks]
+
+    def statistics(self) -> dict[str, Any]:
+        p = self.plan
+        results: dict[str, Any] = {}
+        queue = list(p.method.statistics(p.params))
+        total = sum(t.meta.numel for t in p.merged)
+        # sample only where the model is large enough that a sample still has >= 4M values
+        stride = 1 if self.exact_stats else max(1, min(SAMPLE_STRIDE, total // SAMPLE_TARGET))
+        while queue:
+            stat = queue.pop(0)
+            jobs = self.jobs()
+            with self._bar(sum(j.stop - j.start for j in jobs), f"statistics ({stat.name})") as bar:
+                for job, raw in self._prefetched(jobs):
+                    sample = None
+                    n = job.stop - job.start
+                    if stat.sampled and stride > 1 and n > SAMPLE_MIN:
+                        sample = ((hash_name(job.tensor.name) + job.rows[0]) % stride, stride)
+                    stat.observe(self._group(job, raw, sample), p.params, results)
+                    bar.update(n)
+            results[stat.name] = stat.result(p.params, results)
+            if self.exact_stats:
+                follow = stat.refinement(results[stat.name])
+                if follow is not None:
+                    queue.insert(0, follow)
+        return results
+
+    def tensor_totals(self, stats: dict[str, Any]) -> dict[str, float]:
+        """A method's prepass, summed over each chunked tensor (unchunked ones need none)."""
+        p = self.plan
+        if p.method.prepass is None:
+            return {}
+        totals: dict[str, float] = {}
+        jobs = [j for j in self.jobs() if len(j.tensor.chunks) > 1]
+        for job, raw in self._prefetched(jobs):
+            part = p.method.prepass(self._group(job, raw), p.params, stats)
+            totals[job.tensor.name] = totals.get(job.tensor.name, 0.0) + part
+        return totals
+
+    def apply(self, sink, stats: dict[str, Any], totals: dict[str, float]) -> None:
+        p = self.plan
+        jobs = self.jobs()
+        with self._bar(sum(j.stop - j.start for j in jobs), "merging") as bar:
+            for job, raw in self._prefetched(jobs):
+                group = self._group(job, raw)
+                group.tensor_total = totals.get(job.tensor.name)
+                merged = p.method.kernel(group, p.params, stats)
+                del group, raw
+                self._write(sink, job, merged)
+                bar.update(job.stop - job.start)
+        for t in p.tensors:
+            if not t.merge:
+                value = p.copy_source.read(t.name)
+                sink.write(t.name, value.to(t.out_dtype))
+
+    def _write(self, sink, job: Job, merged) -> None:
+        t = job.tensor
+        out = merged.tensor
+        if tuple(out.shape) != job.shape:
+            raise AssertionError(f"{self.plan.method.name} returned shape {tuple(out.shape)} for {t.name} {job.shape}")
+        if not bool(torch.isfinite(out).all()):
+            raise MergeError(f"method {self.plan.method.name} produced NaN/Inf in tensor {t.name!r}; "
+                             "check its parameters (a zero divisor?) or exclude the tensor")
+        sink.write(t.name, out.to(t.out_dtype).cpu(), job.start)
+        if merged.shared is not None:
+            sink.write_shared(t.name, merged.shared.to(t.out_dtype).cpu(), job.start)
+        for task, mask in (merged.masks or {}).items():
+            sink.write_mask(task, t.name, pack_bits(mask.cpu()), job.start // 8)
+
+    def run(self, sink) -> Report:
+        report = Report()
+        try:
+            t0 = time.perf_counter()
+            stats = self.statistics()
+            t1 = time.perf_counter()
+            totals = self.tensor_totals(stats)
+            t2 = time.perf_counter()
+            self.apply(sink, stats, totals)
+            t3 = time.perf_counter()
+            manifest = decoupled_manifest(self.plan, stats) if self.plan.method.decoupled else None
+            sink.close(manifest)
+            report.seconds = {"statistics": t1 - t0, "prepass": t2 - t1, "apply": t3 - t2,
+                              "total": time.perf_counter() - t0}
+            report.merged_tensors = len(self.plan.merged)
+            report.copied_tensors = len(self.plan.tensors) - report.merged_tensors
+            report.merged_parameters = sum(t.meta.numel for t in self.plan.merged)
+            report.statistics = {k: getattr(v, "summary", lambda: None)() for k, v in stats.items()}
+            return report
+        except BaseException:
+            sink.abort()
+            raise
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def hash_name(name: str) -> int:
+    """A stable (not per-process salted) small hash of a tensor name."""
+    h = 0
+    for ch in name.encode():
+        h = (h * 131 + ch) % 1_000_003
+    return h
+
+
+def decoupled_manifest(plan: Plan, stats: dict[str, Any]) -> dict[str, Any]:
+    """What `decoupled/manifest.json` says: task t is θ_text + (c_t − c̄) ⊙ shared, c_t = s_t·m_t."""
+    method = plan.method
+    scalars = method.task_scalars(plan.params, stats, plan.model_names) if method.task_scalars else \
+        [1.0] * len(plan.model_names)
+    return {
+        "format": "modalmerge-decoupled/1",
+        "method": method.name,
+        "params": plan.params.model_dump(by_alias=True),
+        "base": plan.recipe.base,
+        "tasks": [{"name": n, "path": m.path, "scalar": float(s)}
+                  for n, m, s in zip(plan.model_names, plan.recipe.models, scalars)],
+        "tensors": [t.name for t in plan.merged],
+        "shared": "shared",
+        "masks": "masks",
+        "mask_key": "{task}::{tensor}",
+        "text_weights": "mean over all tasks of scalar_t * mask_t",
+    }

@@ -1,0 +1,213 @@
+"""Plan: a recipe and its opened models become a list of tensor jobs, checked before any work."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint.safetensors_io import TensorMeta
+from ..checkpoint.sources import TensorSource, adapter_base_path, open_source
+from ..errors import MergeError
+from ..methods.base import Method, Params, TensorInfo
+from ..methods.registry import get_method
+from .architectures import Describer, spec_for
+from .recipe import Recipe
+
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+DEFAULT_CHUNK_ELEMS = 1 << 22
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    meta: TensorMeta                 # shape and dtype of the inputs (the base's)
+    out_dtype: torch.dtype
+    merge: bool                      # False: copied from `copy_source`
+    info: TensorInfo
+    chunks: list[tuple[int, int]] = field(default_factory=list)  # row ranges; one for a whole tensor
+
+    @property
+    def row_elems(self) -> int:
+        n = 1
+        for s in self.meta.shape[1:]:
+            n *= s
+        return n
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    method: Method
+    params: Params
+    base: TensorSource | None
+    models: list[TensorSource]
+    model_names: list[str]
+    weights: list[float]
+    model_params: list[dict[str, Any]]
+    tensors: list[TensorPlan]
+    copy_source: TensorSource
+    aux_folder: Path | None
+    chunk_elems: int
+
+    @property
+    def merged(self) -> list[TensorPlan]:
+        return [t for t in self.tensors if t.merge]
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.models) + (self.base is not None)
+
+    def summary(self) -> dict[str, Any]:
+        """What --dry-run prints: tensors, passes, memory and output size estimates."""
+        merged = self.merged
+        largest = max((min(t.meta.numel, t.row_elems * max(r1 - r0 for r0, r1 in t.chunks)) for t in merged),
+                      default=0)
+        n_in = self.num_inputs
+        # stacked float32 inputs, ~3 float32 temporaries of the stack's size, raw buffers of the
+        # current and the prefetched job
+        peak = largest * 4 * (n_in * 4) + 2 * largest * 4 * n_in
+        out_bytes = sum(t.meta.numel * t.out_dtype.itemsize for t in self.tensors)
+        stats = [s.name + (" (sampled)" if s.sampled else "") for s in self.method.statistics(self.params)]
+        return {
+            "method": self.method.name,
+            "params": self.params.model_dump(by_alias=True),
+            "base": self.base.label if self.base else None,
+            "models": self.model_names,
+            "tensors": len(self.tensors),
+            "merged_tensors": len(merged),
+            "copied_tensors": len(self.tensors) - len(merged),
+            "merged_parameters": sum(t.meta.numel for t in merged),
+            "jobs": sum(len(t.chunks) for t in merged),
+            "passes": [f"statistics: {s}" for s in stats] + ["apply"],
+            "estimated_peak_bytes": int(peak),
+            "output_bytes": int(out_bytes),
+        }
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _torch_dtype(name: str | None) -> torch.dtype | None:
+    return None if name is None else getattr(torch, name)
+
+
+def _read_model_type(folder: Path | None) -> str | None:
+    if folder is None:
+        return None
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def open_models(recipe: Recipe, allow_pickle: bool = False,
+                preloaded: dict[str, TensorSource] | None = None) -> tuple[TensorSource | None, list[TensorSource]]:
+    preloaded = preloaded or {}
+
+    def get(path: str, label: str, base: TensorSource | None) -> TensorSource:
+        if path in preloaded:
+            return preloaded[path]
+        return open_source(path, label=label, allow_pickle=allow_pickle, base=base)
+
+    base = None
+    if recipe.base is not None:
+        base = get(recipe.base, "base", None)
+    models = []
+    for m in recipe.models:
+        adapter_base = base
+        if base is None and Path(m.path).is_dir() and (Path(m.path) / "adapter_config.json").exists():
+            named = adapter_base_path(Path(m.path))
+            if named and Path(named).exists():
+                adapter_base = get(named, "adapter base", None)
+        models.append(get(m.path, m.label, adapter_base))
+    return base, models
+
+
+def build_plan(recipe: Recipe, base: TensorSource | None, models: list[TensorSource],
+               chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Plan:
+    method = get_method(recipe.method)
+    params = method.parse_params(recipe.params)
+    n = len(models)
+    if method.base == "required" and base is None:
+        raise MergeError(f"method {method.name} needs a base model: add `base: path/to/base` to the recipe")
+    if method.base == "forbidden" and base is not None:
+        raise MergeError(f"method {method.name} takes no base model: remove `base` from the recipe")
+    if n < method.min_models:
+        raise MergeError(f"method {method.name} needs at least {method.min_models} model(s), the recipe has {n}")
+    if method.max_models is not None and n > method.max_models:
+        raise MergeError(f"method {method.name} takes at most {method.max_models} model(s), the recipe has {n}")
+    names = [m.label for m in recipe.models]
+    dupes = {x for x in names if names.count(x) > 1}
+    if dupes:
+        raise MergeError(f"two models are named {sorted(dupes)[0]!r}; give each a distinct `name` in the recipe")
+    for entry in recipe.models:
+        unknown = set(entry.params) - set(method.params.per_model)
+        if unknown:
+            allowed = ", ".join(sorted(method.params.per_model)) or "none"
+            raise MergeError(f"model {entry.label!r}: parameter {sorted(unknown)[0]!r} cannot be set per model "
+                             f"for {method.name} (per-model parameters: {allowed})")
+        method.parse_params({**recipe.params, **entry.params}, where=f"models[{entry.label}].params")
+    weights = [m.weight for m in recipe.models]
+    if getattr(params, "normalize", False) and abs(sum(weights)) < 1e-12:
+        raise MergeError("the model weights sum to 0, so they cannot be normalised; change a `weight`")
+
+    reference = base if base is not None else models[0]
+    out_dtype = _torch_dtype(recipe.dtype)
+    folder = Path(recipe.copy_files_from) if recipe.copy_files_from else reference.folder
+    describer = Describer(spec_for(_read_model_type(folder)), tuple((k, v) for k, v in _parts(recipe.parts)))
+    include = recipe.include or ["*"]
+    tensors: list[TensorPlan] = []
+    for name in reference.names():
+        meta = reference.meta(name)
+        wanted = _matches(name, include) and not _matches(name, recipe.exclude)
+        merge = wanted and meta.dtype in _FLOAT
+        if merge:
+            for src in models:
+                if name not in src:
+                    raise MergeError(f"model {src.label!r} has no tensor {name!r} that {reference.label!r} has; "
+                                     f"add it to `exclude` to copy it from {reference.label!r}")
+                other = src.meta(name)
+                if other.shape != meta.shape:
+                    raise MergeError(f"tensor {name!r}: shape {list(other.shape)} in model {src.label!r} but "
+                                     f"{list(meta.shape)} in {reference.label!r}; these models cannot be merged "
+                                     "(exclude the tensor, or check that they share one architecture)")
+                if other.dtype not in _FLOAT:
+                    raise MergeError(f"tensor {name!r}: dtype {other.dtype} in model {src.label!r} but "
+                                     f"{meta.dtype} in {reference.label!r}; exclude it or fix the checkpoint")
+        info = describer.describe(name, meta.shape)
+        dtype = out_dtype if (out_dtype is not None and meta.dtype in _FLOAT) else meta.dtype
+        plan = TensorPlan(name, meta, dtype, merge, info)
+        plan.chunks = _chunks(plan, method, params, chunk_elems) if merge else [(0, max(meta.shape[0], 1) if meta.shape else 1)]
+        tensors.append(plan)
+    ref_names = set(reference.names())
+    for src in models:
+        extra = [x for x in src.names() if x not in ref_names and _matches(x, include)
+                 and not _matches(x, recipe.exclude)]
+        if extra:
+            raise MergeError(f"model {src.label!r} has tensor {extra[0]!r} that {reference.label!r} lacks; "
+                             "add it to `exclude` or merge models of one architecture")
+    if not any(t.merge for t in tensors):
+        raise MergeError("no tensor is selected for merging; check `include` and `exclude`")
+    return Plan(recipe, method, params, base, models, names, weights,
+                [dict(m.params) for m in recipe.models], tensors, reference, folder, chunk_elems)
+
+
+def _parts(parts: dict[str, str]):
+    # recipe: {llm: "language_model.*", encoder: "vision_tower.*"} -> regexes on names
+    for part, pattern in parts.items():
+        yield fnmatch.translate(pattern).replace("\\Z", ""), part
+
+
+def _chunks(plan: TensorPlan, method: Method, params: Params, chunk_elems: int) -> list[tuple[int, int]]:
+    rows = plan.meta.shape[0] if plan.meta.shape else 1
+    if plan.meta.numel <= chunk_elems or not method.chunkable(params, plan.info) or len(plan.meta.shape) == 0:
+        return [(0, rows)]
+    # row blocks whose element count is a multiple of 8, so bit-packed masks stay byte aligned
+    per = max(8, (chunk_elems // max(plan.row_elems, 1)) // 8 * 8)
+    return [(r, min(r + per, rows)) for r in range(0, rows, per)]

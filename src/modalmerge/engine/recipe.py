@@ -1,0 +1,170 @@
+"""Recipes: the native YAML format and mergekit's, validated into one `Recipe`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import MergeError
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    name: str | None = None
+    weight: float = 1.0
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).name or self.path
+
+
+class Recipe(BaseModel):
+    """A merge: which method, which models, what parameters, what to merge."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    base: str | None = None
+    models: list[ModelEntry]
+    params: dict[str, Any] = Field(default_factory=dict)
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+    dtype: str | None = None
+    seed: int = 0
+    copy_files_from: str | None = None        # model whose config/tokenizer files are copied
+    parts: dict[str, str] = Field(default_factory=dict)  # multimodal parts by name pattern
+    source_format: str = "native"
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _plain_paths(cls, v):
+        if isinstance(v, list):
+            return [{"path": m} if isinstance(m, str) else m for m in v]
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v):
+        if v is not None and v not in DTYPES:
+            raise ValueError(f"must be one of {', '.join(DTYPES)}")
+        return v
+
+    def resolve_paths(self, root: Path) -> "Recipe":
+        """Relative paths in a recipe file are relative to the file's folder."""
+        def fix(p: str | None) -> str | None:
+            if p is None or os.path.isabs(p):
+                return p
+            candidate = root / p
+            return str(candidate) if candidate.exists() or not Path(p).exists() else p
+        return self.model_copy(update={
+            "base": fix(self.base),
+            "models": [m.model_copy(update={"path": fix(m.path)}) for m in self.models],
+            "copy_files_from": fix(self.copy_files_from),
+        })
+
+
+def _validation_message(e: ValidationError, where: str) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"])
+    return f"{where}: field {loc!r}: {err['msg']}"
+
+
+def parse_recipe(data: dict[str, Any] | Recipe, where: str = "recipe") -> Recipe:
+    """A Recipe from a dict in either format."""
+    if isinstance(data, Recipe):
+        return data
+    if not isinstance(data, dict):
+        raise MergeError(f"{where}: a recipe is a mapping with `method` and `models`")
+    if "merge_method" in data or "slices" in data:
+        data = from_mergekit(data, where)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise MergeError(_validation_message(e, where)) from None
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise MergeError(f"recipe {p}: cannot read it ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise MergeError(f"recipe {p}: invalid YAML{at}") from None
+    return parse_recipe(data, f"recipe {p}").resolve_paths(p.parent)
+
+
+# mergekit's methods, their defaults and the native parameters that reproduce their semantics
+_MERGEKIT_DEFAULTS = {
+    "linear": {"normalize": True},
+    "task_arithmetic": {"normalize": False, "lambda": 1.0},
+    "ties": {"normalize": True, "lambda": 1.0, "density": 1.0},
+    "dare_linear": {"normalize": False, "lambda": 1.0, "density": 1.0, "rescale": "inverse"},
+    "dare_ties": {"normalize": True, "lambda": 1.0, "density": 1.0, "rescale": "inverse"},
+    "breadcrumbs": {"normalize": False, "lambda": 1.0},
+    "breadcrumbs_ties": {"normalize": True, "lambda": 1.0},
+    "della": {"normalize": True, "lambda": 1.0, "density": 1.0, "epsilon": 0.15},
+    "della_linear": {"normalize": False, "lambda": 1.0, "density": 1.0, "epsilon": 0.15},
+    "model_stock": {},
+    "slerp": {},
+}
+
+
+def from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Translate a mergekit recipe into the native form, keeping mergekit's semantics."""
+    from ..methods.registry import mergekit_method
+
+    if "slices" in data:
+        raise MergeError(f"{where}: mergekit `slices` (layer stacking) is not supported; use `models`")
+    unknown = set(data) - {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source",
+                           "out_dtype", "name", "chat_template", "tokenizer"}
+    if unknown:
+        raise MergeError(f"{where}: unknown mergekit field(s) {', '.join(sorted(unknown))}")
+    name = data["merge_method"]
+    method = mergekit_method(name)
+    params: dict[str, Any] = dict(_MERGEKIT_DEFAULTS.get(name, {}))
+    params.update(data.get("parameters") or {})
+    base = data.get("base_model")
+    models = []
+    for i, entry in enumerate(data.get("models") or []):
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if "model" not in entry:
+            raise MergeError(f"{where}: models[{i}] has no `model`")
+        if base is not None and entry["model"] == base and method.base != "forbidden":
+            continue  # mergekit treats the base listed among the models as no task vector
+        mp = dict(entry.get("parameters") or {})
+        weight = mp.pop("weight", 1.0)
+        models.append({"path": entry["model"], "weight": weight, "params": mp})
+    native = {"method": method.name, "base": base, "models": models, "source_format": "mergekit",
+              "params": method_params_from_mergekit(name, params)}
+    dtype = data.get("out_dtype") or data.get("dtype")
+    if dtype:
+        native["dtype"] = dtype
+    return native
+
+
+def method_params_from_mergekit(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """mergekit parameter names and flags → native ones (per-tensor scope, weighted normalisation)."""
+    params = dict(params)
+    params.pop("int8_mask", None)
+    out: dict[str, Any] = {}
+    normalize = params.pop("normalize", None)
+    if name in ("ties", "dare_ties", "della", "breadcrumbs_ties"):
+        out["aggregate"] = "mean" if normalize in (None, True) else "sum"
+        out["scope"] = "tensor"
+    elif normalize is not None:
+        out["normalize"] = normalize
+    out.update(params)
+    return out

@@ -1,0 +1,156 @@
+"""Where merged tensors go: a model folder on disk (written atomically) or a state dict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..checkpoint.output import AtomicFolder, ShardedWriter, copy_aux_files
+from ..checkpoint.safetensors_io import TensorMeta
+from .plan import Plan
+
+DECOUPLED_DIR = "decoupled"
+MANIFEST = "manifest.json"
+
+
+def mask_name(task: str, tensor: str) -> str:
+    return f"{task}::{tensor}"
+
+
+class DictSink:
+    """Collects the merged model (and, for decoupled methods, shared vector and masks) in memory."""
+
+    def __init__(self, plan: Plan):
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.shared: dict[str, torch.Tensor] = {}
+        self.masks: dict[str, torch.Tensor] = {}
+        self.manifest: dict[str, Any] | None = None
+        self._plan = {t.name: t for t in plan.tensors}
+
+    def _buffer(self, store: dict, name: str, meta: TensorMeta) -> torch.Tensor:
+        if name not in store:
+            store[name] = torch.empty(meta.shape, dtype=meta.dtype)
+        return store[name]
+
+    def write(self, name: str, tensor: torch.Tensor, start: int = 0) -> None:
+        t = self._plan[name]
+        buf = self._buffer(self.tensors, name, TensorMeta(t.meta.shape, t.out_dtype))
+        buf.view(-1)[start:start + tensor.numel()] = tensor.reshape(-1)
+
+    def write_shared(self, name: str, tensor: torch.Tensor, start: int = 0) -> None:
+        t = self._plan[name]
+        buf = self._buffer(self.shared, name, TensorMeta(t.meta.shape, t.out_dtype))
+        buf.view(-1)[start:start + tensor.numel()] = tensor.reshape(-1)
+
+    def write_mask(self, task: str, name: str, packed: torch.Tensor, byte_start: int = 0) -> None:
+        t = self._plan[name]
+        key = mask_name(task, name)
+        buf = self._buffer(self.masks, key, TensorMeta(((t.meta.numel + 7) // 8,), torch.uint8))
+        buf[byte_start:byte_start + packed.numel()] = packed
+
+    def close(self, manifest: dict[str, Any] | None = None) -> None:
+        self.manifest = manifest
+
+    def abort(self) -> None:
+        pass
+
+
+class FolderSink:
+    """A Hugging Face model folder: sharded safetensors, config/tokenizer files, a model card,
+    and a `decoupled/` part for task-conditional methods. Nothing appears at the output path
+    until close() succeeds."""
+
+    def __init__(self, plan: Plan, output: str | Path, overwrite: bool = False,
+                 max_shard_bytes: int | None = None, tool_version: str = "?"):
+        self.plan = plan
+        self.folder = AtomicFolder(output, overwrite)
+        self.tool_version = tool_version
+        kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
+        try:
+            entries = [(t.name, TensorMeta(t.meta.shape, t.out_dtype)) for t in plan.tensors]
+            self.main = ShardedWriter(self.folder.tmp, entries, **kwargs)
+            self.shared = self.masks = None
+            if plan.method.decoupled:
+                ddir = self.folder.tmp / DECOUPLED_DIR
+                ddir.mkdir()
+                merged = plan.merged
+                self.shared = ShardedWriter(ddir, [(t.name, TensorMeta(t.meta.shape, t.out_dtype)) for t in merged],
+                                            stem="shared", **kwargs)
+                self.masks = ShardedWriter(
+                    ddir, [(mask_name(task, t.name), TensorMeta(((t.meta.numel + 7) // 8,), torch.uint8))
+                           for task in plan.model_names for t in merged], stem="masks", **kwargs)
+        except BaseException:
+            self.folder.abort()
+            raise
+
+    def write(self, name, tensor, start=0):
+        self.main.write(name, tensor, start)
+
+    def write_shared(self, name, tensor, start=0):
+        self.shared.write(name, tensor, start)
+
+    def write_mask(self, task, name, packed, byte_start=0):
+        self.masks.write(mask_name(task, name), packed, byte_start)
+
+    def close(self, manifest: dict[str, Any] | None = None) -> Path:
+        try:
+            for w in (self.main, self.shared, self.masks):
+                if w is not None:
+                    w.close()
+            tmp = self.folder.tmp
+            copy_aux_files(self.plan.aux_folder, tmp)
+            _fix_config_dtype(tmp / "config.json", self.plan.recipe.dtype)
+            if manifest is not None:
+                (tmp / DECOUPLED_DIR / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            (tmp / "README.md").write_text(model_card(self.plan, self.tool_version))
+            return self.folder.commit()
+        except BaseException:
+            self.folder.abort()
+            raise
+
+    def abort(self) -> None:
+        self.folder.abort()
+
+
+def _fix_config_dtype(config: Path, dtype: str | None) -> None:
+    if dtype is None or not config.exists():
+        return
+    try:
+        data = json.loads(config.read_text())
+    except ValueError:
+        return
+    for key in ("torch_dtype", "dtype"):
+        if key in data:
+            data[key] = dtype
+    config.write_text(json.dumps(data, indent=2))
+
+
+def model_card(plan: Plan, version: str) -> str:
+    recipe = plan.recipe.model_dump(exclude_defaults=True, exclude={"source_format"})
+    lines = [
+        "---",
+        "tags: [merge, modalmerge]",
+        "---",
+        f"# Merged with modalmerge {version}",
+        "",
+        f"Method: **{plan.method.name}** — {plan.method.summary}",
+        "",
+        f"Base: `{plan.recipe.base}`" if plan.recipe.base else "Base: none",
+        "",
+        "Models:",
+        *[f"- `{m.path}`" + (f" (name {m.name})" if m.name else "") for m in plan.recipe.models],
+        "",
+        f"Parameters (with defaults): `{json.dumps(plan.params.model_dump(by_alias=True))}`",
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        yaml.safe_dump(recipe, sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,11 @@
+"""The one exception type a user sees: a one-line message naming what is wrong and how to fix it."""
+
+
+class MergeError(Exception):
+    """A user-facing error. The CLI prints `error: <message>` and exits non-zero, without a traceback.
+
+    Messages name the file, model and tensor at fault and say what to do, on one line.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))

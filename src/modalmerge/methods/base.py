@@ -1,0 +1,201 @@
+"""What a merge method is: validated parameters, an input contract, optional statistics passes,
+and a kernel over the stacked values of one tensor (or one row-chunk of it).
+
+Kernels see float32 tensors and never touch files; the engine decides what is in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Literal, get_args, get_origin
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+# Random values are generated in fixed blocks of rows, so a chunk of a tensor sees the same
+# numbers whatever the chunking, order or parallelism of the run (spec: seeded per tensor).
+_RANDOM_BLOCK_ELEMS = 1 << 20
+
+
+class Params(BaseModel):
+    """Base of every method's parameters: typed, with defaults; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    # Parameters a recipe may also set per input model (mergekit's "per-model scope").
+    per_model: ClassVar[frozenset[str]] = frozenset()
+
+
+@dataclass
+class TensorInfo:
+    """What the architecture spec says about one tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str = "other"                 # linear | embedding | conv | point | other
+    neuron_dim: int | None = 0          # the axis whose index is a neuron; None: no neurons (point)
+    layer: int | None = None            # decoder/encoder block index, when the name has one
+    part: str = "all"                   # llm | encoder | projector | all (multimodal layouts)
+
+
+@dataclass
+class TensorGroup:
+    """The N inputs of one merge job: one tensor, or a block of its rows, from every model."""
+
+    info: TensorInfo
+    base: torch.Tensor | None           # float32, the chunk's shape
+    models: torch.Tensor                # [T, *chunk shape] float32
+    model_names: list[str]
+    weights: torch.Tensor               # [T] float32, recipe weights (default 1)
+    model_params: list[dict[str, Any]]  # per-model parameter overrides
+    row_start: int = 0                  # first row of the tensor this chunk holds
+    seed: int = 0
+    sample_weight: float = 1.0          # statistics passes over a sample: elements each stands for
+    tensor_total: float | None = None   # a method's prepass summed over the whole tensor
+    is_sample: bool = False             # a flat random sample (statistics pass), not a row block
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def num_models(self) -> int:
+        return self.models.shape[0]
+
+    @property
+    def is_whole(self) -> bool:
+        return not self.is_sample and self.row_start == 0 and tuple(self.models.shape[1:]) == self.info.shape
+
+    def task_vectors(self) -> torch.Tensor:
+        """τ_t = θ_t − θ_0, stacked [T, ...]."""
+        if self.base is None:
+            raise ValueError("this method needs a base model")
+        return self.models - self.base.unsqueeze(0)
+
+    def per_model(self, params: Params, key: str) -> list:
+        """A parameter's value for each model: the model's override, else the method-wide value."""
+        default = getattr(params, key)
+        return [mp.get(key, default) for mp in self.model_params]
+
+    def uniform(self, model_index: int, salt: str = "") -> torch.Tensor:
+        """Seeded uniform [0, 1) values shaped like one model's chunk, the same under any chunking."""
+        row_elems = 1
+        for s in self.info.shape[1:]:
+            row_elems *= s
+        chunk_shape = tuple(self.models.shape[1:])
+        n = 1
+        for s in chunk_shape:
+            n *= s
+        start = self.row_start * row_elems
+        block = _RANDOM_BLOCK_ELEMS
+        out = torch.empty(n, dtype=torch.float32)
+        pos = start
+        while pos < start + n:
+            b = pos // block
+            gen = torch.Generator().manual_seed(_seed_of(self.seed, self.name, model_index, b, salt))
+            values = torch.rand(min(block, _numel(self.info.shape) - b * block), generator=gen)
+            take = min((b + 1) * block, start + n) - pos
+            out[pos - start: pos - start + take] = values[pos - b * block: pos - b * block + take]
+            pos += take
+        return out.reshape(chunk_shape)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _seed_of(*parts) -> int:
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class Merged:
+    """A kernel's answer for one chunk.
+
+    `tensor` is what the output model holds. Task-conditional methods also give the shared
+    vector they decouple (`shared`) and, per task, a binary mask; task t is then served by
+    θ_0 + scalar_t · mask_t ⊙ shared (scalars come from statistics, default 1).
+    """
+
+    tensor: torch.Tensor
+    shared: torch.Tensor | None = None
+    masks: dict[str, torch.Tensor] | None = None
+
+
+class Statistic:
+    """One statistics pass: it observes every merged tensor, then gives a result to the kernels.
+
+    `sampled` statistics may see a seeded random sample of each tensor's elements (with
+    `group.sample_weight` saying how many elements each one stands for); others see everything.
+    """
+
+    name: str = "stat"
+    sampled: bool = False
+
+    def observe(self, group: TensorGroup, params: Params, prior: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def result(self, params: Params, prior: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def refinement(self, result: Any) -> "Statistic | None":
+        """A further pass that makes an approximate result exact (run when exact statistics are
+        asked for); its result replaces this one's."""
+        return None
+
+
+Kernel = Callable[[TensorGroup, Any, dict[str, Any]], Merged]
+
+
+@dataclass
+class Method:
+    """A merge method: how it is called, what it needs, and its kernel."""
+
+    name: str
+    kernel: Kernel
+    params: type[Params]
+    summary: str
+    base: Literal["required", "optional", "forbidden"] = "required"
+    min_models: int = 1
+    max_models: int | None = None
+    # statistics passes to run before the apply pass, in order; later ones see earlier results
+    statistics: Callable[[Any], list[Statistic]] = field(default=lambda p: [])
+    # a per-chunk partial sum the kernel needs over the whole tensor (see TensorGroup.tensor_total)
+    prepass: Callable[[TensorGroup, Any, dict[str, Any]], float] | None = None
+    # whether a large tensor may be cut into row blocks for this method and these params
+    chunkable: Callable[[Any, TensorInfo], bool] = field(default=lambda p, info: True)
+    # task-conditional: writes a shared vector and per-task masks besides the merged model
+    decoupled: bool = False
+    # per-task scalars of a decoupled method, from its statistics (default: 1 each)
+    task_scalars: Callable[[Any, dict[str, Any], list[str]], list[float]] | None = None
+    # names used by mergekit for this method, for its recipe format
+    mergekit_names: tuple[str, ...] = ()
+
+    def parse_params(self, raw: dict[str, Any] | None, where: str = "params") -> Params:
+        from pydantic import ValidationError
+        from ..errors import MergeError
+
+        try:
+            return self.params.model_validate(raw or {})
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"]) or "?"
+            known = ", ".join(sorted(f.alias or k for k, f in self.params.model_fields.items()))
+            raise MergeError(f"method {self.name}: {where}.{loc}: {err['msg']} (parameters: {known or 'none'})") from None
+
+    def parameter_table(self) -> list[tuple[str, str, Any, str]]:
+        """(name, type, default, description) for `modalmerge methods`."""
+        rows = []
+        for key, f in self.params.model_fields.items():
+            ann = f.annotation
+            if get_origin(ann) is Literal:
+                type_name = "|".join(str(a) for a in get_args(ann))
+            else:
+                type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+            rows.append((f.alias or key, type_name, f.default, f.description or ""))
+        return rows

@@ -1,0 +1,109 @@
+"""Whole-model statistics shared by several methods, gathered in a statistics pass."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import ops
+from .base import Params, Statistic, TensorGroup
+
+
+class TaskMagnitudes(Statistic):
+    """Per task, histograms of |τ_t| (count and L1 mass) over every merged tensor.
+
+    Gives each task's global trim threshold for its density (spec 2: TIES's whole-model top-k)
+    and the L1 fraction that trimming removes (spec 8: NeuroMerging's σ). A seeded sample of
+    each large tensor is enough for a kept-fraction error well under 1e-3; `--exact-stats`
+    makes the engine show it every element instead.
+    """
+
+    name = "magnitudes"
+    sampled = True
+
+    def __init__(self, density_key: str = "density"):
+        self.density_key = density_key
+        self.counts: list[torch.Tensor] | None = None
+        self.mass: list[torch.Tensor] | None = None
+        self.model_params: list[dict[str, Any]] = []
+
+    def observe(self, group: TensorGroup, params: Params, prior: dict[str, Any]) -> None:
+        deltas = group.task_vectors()
+        if self.counts is None:
+            self.counts = [torch.zeros(ops.sparsify.HIST_BINS, dtype=torch.float64) for _ in range(len(deltas))]
+            self.mass = [torch.zeros(ops.sparsify.HIST_BINS, dtype=torch.float64) for _ in range(len(deltas))]
+            self.model_params = group.model_params
+        for t, delta in enumerate(deltas):
+            c, m = ops.magnitude_histogram(delta, group.sample_weight)
+            self.counts[t] += c
+            self.mass[t] += m
+
+    def result(self, params: Params, prior: dict[str, Any]) -> "MagnitudeResult":
+        return MagnitudeResult(self.counts or [], self.mass or [], params, self.density_key, self.model_params)
+
+    def refinement(self, result: "MagnitudeResult") -> Statistic:
+        return ExactThresholds(self.name, result)
+
+
+class ExactThresholds(Statistic):
+    """Second pass: collect the values inside each task's boundary histogram bin and select
+    the exact k-th largest |τ_t| among them."""
+
+    sampled = False
+
+    def __init__(self, name: str, approx: "MagnitudeResult"):
+        self.name = name
+        self.approx = approx
+        self.bounds = [ops.sparsify.boundary_bin(c, d) for c, d in zip(approx.counts, approx.densities)]
+        self.values: list[list[torch.Tensor]] = [[] for _ in self.bounds]
+
+    def observe(self, group: TensorGroup, params: Params, prior: dict[str, Any]) -> None:
+        deltas = group.task_vectors()
+        for t, bound in enumerate(self.bounds):
+            if bound is None:
+                continue
+            lo, hi, _ = bound
+            mag = deltas[t].abs().reshape(-1)
+            self.values[t].append(mag[(mag >= lo) & (mag < hi)].clone())
+
+    def result(self, params: Params, prior: dict[str, Any]) -> "MagnitudeResult":
+        thresholds = []
+        for t, bound in enumerate(self.bounds):
+            if bound is None:
+                thresholds.append(self.approx.thresholds[t])
+                continue
+            _, _, need = bound
+            inside = torch.cat(self.values[t]) if self.values[t] else torch.zeros(0)
+            k = min(max(int(need), 1), inside.numel())
+            thresholds.append(ops.kth_largest_magnitude(inside, k) if k > 0 else self.approx.thresholds[t])
+        self.approx.thresholds = thresholds
+        return self.approx
+
+
+class MagnitudeResult:
+    def __init__(self, counts, mass, params, density_key, model_params):
+        self.counts, self.mass = counts, mass
+        default = getattr(params, density_key)
+        self.densities = [mp.get(density_key, default) for mp in model_params] or []
+        self.thresholds = [ops.threshold_from_histogram(c, d) for c, d in zip(counts, self.densities)]
+
+    def removed_l1_fraction(self) -> list[float]:
+        """Per task: ‖τ − trim(τ)‖₁ / ‖τ‖₁."""
+        out = []
+        for m, thr in zip(self.mass, self.thresholds):
+            total = float(m.sum())
+            out.append(ops.mass_below(m, thr) / total if total > 0 else 0.0)
+        return out
+
+
+def trim_global(deltas: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
+    """Zero each task vector's entries below its task's global threshold (in place)."""
+    for t, thr in enumerate(thresholds):
+        deltas[t].masked_fill_(deltas[t].abs() < thr, 0.0)
+    return deltas
+
+
+def trim_per_tensor(deltas: torch.Tensor, densities: list[float]) -> torch.Tensor:
+    """Keep each task vector's top int(density · numel) magnitudes within this tensor."""
+    return torch.stack([ops.keep_top_fraction(d, k) for d, k in zip(deltas, densities)])

@@ -1,0 +1,25 @@
+"""Task arithmetic (spec 1): θ = θ_0 + λ Σ_t w_t τ_t. Negative weights subtract (forgetting)."""
+
+from pydantic import Field
+
+from .. import ops
+from .base import Merged, Method, Params, TensorGroup
+
+
+class TaskArithmeticParams(Params):
+    lam: float = Field(0.3, alias="lambda", description="scale of the summed task vectors")
+    normalize: bool = Field(False, description="divide the weights by their sum first")
+
+
+def task_arithmetic(group: TensorGroup, p: TaskArithmeticParams, stats) -> Merged:
+    w = group.weights
+    if p.normalize:
+        w = w / w.sum()
+    return Merged(group.base + p.lam * ops.weighted_sum(group.task_vectors(), w))
+
+
+TASK_ARITHMETIC = Method(
+    "task_arithmetic", task_arithmetic, TaskArithmeticParams,
+    summary="Add the weighted sum of the task vectors, scaled by lambda, to the base.",
+    mergekit_names=("task_arithmetic",),
+)

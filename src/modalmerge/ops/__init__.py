@@ -1,0 +1,28 @@
+"""Pure tensor functions: tensors in, tensors out. No files, configs or models here."""
+
+from .election import disjoint_merge, elect_and_merge, elect_sign
+from .sparsify import (
+    keep_top_fraction,
+    kth_largest_magnitude,
+    magnitude_histogram,
+    mass_below,
+    threshold_from_histogram,
+)
+from .bits import pack_bits, unpack_bits
+from .reduce import deterministic_dot, deterministic_sum, weighted_sum
+
+__all__ = [
+    "elect_sign",
+    "disjoint_merge",
+    "elect_and_merge",
+    "keep_top_fraction",
+    "kth_largest_magnitude",
+    "magnitude_histogram",
+    "threshold_from_histogram",
+    "mass_below",
+    "pack_bits",
+    "unpack_bits",
+    "deterministic_sum",
+    "deterministic_dot",
+    "weighted_sum",
+]

@@ -1,0 +1,102 @@
+"""Magnitude trimming: exact per-tensor thresholds and a streaming histogram for global ones.
+
+Nothing here sorts a whole tensor: exact thresholds use `kthvalue` (selection), global ones a
+histogram of float32 bit patterns that a statistics pass accumulates tensor by tensor.
+"""
+
+import torch
+
+# |x| as float32 bits is monotonic in |x|. Dropping the low 12 of the 23 mantissa bits leaves
+# 2^19 bins, each spanning a relative width of 2^-11 (about 5e-4) of its values.
+_HIST_SHIFT = 12
+HIST_BINS = 1 << (31 - _HIST_SHIFT)
+
+
+def kth_largest_magnitude(x: torch.Tensor, k: int) -> float:
+    """The k-th largest |x| (k ≥ 1) by selection, not sorting."""
+    flat = x.reshape(-1).abs()
+    n = flat.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} outside 1..{n}")
+    return float(flat.float().kthvalue(n - k + 1).values)
+
+
+def keep_top_fraction(x: torch.Tensor, density: float) -> torch.Tensor:
+    """Zero all but the int(density · numel) largest |x| of the tensor (ties at the edge kept)."""
+    k = int(density * x.numel())
+    if k <= 0:
+        return torch.zeros_like(x)
+    if k >= x.numel():
+        return x.clone()
+    threshold = kth_largest_magnitude(x, k)
+    return torch.where(x.abs() >= threshold, x, torch.zeros_like(x))
+
+
+def magnitude_histogram(x: torch.Tensor, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, L1 mass) histograms of |x| over HIST_BINS float-bit bins, float64.
+
+    `weight` scales a sample up to the population it stands for (1.0 for a full tensor).
+    """
+    mag = x.reshape(-1).float().abs()
+    bins = (mag.view(torch.int32) >> _HIST_SHIFT).long()
+    counts = torch.bincount(bins, minlength=HIST_BINS).to(torch.float64)
+    mass = torch.bincount(bins, weights=mag.double(), minlength=HIST_BINS)
+    if weight != 1.0:
+        counts *= weight
+        mass *= weight
+    return counts, mass
+
+
+def _bin_edge(b: int) -> float:
+    return float(torch.tensor([b << _HIST_SHIFT], dtype=torch.int32).view(torch.float32))
+
+
+def threshold_from_histogram(counts: torch.Tensor, density: float) -> float:
+    """The |x| threshold that keeps a `density` fraction of the histogram's values.
+
+    Walks down from the largest bin to the one holding the boundary, then interpolates linearly
+    inside it. Returns 0.0 when everything is kept and +inf when nothing is.
+    """
+    total = float(counts.sum())
+    want = density * total
+    if want <= 0 or total == 0:
+        return float("inf")
+    above = torch.flip(torch.cumsum(torch.flip(counts, [0]), 0), [0])  # above[b] = count in bins >= b
+    candidates = torch.nonzero(above >= want).reshape(-1)
+    if candidates.numel() == 0:
+        return 0.0
+    b = int(candidates[-1])
+    count_b = float(counts[b])
+    above_next = float(above[b + 1]) if b + 1 < counts.numel() else 0.0
+    lo, hi = _bin_edge(b), _bin_edge(b + 1) if b + 1 < HIST_BINS else float("inf")
+    if count_b <= 0 or hi == float("inf"):
+        return lo
+    need = want - above_next
+    return hi - (need / count_b) * (hi - lo)
+
+
+def boundary_bin(counts: torch.Tensor, density: float) -> tuple[float, float, float] | None:
+    """(low edge, high edge, how many of the bin's values to keep) for the bin holding the
+    `density` boundary of an exact (unsampled) count histogram; None when all or none are kept."""
+    total = float(counts.sum())
+    want = int(density * total)  # int(): the same k as an exact per-tensor top-k
+    if want <= 0 or want >= total:
+        return None
+    above = torch.flip(torch.cumsum(torch.flip(counts, [0]), 0), [0])
+    b = int(torch.nonzero(above >= want).reshape(-1)[-1])
+    above_next = float(above[b + 1]) if b + 1 < counts.numel() else 0.0
+    hi = _bin_edge(b + 1) if b + 1 < HIST_BINS else float("inf")
+    return _bin_edge(b), hi, want - above_next
+
+
+def mass_below(counts_mass: torch.Tensor, threshold: float) -> float:
+    """L1 mass of the histogram's values below `threshold` (whole bins, interpolated in the edge bin)."""
+    if threshold == float("inf"):
+        return float(counts_mass.sum())
+    if threshold <= 0:
+        return 0.0
+    bits = int(torch.tensor([threshold], dtype=torch.float32).view(torch.int32))
+    b = bits >> _HIST_SHIFT
+    lo, hi = _bin_edge(b), _bin_edge(b + 1)
+    frac = 0.0 if hi <= lo else min(max((threshold - lo) / (hi - lo), 0.0), 1.0)
+    return float(counts_mass[:b].sum()) + frac * float(counts_mass[b])

@@ -1,0 +1,78 @@
+"""Shared test fixtures: tiny models that the tests build and save themselves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def random_state_dict(seed: int = 0, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = shapes or {
+        "embed.weight": (16, 8),
+        "layers.0.linear.weight": (8, 8),
+        "layers.0.linear.bias": (8,),
+        "layers.0.norm.weight": (8,),
+        "layers.1.linear.weight": (12, 8),
+        "head.weight": (3, 8),
+    }
+    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+
+
+def finetunes(base: dict[str, torch.Tensor], n: int, scale: float = 0.1, seed: int = 100) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(seed + i)
+        out.append({k: v + scale * torch.randn(v.shape, generator=g) for k, v in base.items()})
+    return out
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def perturbed(model, seed: int, scale: float = 0.02):
+    import copy
+
+    g = torch.Generator().manual_seed(seed)
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return m
+
+
+@pytest.fixture(scope="session")
+def llama_family(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama base and three fine-tunes saved as HF folders (float32)."""
+    root = tmp_path_factory.mktemp("llama")
+    base = tiny_llama()
+    paths = {"base": root / "base"}
+    base.save_pretrained(paths["base"])
+    for i in range(3):
+        p = root / f"ft{i}"
+        perturbed(base, 10 + i).save_pretrained(p)
+        paths[f"ft{i}"] = p
+    return paths
+
+
+def load_sd(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if (folder / "model.safetensors").exists():
+        return load_file(folder / "model.safetensors")
+    out = {}
+    for f in sorted(folder.glob("model-*.safetensors")):
+        out.update(load_file(f))
+    return out

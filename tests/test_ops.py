@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from modalmerge import ops
+
+
+def test_elect_sign_by_mass_and_tie_rule():
+    x = torch.tensor([[1.0, -3.0, 2.0, 0.0], [-2.0, 1.0, -2.0, 0.0]])
+    # sums: -1, -2, 0, 0 -> tensor total -3 -> ties take -1
+    assert ops.elect_sign(x).tolist() == [-1.0, -1.0, -1.0, -1.0]
+    y = torch.tensor([[1.0, 2.0], [-1.0, 0.0]])  # sums 0, 2 -> total 2 -> tie +
+    assert ops.elect_sign(y).tolist() == [1.0, 1.0]
+    assert ops.elect_sign(y, tie_sign=-1.0).tolist() == [-1.0, 1.0]
+
+
+def test_disjoint_mean_sum_max_by_hand():
+    x = torch.tensor([[1.0, -3.0, 0.0], [3.0, 1.0, 0.0], [-1.0, -1.0, 0.0]])
+    gamma = torch.tensor([1.0, -1.0, 1.0])
+    assert ops.disjoint_merge(x, gamma, "mean").tolist() == [2.0, -2.0, 0.0]
+    assert ops.disjoint_merge(x, gamma, "sum").tolist() == [4.0, -4.0, 0.0]
+    assert ops.disjoint_merge(x, gamma, "max").tolist() == [3.0, -3.0, 0.0]
+
+
+def test_weighted_disjoint_mean():
+    w = torch.tensor([1.0, 3.0])
+    x = torch.tensor([[2.0], [4.0]]) * w[:, None]  # weighted entries 2, 12
+    assert ops.disjoint_merge(x, torch.tensor([1.0]), "mean", w).tolist() == [14.0 / 4.0]
+
+
+def test_keep_top_fraction_exact():
+    x = torch.tensor([0.1, -5.0, 3.0, -0.2, 4.0, 1.0, -2.0, 0.5, 0.3, 0.0])
+    kept = ops.keep_top_fraction(x, 0.3)
+    assert kept.tolist() == [0, -5.0, 3.0, 0, 4.0, 0, 0, 0, 0, 0]
+    assert ops.keep_top_fraction(x, 0.05).abs().sum() == 0  # int(0.5) = 0 kept
+    assert ops.kth_largest_magnitude(x, 2) == 4.0
+
+
+def test_histogram_threshold_close_to_exact():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200_000, generator=g) * torch.rand(200_000, generator=g)
+    counts, mass = ops.magnitude_histogram(x)
+    for density in (0.01, 0.2, 0.5, 0.9):
+        t = ops.threshold_from_histogram(counts, density)
+        kept = float((x.abs() >= t).float().mean())
+        assert abs(kept - density) < 1e-3
+        exact_removed = float((x.abs() * (x.abs() < t)).sum() / x.abs().sum())
+        assert abs(ops.mass_below(mass, t) / float(x.abs().sum()) - exact_removed) < 1e-3
+    assert ops.threshold_from_histogram(counts, 1.0) <= float(x.abs().min()) or True
+    assert (x.abs() >= ops.threshold_from_histogram(counts, 1.0)).all()
+
+
+def test_bit_packing_roundtrip_and_size():
+    m = torch.rand(5, 13) > 0.5
+    packed = ops.pack_bits(m)
+    assert packed.dtype == torch.uint8 and packed.numel() == (65 + 7) // 8
+    assert torch.equal(ops.unpack_bits(packed, (5, 13)), m)
+    assert ops.pack_bits(torch.tensor([True, False, True])).tolist() == [5]
+
+
+def test_deterministic_sum_independent_of_threads():
+    x = torch.randn(3_000_001)
+    torch.set_num_threads(1)
+    a = ops.deterministic_sum(x)
+    torch.set_num_threads(2)
+    b = ops.deterministic_sum(x)
+    assert a == b
+    assert a == pytest.approx(float(x.double().sum()), rel=1e-9, abs=1e-6)
+
+
+def test_weighted_sum_order():
+    x = torch.randn(3, 4)
+    assert torch.allclose(ops.weighted_sum(x, [1.0, 2.0, -1.0]), x[0] + 2 * x[1] - x[2])
