@@ -100,7 +100,7 @@ def test_ties_sampled_global_threshold_keeps_the_right_fraction():
     for t in models:
         t["b"] = base["b"] + 3 * (t["b"] - base["b"])  # tensors of different scales
     # this 12.6M-parameter model is sampled (stride > 1): check each task's kept fraction
-    assert max(1, min(executor.SAMPLE_STRIDE, 12 * 2**20 // executor.SAMPLE_TARGET)) > 1
+    assert 12 * 2**20 // executor.SAMPLE_TARGET > 1
     from modalmerge.engine.executor import Executor
     from modalmerge.api import parse_recipe
     from modalmerge.checkpoint.sources import StateDictSource

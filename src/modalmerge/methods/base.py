@@ -13,6 +13,8 @@ from typing import Any, Callable, ClassVar, Literal, get_args, get_origin
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from .. import ops
+
 # Random values are generated in fixed blocks of rows, so a chunk of a tensor sees the same
 # numbers whatever the chunking, order or parallelism of the run (spec: seeded per tensor).
 _RANDOM_BLOCK_ELEMS = 1 << 20
@@ -52,38 +54,75 @@ class TensorGroup:
     row_start: int = 0                  # first row of the tensor this chunk holds
     seed: int = 0
     sample_weight: float = 1.0          # statistics passes over a sample: elements each stands for
-    tensor_total: float | None = None   # a method's prepass summed over the whole tensor
     is_sample: bool = False             # a flat random sample (statistics pass), not a row block
+    # sign-election tie bookkeeping, see tie_sign(); keyed by election so a kernel may hold several
+    tie_totals: dict[str, float] = field(default_factory=dict)    # whole-tensor totals, when known
+    tie_partials: dict[str, float] = field(default_factory=dict)  # this chunk's contributions
+    tie_provisional: bool = False       # a provisional sign decided some element of this chunk
+
+    def __post_init__(self):
+        self.num_models = int(self.models.shape[0])
+        self.chunk_shape = tuple(self.models.shape[1:])
 
     @property
     def name(self) -> str:
         return self.info.name
 
     @property
-    def num_models(self) -> int:
-        return self.models.shape[0]
-
-    @property
     def is_whole(self) -> bool:
-        return not self.is_sample and self.row_start == 0 and tuple(self.models.shape[1:]) == self.info.shape
+        return not self.is_sample and self.row_start == 0 and self.chunk_shape == self.info.shape
 
     def task_vectors(self) -> torch.Tensor:
-        """τ_t = θ_t − θ_0, stacked [T, ...]."""
+        """τ_t = θ_t − θ_0, stacked [T, ...] (a new tensor)."""
         if self.base is None:
             raise ValueError("this method needs a base model")
         return self.models - self.base.unsqueeze(0)
 
+    def take_task_vectors(self) -> torch.Tensor:
+        """τ_t computed in place of the models stack, which it replaces (saves a [T, ...] copy)."""
+        if self.base is None:
+            raise ValueError("this method needs a base model")
+        deltas = self.models.sub_(self.base.unsqueeze(0))
+        self.models = None  # type: ignore[assignment]  # the stack now holds task vectors
+        return deltas
+
+    def weights_like(self, x: torch.Tensor) -> torch.Tensor:
+        """The model weights shaped to broadcast over a [T, ...] stack."""
+        return self.weights.reshape((-1,) + (1,) * (x.dim() - 1))
+
+    def tie_sign(self, x: torch.Tensor, total: torch.Tensor | None = None, key: str = "elect") -> float:
+        """The sign that decides exact zero sums Σ_t x_t = 0: the sign of the total over the whole
+        tensor, ties to + (spec 0).
+
+        `x` is the [T, ...] stack being elected, `total` its sum over T if already computed. For a
+        whole tensor the answer is exact. For a row block the tensor's total is not known yet: +
+        is used provisionally, and when this block has exact ties and the finished tensor's total
+        turns out negative, the engine runs the block again with `tie_totals` filled in.
+        """
+        if total is None:
+            total = x.sum(dim=0)
+        partial = ops.deterministic_sum(total)
+        self.tie_partials[key] = self.tie_partials.get(key, 0.0) + partial
+        if self.is_whole or self.is_sample:
+            return 1.0 if partial >= 0 else -1.0
+        if key in self.tie_totals:
+            return 1.0 if self.tie_totals[key] >= 0 else -1.0
+        if ops.has_exact_ties(x, total):
+            self.tie_provisional = True
+        return 1.0
+
     def per_model(self, params: Params, key: str) -> list:
         """A parameter's value for each model: the model's override, else the method-wide value."""
-        default = getattr(params, key)
-        return [mp.get(key, default) for mp in self.model_params]
+        field_name = next((k for k, f in type(params).model_fields.items() if f.alias == key), key)
+        default = getattr(params, field_name)
+        return [mp.get(key, mp.get(field_name, default)) for mp in self.model_params]
 
     def uniform(self, model_index: int, salt: str = "") -> torch.Tensor:
         """Seeded uniform [0, 1) values shaped like one model's chunk, the same under any chunking."""
         row_elems = 1
         for s in self.info.shape[1:]:
             row_elems *= s
-        chunk_shape = tuple(self.models.shape[1:])
+        chunk_shape = self.chunk_shape
         n = 1
         for s in chunk_shape:
             n *= s
@@ -98,7 +137,7 @@ class TensorGroup:
             take = min((b + 1) * block, start + n) - pos
             out[pos - start: pos - start + take] = values[pos - b * block: pos - b * block + take]
             pos += take
-        return out.reshape(chunk_shape)
+        return out.reshape(chunk_shape).to(self.weights.device)
 
 
 def _numel(shape) -> int:
@@ -165,8 +204,6 @@ class Method:
     max_models: int | None = None
     # statistics passes to run before the apply pass, in order; later ones see earlier results
     statistics: Callable[[Any], list[Statistic]] = field(default=lambda p: [])
-    # a per-chunk partial sum the kernel needs over the whole tensor (see TensorGroup.tensor_total)
-    prepass: Callable[[TensorGroup, Any, dict[str, Any]], float] | None = None
     # whether a large tensor may be cut into row blocks for this method and these params
     chunkable: Callable[[Any, TensorInfo], bool] = field(default=lambda p, info: True)
     # task-conditional: writes a shared vector and per-task masks besides the merged model

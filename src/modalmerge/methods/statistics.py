@@ -99,9 +99,8 @@ class MagnitudeResult:
 
 def trim_global(deltas: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
     """Zero each task vector's entries below its task's global threshold (in place)."""
-    for t, thr in enumerate(thresholds):
-        deltas[t].masked_fill_(deltas[t].abs() < thr, 0.0)
-    return deltas
+    thr = torch.tensor(thresholds, dtype=deltas.dtype, device=deltas.device)
+    return deltas.masked_fill_(deltas.abs() < thr.reshape((-1,) + (1,) * (deltas.dim() - 1)), 0.0)
 
 
 def trim_per_tensor(deltas: torch.Tensor, densities: list[float]) -> torch.Tensor:

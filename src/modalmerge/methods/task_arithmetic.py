@@ -15,7 +15,7 @@ def task_arithmetic(group: TensorGroup, p: TaskArithmeticParams, stats) -> Merge
     w = group.weights
     if p.normalize:
         w = w / w.sum()
-    return Merged(group.base + p.lam * ops.weighted_sum(group.task_vectors(), w))
+    return Merged(ops.weighted_sum(group.take_task_vectors(), w).mul_(p.lam).add_(group.base))
 
 
 TASK_ARITHMETIC = Method(

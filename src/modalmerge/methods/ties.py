@@ -20,8 +20,11 @@ class TiesParams(Params):
 
 
 def trimmed_weighted_deltas(group: TensorGroup, p: TiesParams, stats: dict) -> torch.Tensor:
-    """w_t · trim(τ_t), stacked: the input of TIES's election (shared with DARE-TIES, MMER, ...)."""
-    deltas = group.task_vectors()
+    """w_t · trim(τ_t), stacked: the input of TIES's election (shared with DARE-TIES, MMER, ...).
+
+    Consumes the group's models stack (the task vectors are computed in its place).
+    """
+    deltas = group.take_task_vectors()
     densities = group.per_model(p, "density")
     if all(d >= 1 for d in densities):
         pass
@@ -29,27 +32,25 @@ def trimmed_weighted_deltas(group: TensorGroup, p: TiesParams, stats: dict) -> t
         trim_global(deltas, stats["magnitudes"].thresholds)
     else:
         deltas = trim_per_tensor(deltas, densities)
-    return deltas * group.weights.reshape((-1,) + (1,) * (deltas.dim() - 1))
+    if not bool((group.weights == 1).all()):
+        deltas.mul_(group.weights_like(deltas))
+    return deltas
 
 
-def tie_sign(group: TensorGroup, weighted: torch.Tensor) -> float:
-    """Sign for exact zero sums: the sign of the tensor's total (spec 0), ties to +."""
-    total = group.tensor_total if group.tensor_total is not None else ops.deterministic_sum(weighted)
-    return 1.0 if total >= 0 else -1.0
+def elect_merge(group: TensorGroup, weighted: torch.Tensor, aggregate: str) -> torch.Tensor:
+    """Sign election with the tensor-level tie rule, then the disjoint aggregate."""
+    total = weighted.sum(dim=0)
+    gamma = ops.elect_sign(weighted, group.tie_sign(weighted, total), total)
+    return ops.disjoint_merge(weighted, gamma, aggregate, group.weights)
 
 
 def ties_vector(group: TensorGroup, p: TiesParams, stats: dict) -> torch.Tensor:
     """The merged task vector τ_m before λ."""
-    weighted = trimmed_weighted_deltas(group, p, stats)
-    return ops.elect_and_merge(weighted, p.aggregate, tie_sign(group, weighted), group.weights)
+    return elect_merge(group, trimmed_weighted_deltas(group, p, stats), p.aggregate)
 
 
 def ties(group: TensorGroup, p: TiesParams, stats: dict) -> Merged:
-    return Merged(group.base + p.lam * ties_vector(group, p, stats))
-
-
-def ties_prepass(group: TensorGroup, p: TiesParams, stats: dict) -> float:
-    return ops.deterministic_sum(trimmed_weighted_deltas(group, p, stats))
+    return Merged(torch.add(group.base, ties_vector(group, p, stats), alpha=p.lam))
 
 
 def ties_statistics(p: TiesParams) -> list:
@@ -60,7 +61,6 @@ TIES = Method(
     "ties", ties, TiesParams,
     summary="Trim each task vector, elect signs by mass, average the agreeing values.",
     statistics=ties_statistics,
-    prepass=ties_prepass,
     chunkable=lambda p, info: p.scope == "global",
     mergekit_names=("ties",),
 )

@@ -1,6 +1,6 @@
 """Pure tensor functions: tensors in, tensors out. No files, configs or models here."""
 
-from .election import disjoint_merge, elect_and_merge, elect_sign
+from .election import disjoint_merge, elect_and_merge, elect_sign, has_exact_ties
 from .sparsify import (
     keep_top_fraction,
     kth_largest_magnitude,
@@ -15,6 +15,7 @@ __all__ = [
     "elect_sign",
     "disjoint_merge",
     "elect_and_merge",
+    "has_exact_ties",
     "keep_top_fraction",
     "kth_largest_magnitude",
     "magnitude_histogram",
