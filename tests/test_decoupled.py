@@ -286,6 +286,30 @@ def test_extract_equals_dense_reconstruction(llama_family, tmp_path, method, cap
         assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 128)
 
 
+def test_extract_bfloat16_from_sharded_folder(llama_family, tmp_path):
+    from modalmerge.checkpoint.decoupled import extract_task
+
+    recipe = {"method": "emr", "base": str(llama_family["base"]), "dtype": "bfloat16",
+              "models": [{"path": str(llama_family[f"ft{i}"]), "name": f"t{i}"} for i in range(3)]}
+    out = tmp_path / "emr-bf16"
+    merge(recipe, out, max_shard_bytes=8192)
+    assert (out / "decoupled" / "shared.safetensors.index.json").exists()
+    assert (out / "decoupled" / "masks.safetensors.index.json").exists()
+    dest = extract_task(out, "t2", tmp_path / "t2")
+    got, text = load_sd(dest), load_sd(out)
+    base, models = llama_inputs(llama_family)
+    uni, masks, lam = dense_emr(base, models)
+    for n in base:
+        assert got[n].dtype == torch.bfloat16 and text[n].dtype == torch.bfloat16
+        # θ_2 = W_text + (c_2 − c̄) ⊙ shared on the stored bf16 values, in float32, cast once
+        c = [s * m.float() for s, m in zip(lam, masks[n])]
+        shared = (uni[n].to(torch.bfloat16)).float()
+        expected = (text[n].float() + (c[2] - torch.stack(c).mean(0)) * shared).to(torch.bfloat16)
+        assert torch.allclose(got[n].float(), expected.float(), atol=1e-2), n
+        ref = base[n] + lam[2] * masks[n][2] * uni[n]
+        assert torch.allclose(got[n].float(), ref, atol=2e-2, rtol=1e-2), n
+
+
 def test_extract_list_and_storage(llama_family, tmp_path, capsys):
     from modalmerge.checkpoint.decoupled import DecoupledFolder
 
