@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-import yaml
 
 from conftest import load_sd
 from modalmerge import MergeError, merge, merge_state_dicts

@@ -3,6 +3,8 @@
 τ_MTL = Σ_t w_t τ_t (`shared: sum`, default) or the unscaled TIES vector with disjoint sum
 (`shared: ties`). Task t keeps the entries where its own task vector dominates the others'
 contribution: m_t = 1{|τ_t| ≥ λ_t·|τ_MTL − τ_t|}, and is served by θ_0 + m_t ⊙ τ_MTL.
+Recipe weights scale the task vectors inside τ_MTL (default 1); the masks compare each
+model's own τ_t, since m_t ⊙ τ_MTL stands in for that model.
 
 The loadable weights of the output folder are the text weights θ_0 + m̄ ⊙ τ_MTL (m̄ the mean
 mask); the `decoupled/` part holds τ_MTL and the bit-packed masks, from which
