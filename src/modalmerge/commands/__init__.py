@@ -1,3 +1,7 @@
 """Further CLI commands, one module each; each exposes `register(subparsers)`."""
 
-COMMANDS: list = []
+from . import extract
+
+COMMANDS: list = [
+    extract.register,
+]

@@ -2,7 +2,10 @@
 
 from ..errors import MergeError
 from .base import Method
+from .consensus import CONSENSUS
+from .emr import EMR
 from .linear import LINEAR
+from .tall import TALL
 from .task_arithmetic import TASK_ARITHMETIC
 from .ties import TIES
 
@@ -10,6 +13,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     LINEAR,
     TASK_ARITHMETIC,
     TIES,
+    TALL,
+    CONSENSUS,
+    EMR,
 )}
 
 

@@ -1,0 +1,246 @@
+"""Reading a decoupled merge (TALL, EMR, MMER) and materialising one task's model from it.
+
+Layout of a decoupled output folder (written by engine/sinks.py FolderSink):
+
+    model*.safetensors (+ index)     W_text = θ_0 + c̄ ⊙ shared, what transformers loads
+    config.json, tokenizer…, README.md
+    decoupled/manifest.json          format, method, params, tasks [{name, path, scalar}],
+                                     tensors (the merged names), mask_key "{task}::{tensor}"
+    decoupled/shared*.safetensors    the shared vector, one tensor per merged name, W_text's dtype
+    decoupled/masks*.safetensors     per task and merged tensor, uint8 [ceil(numel / 8)]:
+                                     the flat mask, 1 bit per element, little-endian in a byte
+
+with c_t = scalar_t · mask_t and c̄ the mean of c_t over all tasks. Task t's model is
+θ_0 + c_t ⊙ shared = W_text + (c_t − c̄) ⊙ shared, computed in float32 and cast to W_text's
+dtype; tensors that were not merged are W_text's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..errors import MergeError
+from ..ops import unpack_bits
+from .output import AtomicFolder, ShardedWriter, copy_aux_files
+from .safetensors_io import TensorMeta
+from .sources import SafetensorsSource, TensorSource, open_source
+
+FORMAT = "modalmerge-decoupled/1"
+DECOUPLED_DIR = "decoupled"
+MANIFEST = "manifest.json"
+TEXT_WEIGHTS = "mean over all tasks of scalar_t * mask_t"
+# elements reconstructed at once (a multiple of 8, so mask reads stay byte aligned)
+BLOCK_ELEMS = 1 << 24
+
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def _stem_files(folder: Path, stem: str) -> list[Path]:
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise MergeError(f"{index}: corrupt index (no weight_map); re-run the merge") from None
+        files = [folder / s for s in shards]
+        for f in files:
+            if not f.exists():
+                raise MergeError(f"{index}: shard {f.name} is missing; the decoupled part is incomplete, "
+                                 "re-run the merge")
+        return files
+    single = folder / f"{stem}.safetensors"
+    if single.exists():
+        return [single]
+    raise MergeError(f"{folder}: no {stem}.safetensors (or index); the decoupled part is incomplete, re-run the merge")
+
+
+class DecoupledFolder:
+    """A decoupled merge folder: its text weights, shared vector, masks and per-task scalars."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise MergeError(f"{self.path} is not a folder; give the output folder of a decoupled merge")
+        ddir = self.path / DECOUPLED_DIR
+        manifest_path = ddir / MANIFEST
+        if not manifest_path.exists():
+            raise MergeError(f"{self.path} is not a decoupled merge (no {DECOUPLED_DIR}/{MANIFEST}); merge with a "
+                             "task-conditional method (tall, emr) to get per-task models")
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+            fmt = self.manifest["format"]
+            self.tasks = [(str(t["name"]), float(t.get("scalar", 1.0))) for t in self.manifest["tasks"]]
+            self.tensors = list(self.manifest["tensors"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise MergeError(f"{manifest_path}: corrupt manifest (needs format, tasks, tensors); "
+                             "re-run the merge") from None
+        if fmt != FORMAT:
+            raise MergeError(f"{manifest_path}: format {fmt!r} is not supported (this modalmerge reads {FORMAT}); "
+                             "upgrade modalmerge or re-run the merge")
+        text_weights = self.manifest.get("text_weights", TEXT_WEIGHTS)
+        if text_weights != TEXT_WEIGHTS:
+            raise MergeError(f"{manifest_path}: text weights {text_weights!r} are not supported "
+                             f"(only {TEXT_WEIGHTS!r}); upgrade modalmerge")
+        if not self.tasks:
+            raise MergeError(f"{manifest_path}: no tasks; re-run the merge")
+        self.mask_key = self.manifest.get("mask_key", "{task}::{tensor}")
+        self.text = open_source(self.path, label=self.path.name)
+        self.shared = SafetensorsSource(_stem_files(ddir, self.manifest.get("shared", "shared")), "shared", ddir)
+        self.masks = SafetensorsSource(_stem_files(ddir, self.manifest.get("masks", "masks")), "masks", ddir)
+        for name in self.tensors:
+            if name not in self.text:
+                raise MergeError(f"{self.path}: merged tensor {name!r} of the manifest is not in the model's "
+                                 "weights; the folder is incomplete, re-run the merge")
+            if name not in self.shared:
+                raise MergeError(f"{ddir}: tensor {name!r} is missing from the shared vector; the folder is "
+                                 "incomplete, re-run the merge")
+        self._merged = set(self.tensors)
+
+    # -- tasks -----------------------------------------------------------------------------
+    @property
+    def task_names(self) -> list[str]:
+        return [n for n, _ in self.tasks]
+
+    @property
+    def method(self) -> str:
+        return str(self.manifest.get("method", "?"))
+
+    def check_task(self, task: str) -> int:
+        for i, (name, _) in enumerate(self.tasks):
+            if name == task:
+                return i
+        raise MergeError(f"{self.path}: no task {task!r}; its tasks are: {', '.join(self.task_names)}")
+
+    # -- pieces ----------------------------------------------------------------------------
+    def _mask_name(self, task: str, tensor: str) -> str:
+        key = self.mask_key.format(task=task, tensor=tensor)
+        if key not in self.masks:
+            raise MergeError(f"{self.path}: the mask of task {task!r} for tensor {tensor!r} is missing from "
+                             f"{DECOUPLED_DIR}/; the folder is incomplete, re-run the merge")
+        return key
+
+    def mask(self, task: str, tensor: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Task's mask of a merged tensor: the whole (shaped) mask, or flat elements [start, stop)."""
+        self.check_task(task)
+        key = self._mask_name(task, tensor)
+        meta = self.text.meta(tensor)
+        if self.masks.meta(key).numel != (meta.numel + 7) // 8:
+            raise MergeError(f"{self.path}: the mask of task {task!r} for tensor {tensor!r} has "
+                             f"{self.masks.meta(key).numel} bytes, the tensor needs {(meta.numel + 7) // 8}; "
+                             "the folder is corrupt, re-run the merge")
+        whole = start == 0 and stop is None
+        stop = meta.numel if stop is None else stop
+        first, last = start // 8, (stop + 7) // 8
+        bits = unpack_bits(self.masks.read(key, first, last), ((last - first) * 8,))
+        flat = bits[start - first * 8: stop - first * 8]
+        return flat.reshape(meta.shape) if whole else flat
+
+    def coefficients(self, tensor: str, start: int = 0, stop: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(c_t per task, c̄) over flat elements [start, stop) of a merged tensor, float32."""
+        c = [scalar * self.mask(name, tensor, start, stop).reshape(-1).to(torch.float32) for name, scalar in self.tasks]
+        mean = torch.stack(c).mean(dim=0)
+        return c, mean
+
+    # -- per-task models -------------------------------------------------------------------
+    def read(self, task: str, tensor: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """One tensor of task's model (or its flat elements [start, stop)), in the folder's dtype."""
+        i = self.check_task(task)
+        text = self.text.read(tensor, start, stop)
+        if tensor not in self._merged:
+            return text
+        meta = self.text.meta(tensor)
+        end = meta.numel if stop is None else stop
+        c, mean = self.coefficients(tensor, start, end)
+        shared = self.shared.read(tensor, start, end).reshape(-1).to(torch.float32)
+        value = text.reshape(-1).to(torch.float32) + (c[i] - mean) * shared
+        value = value.to(meta.dtype)
+        return value.reshape(meta.shape) if (start == 0 and stop is None) else value
+
+    def reconstruct(self, task: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """Task's whole model, one tensor at a time: (name, tensor) in the folder's order."""
+        self.check_task(task)
+        for name in self.text.names():
+            yield name, self.read(task, name)
+
+    def source(self, task: str) -> TensorSource:
+        """Task's model as a TensorSource (an input to another merge, without writing it out)."""
+        return TaskSource(self, task)
+
+    # -- reporting -------------------------------------------------------------------------
+    def mask_density(self, task: str) -> float:
+        """Fraction of the merged parameters that task's mask keeps."""
+        self.check_task(task)
+        ones = total = 0
+        for name in self.tensors:
+            ones += int(_POPCOUNT[self.masks.read(self._mask_name(task, name)).long()].sum())
+            total += self.text.meta(name).numel
+        return ones / total if total else 0.0
+
+    def storage(self) -> dict[str, int]:
+        """Bytes on disk: text weights, shared vector, masks, and T standalone models."""
+        def size(files) -> int:
+            return sum(f.stat().st_size for f in files)
+        ddir = self.path / DECOUPLED_DIR
+        text = size(self.path.glob("*.safetensors"))
+        shared = size(ddir.glob(f"{self.manifest.get('shared', 'shared')}*.safetensors"))
+        masks = size(ddir.glob(f"{self.manifest.get('masks', 'masks')}*.safetensors"))
+        return {"text": text, "shared": shared, "masks": masks, "decoupled": shared + masks,
+                "standalone": len(self.tasks) * text}
+
+
+class TaskSource(TensorSource):
+    """One task's reconstructed model, read lazily, tensor by tensor."""
+
+    def __init__(self, folder: DecoupledFolder, task: str):
+        folder.check_task(task)
+        self._decoupled, self.task = folder, task
+        self.label, self.path = f"{folder.path.name}[{task}]", folder.path
+
+    def names(self):
+        return self._decoupled.text.names()
+
+    def meta(self, name):
+        return self._decoupled.text.meta(name)
+
+    def read(self, name, start=0, stop=None):
+        return self._decoupled.read(self.task, name, start, stop)
+
+
+def extract_task(folder: str | os.PathLike, task: str, output: str | os.PathLike, *, overwrite: bool = False,
+                 max_shard_bytes: int | None = None, progress: bool = False) -> Path:
+    """Write task's standalone model folder (weights, config, tokenizer files), atomically."""
+    from tqdm import tqdm
+
+    d = DecoupledFolder(folder)
+    d.check_task(task)
+    if Path(output).absolute() == d.path.absolute():
+        raise MergeError(f"--output {output} is the decoupled folder itself; choose another folder")
+    names = d.text.names()
+    entries = [(n, TensorMeta(d.text.meta(n).shape, d.text.meta(n).dtype)) for n in names]
+    out = AtomicFolder(output, overwrite)
+    try:
+        kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
+        writer = ShardedWriter(out.tmp, entries, **kwargs)
+        total = sum(m.numel for _, m in entries)
+        with tqdm(total=total, desc=f"extract {task}", unit="param", unit_scale=True, disable=not progress,
+                  leave=False, dynamic_ncols=True) as bar:
+            for name, meta in entries:
+                for start in range(0, max(meta.numel, 1), BLOCK_ELEMS):
+                    stop = min(start + BLOCK_ELEMS, meta.numel)
+                    writer.write(name, d.read(task, name, start, stop), start)
+                    bar.update(stop - start)
+        writer.close()
+        copy_aux_files(d.path, out.tmp)
+        (out.tmp / "README.md").write_text(
+            f"---\ntags: [merge, modalmerge]\n---\n# Task `{task}` extracted with modalmerge\n\n"
+            f"From the {d.method} merge in `{d.path}`: the merged weights plus this task's mask of the shared "
+            f"vector (scalar {d.tasks[d.check_task(task)][1]:g}).\n")
+        return out.commit()
+    except BaseException:
+        out.abort()
+        raise

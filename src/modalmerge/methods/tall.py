@@ -1,0 +1,111 @@
+"""TALL masks (spec 6, Wang et al. 2024): one shared vector, one binary mask per task.
+
+τ_MTL = Σ_t w_t τ_t (`shared: sum`, default) or the unscaled TIES vector with disjoint sum
+(`shared: ties`). Task t keeps the entries where its own task vector dominates the others'
+contribution: m_t = 1{|τ_t| ≥ λ_t·|τ_MTL − τ_t|}, and is served by θ_0 + m_t ⊙ τ_MTL.
+Recipe weights scale the task vectors inside τ_MTL (default 1); the masks compare each
+model's own τ_t, since m_t ⊙ τ_MTL stands in for that model.
+
+The loadable weights of the output folder are the text weights θ_0 + m̄ ⊙ τ_MTL (m̄ the mean
+mask); the `decoupled/` part holds τ_MTL and the bit-packed masks, from which
+`modalmerge extract` rebuilds each task's model as W_text + (m_t − m̄) ⊙ τ_MTL.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from .. import ops
+from .base import Merged, Method, Params, Statistic, TensorGroup
+from .statistics import TaskMagnitudes
+from .ties import TiesParams, ties_prepass, ties_vector
+
+
+class TallParams(Params):
+    per_model = frozenset({"lambda", "density"})
+
+    lam: float = Field(0.6, alias="lambda", ge=0,
+                       description="mask threshold λ_t (per model; 0.2-0.6 tuned on validation, 0.6 without)")
+    shared: Literal["sum", "ties"] = Field("sum", description="shared vector: sum of task vectors, or unscaled "
+                                                              "TIES with disjoint sum")
+    density: float = Field(0.2, gt=0, le=1, description="shared: ties only: kept fraction of each task vector")
+    scope: Literal["global", "tensor"] = Field("global", description="shared: ties only: trim threshold scope")
+
+
+def ties_params(p: TallParams) -> TiesParams:
+    """The TIES settings of a `shared: ties` vector: unscaled, disjoint sum."""
+    return TiesParams.model_validate({"density": p.density, "scope": p.scope, "aggregate": "sum", "lambda": 1.0})
+
+
+def task_lambdas(group: TensorGroup, p: TallParams) -> list[float]:
+    # recipes name the per-model override by its alias, which `group.per_model` cannot look up
+    return [float(mp.get("lambda", p.lam)) for mp in group.model_params]
+
+
+class TiesTotals(Statistic):
+    """Per chunked tensor, the total of its trimmed weighted task vectors: the tie sign of TIES's
+    election (spec 0) needs it before any chunk is merged. A statistic rather than
+    `Method.prepass`, so that `shared: sum` (no election) costs no extra read pass."""
+
+    name = "ties_totals"
+    sampled = False
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+
+    def observe(self, group: TensorGroup, params: Params, prior: dict[str, Any]) -> None:
+        if group.is_whole:
+            return
+        part = ties_prepass(group, ties_params(params), prior)
+        self.totals[group.name] = self.totals.get(group.name, 0.0) + part
+
+    def result(self, params: Params, prior: dict[str, Any]) -> dict[str, float]:
+        return self.totals
+
+
+def shared_vector(group: TensorGroup, p: TallParams, stats: dict) -> torch.Tensor:
+    """τ_MTL for this chunk."""
+    if p.shared == "sum":
+        return ops.weighted_sum(group.task_vectors(), group.weights)
+    if not group.is_whole:
+        group.tensor_total = stats["ties_totals"][group.name]
+    return ties_vector(group, ties_params(p), stats)
+
+
+def tall_masks(taus: torch.Tensor, shared: torch.Tensor, lambdas: list[float]) -> torch.Tensor:
+    """m_t = 1{|τ_t| ≥ λ_t·|τ_MTL − τ_t|}, stacked [T, ...] bool."""
+    lam = torch.tensor(lambdas, dtype=taus.dtype, device=taus.device).reshape((-1,) + (1,) * (taus.dim() - 1))
+    return taus.abs() >= lam * (shared.unsqueeze(0) - taus).abs()
+
+
+def tall(group: TensorGroup, p: TallParams, stats: dict) -> Merged:
+    shared = shared_vector(group, p, stats)
+    taus = group.task_vectors()
+    masks = tall_masks(taus, shared, task_lambdas(group, p))
+    mean_mask = masks.to(torch.float32).mean(dim=0)
+    return Merged(group.base + mean_mask * shared, shared=shared,
+                  masks={name: masks[t] for t, name in enumerate(group.model_names)})
+
+
+def shared_statistics(p: TallParams) -> list[Statistic]:
+    if p.shared == "ties" and p.scope == "global":
+        return [TaskMagnitudes(), TiesTotals()]
+    return []
+
+
+def shared_chunkable(p: TallParams, info) -> bool:
+    # a per-tensor TIES trim needs the whole tensor; everything else is element-wise
+    return p.shared == "sum" or p.scope == "global"
+
+
+TALL = Method(
+    "tall", tall, TallParams,
+    summary="TALL masks: a shared task vector plus one binary mask per task (decoupled output).",
+    min_models=2,
+    statistics=shared_statistics,
+    chunkable=shared_chunkable,
+    decoupled=True,
+)
