@@ -2,7 +2,12 @@
 
 from ..errors import MergeError
 from .base import Method
+from .breadcrumbs import BREADCRUMBS
+from .dare import DARE_LINEAR, DARE_TIES
+from .della import DELLA, DELLA_LINEAR
 from .linear import LINEAR
+from .model_stock import MODEL_STOCK
+from .slerp import SLERP
 from .task_arithmetic import TASK_ARITHMETIC
 from .ties import TIES
 
@@ -10,6 +15,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     LINEAR,
     TASK_ARITHMETIC,
     TIES,
+    DARE_LINEAR,
+    DARE_TIES,
+    DELLA,
+    DELLA_LINEAR,
+    BREADCRUMBS,
+    MODEL_STOCK,
+    SLERP,
 )}
 
 
