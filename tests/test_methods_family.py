@@ -270,6 +270,8 @@ def test_della_per_model_density():
 
 @pytest.mark.parametrize("params,model_params", [
     ({"density": 0.9, "epsilon": 0.15}, None),
+    ({"density": 0.9}, None),
+    ({}, [{"density": 0.1}, {}]),
     ({"density": 0.1, "epsilon": 0.15}, None),
     ({"density": 0.5, "epsilon": 0.5}, None),
     ({"epsilon": 0.2}, [{"density": 0.85}, {}]),
@@ -520,3 +522,30 @@ def test_mergekit_dare_ties_recipe_merges_like_mergekit():
     ref = {n: base[n] + dense_elect(dared[n] * torch.tensor([0.7, 0.3]).reshape((-1,) + (1,) * base[n].dim()),
                                     [0.7, 0.3], "sum") for n in base}
     assert_close(sink.tensors, ref)
+
+
+def test_cli_mergekit_slerp_and_dare_ties_recipes_on_a_tiny_llama(llama_family, tmp_path):
+    import yaml
+
+    from conftest import load_sd
+    from modalmerge.cli import main
+
+    a, b = str(llama_family["base"]), str(llama_family["ft1"])
+    recipe = tmp_path / "slerp.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "slerp", "base_model": a,
+                                      "models": [{"model": a}, {"model": b}], "parameters": {"t": 0.4}}))
+    out = tmp_path / "slerp"
+    assert main(["merge", str(recipe), "-o", str(out), "--no-progress"]) == 0
+    assert_close(load_sd(out), dense_slerp(load_sd(a), load_sd(b), 0.4), atol=1e-5)
+
+    recipe = tmp_path / "dare.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "dare_ties", "base_model": a, "parameters": {"normalize": True},
+        "models": [{"model": str(llama_family[f"ft{i}"]), "parameters": {"weight": 1.0, "density": 0.3}}
+                   for i in range(2)]}))
+    out = tmp_path / "dare"
+    assert main(["merge", str(recipe), "-o", str(out), "--no-progress"]) == 0
+    base, merged = load_sd(a), load_sd(out)
+    fts = [load_sd(llama_family[f"ft{i}"]) for i in range(2)]
+    dared = dense_dare(base, fts, 0.3, "l1")
+    assert_close(merged, {n: base[n] + dense_elect(dared[n], [1.0, 1.0]) for n in base}, atol=1e-5)

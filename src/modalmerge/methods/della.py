@@ -23,7 +23,9 @@ class _MagpruneParams(Params):
     per_model = frozenset({"density", "epsilon"})
 
     density: float = Field(0.5, gt=0, le=1, description="mean kept fraction of each task vector (1: keep all)")
-    epsilon: float = Field(0.15, ge=0, lt=1, description="keep probabilities spread over density ± epsilon by rank")
+    # validate_default: the range check below must also run when only density is given
+    epsilon: float = Field(0.15, ge=0, lt=1, validate_default=True,
+                           description="keep probabilities spread over density ± epsilon by rank")
     rescale: Rescale = Field("inverse", description="survivors × 1/p_i (inverse, the paper), match each tensor's "
                                                     "L1 norm (l1, current mergekit), or none")
 
