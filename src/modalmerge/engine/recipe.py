@@ -110,12 +110,13 @@ _MERGEKIT_DEFAULTS = {
     "linear": {"normalize": True},
     "task_arithmetic": {"normalize": False, "lambda": 1.0},
     "ties": {"normalize": True, "lambda": 1.0, "density": 1.0},
-    "dare_linear": {"normalize": False, "lambda": 1.0, "density": 1.0, "rescale": "inverse"},
-    "dare_ties": {"normalize": True, "lambda": 1.0, "density": 1.0, "rescale": "inverse"},
-    "breadcrumbs": {"normalize": False, "lambda": 1.0},
+    # mergekit's `rescale: true` (its default for DARE and DELLA) matches each tensor's L1 norm
+    "dare_linear": {"normalize": False, "lambda": 1.0, "density": 1.0, "rescale": True},
+    "dare_ties": {"normalize": False, "lambda": 1.0, "density": 1.0, "rescale": True},
+    "breadcrumbs": {"normalize": False, "lambda": 1.0, "density": 1.0, "gamma": 0.01},
     "breadcrumbs_ties": {"normalize": True, "lambda": 1.0},
-    "della": {"normalize": True, "lambda": 1.0, "density": 1.0, "epsilon": 0.15},
-    "della_linear": {"normalize": False, "lambda": 1.0, "density": 1.0, "epsilon": 0.15},
+    "della": {"normalize": True, "lambda": 1.0, "density": 1.0, "epsilon": 0.15, "rescale": True},
+    "della_linear": {"normalize": False, "lambda": 1.0, "density": 1.0, "epsilon": 0.15, "rescale": True},
     "model_stock": {},
     "slerp": {},
 }
@@ -146,7 +147,12 @@ def from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any]:
             continue  # mergekit treats the base listed among the models as no task vector
         mp = dict(entry.get("parameters") or {})
         weight = mp.pop("weight", 1.0)
-        models.append({"path": entry["model"], "weight": weight, "params": mp})
+        models.append({"path": entry["model"], "weight": weight, "params": _model_params_from_mergekit(name, mp)})
+    if base is not None and method.base == "forbidden":
+        # a method without a base (slerp): mergekit's base_model is its first input
+        rest = [m for m in models if m["path"] != base]
+        first = next((m for m in models if m["path"] == base), {"path": base, "weight": 1.0, "params": {}})
+        models, base = [first] + rest, None
     native = {"method": method.name, "base": base, "models": models, "source_format": "mergekit",
               "params": method_params_from_mergekit(name, params)}
     dtype = data.get("out_dtype") or data.get("dtype")
@@ -163,8 +169,26 @@ def method_params_from_mergekit(name: str, params: dict[str, Any]) -> dict[str, 
     normalize = params.pop("normalize", None)
     if name in ("ties", "dare_ties", "della", "breadcrumbs_ties"):
         out["aggregate"] = "mean" if normalize in (None, True) else "sum"
-        out["scope"] = "tensor"
+        if name == "ties":
+            out["scope"] = "tensor"
     elif normalize is not None:
         out["normalize"] = normalize
-    out.update(params)
+    if name in ("dare_linear", "dare_ties", "della", "della_linear") and isinstance(params.get("rescale"), bool):
+        params["rescale"] = "l1" if params["rescale"] else "none"
+    if name == "breadcrumbs":
+        out["scope"] = "tensor"
+        if params.get("rescale") is False:
+            params.pop("rescale")  # mergekit's default: nothing to do
+    if name == "slerp" and not isinstance(params.get("t", 0.5), (int, float)):
+        raise MergeError("mergekit slerp: a layer-dependent `t` (a list or filters) is not supported; "
+                         "give `t` as one number")
+    out.update(_model_params_from_mergekit(name, params))
     return out
+
+
+def _model_params_from_mergekit(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Renames of mergekit's per-model (tensor) parameters; also applied to the global ones."""
+    if name == "breadcrumbs":
+        renames = {"density": "keep_fraction", "gamma": "top_remove_fraction"}
+        return {renames.get(k, k): v for k, v in params.items()}
+    return dict(params)

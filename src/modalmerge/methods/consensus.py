@@ -11,7 +11,7 @@ from pydantic import Field
 
 from ..errors import MergeError
 from .base import Merged, Method, TensorGroup
-from .tall import TallParams, shared_chunkable, shared_statistics, shared_vector, tall_masks, task_lambdas
+from .tall import TallParams, shared_chunkable, shared_statistics, shared_vector, tall_masks
 
 # α without validation data (spec 6): 1.0 on a TIES vector; 0.3-0.4 on a plain sum, where we take
 # 0.3, task arithmetic's default λ here, since both scale the same summed task vectors.
@@ -32,8 +32,9 @@ def consensus(group: TensorGroup, p: ConsensusParams, stats: dict) -> Merged:
     if p.min_agree > group.num_models:
         raise MergeError(f"consensus: min_agree {p.min_agree} is more than the {group.num_models} models, so "
                          f"every entry of tensor {group.name!r} would be dropped; lower min_agree")
-    shared = shared_vector(group, p, stats)
-    masks = tall_masks(group.task_vectors(), shared, task_lambdas(group, p))
+    taus = group.task_vectors()
+    shared = shared_vector(group, p, stats, taus)
+    masks = tall_masks(taus, shared, group.per_model(p, "lambda"))
     keep = masks.sum(dim=0) >= p.min_agree
     return Merged(group.base + p.scale * (keep.to(torch.float32) * shared))
 

@@ -2,9 +2,14 @@
 
 from ..errors import MergeError
 from .base import Method
+from .breadcrumbs import BREADCRUMBS
 from .consensus import CONSENSUS
+from .dare import DARE_LINEAR, DARE_TIES
+from .della import DELLA, DELLA_LINEAR
 from .emr import EMR
 from .linear import LINEAR
+from .model_stock import MODEL_STOCK
+from .slerp import SLERP
 from .tall import TALL
 from .task_arithmetic import TASK_ARITHMETIC
 from .ties import TIES
@@ -13,6 +18,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     LINEAR,
     TASK_ARITHMETIC,
     TIES,
+    DARE_LINEAR,
+    DARE_TIES,
+    DELLA,
+    DELLA_LINEAR,
+    BREADCRUMBS,
+    MODEL_STOCK,
+    SLERP,
     TALL,
     CONSENSUS,
     EMR,

@@ -21,7 +21,7 @@ from pydantic import Field
 from .. import ops
 from .base import Merged, Method, Params, Statistic, TensorGroup
 from .statistics import TaskMagnitudes
-from .ties import TiesParams, ties_prepass, ties_vector
+from .ties import TiesParams, ties_vector
 
 
 class TallParams(Params):
@@ -40,39 +40,11 @@ def ties_params(p: TallParams) -> TiesParams:
     return TiesParams.model_validate({"density": p.density, "scope": p.scope, "aggregate": "sum", "lambda": 1.0})
 
 
-def task_lambdas(group: TensorGroup, p: TallParams) -> list[float]:
-    # recipes name the per-model override by its alias, which `group.per_model` cannot look up
-    return [float(mp.get("lambda", p.lam)) for mp in group.model_params]
-
-
-class TiesTotals(Statistic):
-    """Per chunked tensor, the total of its trimmed weighted task vectors: the tie sign of TIES's
-    election (spec 0) needs it before any chunk is merged. A statistic rather than
-    `Method.prepass`, so that `shared: sum` (no election) costs no extra read pass."""
-
-    name = "ties_totals"
-    sampled = False
-
-    def __init__(self):
-        self.totals: dict[str, float] = {}
-
-    def observe(self, group: TensorGroup, params: Params, prior: dict[str, Any]) -> None:
-        if group.is_whole:
-            return
-        part = ties_prepass(group, ties_params(params), prior)
-        self.totals[group.name] = self.totals.get(group.name, 0.0) + part
-
-    def result(self, params: Params, prior: dict[str, Any]) -> dict[str, float]:
-        return self.totals
-
-
-def shared_vector(group: TensorGroup, p: TallParams, stats: dict) -> torch.Tensor:
-    """τ_MTL for this chunk."""
+def shared_vector(group: TensorGroup, p: TallParams, stats: dict, taus: torch.Tensor) -> torch.Tensor:
+    """τ_MTL for this chunk, from the task vectors `taus` (left unchanged)."""
     if p.shared == "sum":
-        return ops.weighted_sum(group.task_vectors(), group.weights)
-    if not group.is_whole:
-        group.tensor_total = stats["ties_totals"][group.name]
-    return ties_vector(group, ties_params(p), stats)
+        return ops.weighted_sum(taus, group.weights)
+    return ties_vector(group, ties_params(p), stats, deltas=taus.clone())
 
 
 def tall_masks(taus: torch.Tensor, shared: torch.Tensor, lambdas: list[float]) -> torch.Tensor:
@@ -82,9 +54,9 @@ def tall_masks(taus: torch.Tensor, shared: torch.Tensor, lambdas: list[float]) -
 
 
 def tall(group: TensorGroup, p: TallParams, stats: dict) -> Merged:
-    shared = shared_vector(group, p, stats)
     taus = group.task_vectors()
-    masks = tall_masks(taus, shared, task_lambdas(group, p))
+    shared = shared_vector(group, p, stats, taus)
+    masks = tall_masks(taus, shared, group.per_model(p, "lambda"))
     mean_mask = masks.to(torch.float32).mean(dim=0)
     return Merged(group.base + mean_mask * shared, shared=shared,
                   masks={name: masks[t] for t, name in enumerate(group.model_names)})
@@ -92,7 +64,7 @@ def tall(group: TensorGroup, p: TallParams, stats: dict) -> Merged:
 
 def shared_statistics(p: TallParams) -> list[Statistic]:
     if p.shared == "ties" and p.scope == "global":
-        return [TaskMagnitudes(), TiesTotals()]
+        return [TaskMagnitudes()]
     return []
 
 

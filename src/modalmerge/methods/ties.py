@@ -19,12 +19,14 @@ class TiesParams(Params):
     lam: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
 
 
-def trimmed_weighted_deltas(group: TensorGroup, p: TiesParams, stats: dict) -> torch.Tensor:
+def trimmed_weighted_deltas(group: TensorGroup, p: TiesParams, stats: dict,
+                            deltas: torch.Tensor | None = None) -> torch.Tensor:
     """w_t · trim(τ_t), stacked: the input of TIES's election (shared with DARE-TIES, MMER, ...).
 
-    Consumes the group's models stack (the task vectors are computed in its place).
+    Works in place on `deltas` when given (the caller's own copy of the task vectors); otherwise
+    consumes the group's models stack, computing the task vectors in its place.
     """
-    deltas = group.take_task_vectors()
+    deltas = group.take_task_vectors() if deltas is None else deltas
     densities = group.per_model(p, "density")
     if all(d >= 1 for d in densities):
         pass
@@ -44,9 +46,9 @@ def elect_merge(group: TensorGroup, weighted: torch.Tensor, aggregate: str) -> t
     return ops.disjoint_merge(weighted, gamma, aggregate, group.weights)
 
 
-def ties_vector(group: TensorGroup, p: TiesParams, stats: dict) -> torch.Tensor:
-    """The merged task vector τ_m before λ."""
-    return elect_merge(group, trimmed_weighted_deltas(group, p, stats), p.aggregate)
+def ties_vector(group: TensorGroup, p: TiesParams, stats: dict, deltas: torch.Tensor | None = None) -> torch.Tensor:
+    """The merged task vector τ_m before λ (see trimmed_weighted_deltas for `deltas`)."""
+    return elect_merge(group, trimmed_weighted_deltas(group, p, stats, deltas), p.aggregate)
 
 
 def ties(group: TensorGroup, p: TiesParams, stats: dict) -> Merged:
