@@ -3,6 +3,7 @@
 from ..errors import MergeError
 from .base import Method
 from .linear import LINEAR
+from .neuromerging import NEUROMERGING
 from .task_arithmetic import TASK_ARITHMETIC
 from .ties import TIES
 
@@ -10,6 +11,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     LINEAR,
     TASK_ARITHMETIC,
     TIES,
+    NEUROMERGING,
 )}
 
 
