@@ -9,7 +9,7 @@ Tie rule: where Σ_t τ_t is exactly 0, σ is the sign of the tensor's total (sp
 statistics pass for λ_t must read every element anyway, so it also gathers each tensor's total,
 and, for the zero-sum entries, the denominator under both possible tie signs; the right one is
 chosen once the tensor is complete. This keeps EMR chunkable (large tensors in row blocks)
-without the extra read pass a `Method.prepass` would cost.
+without a second read of any tensor.
 """
 
 from __future__ import annotations

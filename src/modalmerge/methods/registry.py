@@ -11,6 +11,7 @@ from .linear import LINEAR
 from .model_stock import MODEL_STOCK
 from .slerp import SLERP
 from .tall import TALL
+from .neuromerging import NEUROMERGING
 from .task_arithmetic import TASK_ARITHMETIC
 from .ties import TIES
 
@@ -28,6 +29,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     TALL,
     CONSENSUS,
     EMR,
+    NEUROMERGING,
 )}
 
 

@@ -30,7 +30,7 @@ def trimmed_weighted_deltas(group: TensorGroup, p: TiesParams, stats: dict,
     densities = group.per_model(p, "density")
     if all(d >= 1 for d in densities):
         pass
-    elif p.scope == "global":
+    elif getattr(p, "scope", "global") == "global":
         trim_global(deltas, stats["magnitudes"].thresholds)
     else:
         deltas = trim_per_tensor(deltas, densities)
