@@ -32,13 +32,18 @@ def keep_top_fraction(x: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(x.abs() >= threshold, x, torch.zeros_like(x))
 
 
-def magnitude_histogram(x: torch.Tensor, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def magnitude_histogram(x: torch.Tensor, weight: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(count, L1 mass) histograms of |x| over HIST_BINS float-bit bins, float64.
 
-    `weight` scales a sample up to the population it stands for (1.0 for a full tensor).
+    `weight` scales a sample up to the population it stands for (1.0 for a full tensor): one
+    number, or one per element of x.
     """
     mag = x.reshape(-1).float().abs()
     bins = (mag.view(torch.int32) >> _HIST_SHIFT).long()
+    if isinstance(weight, torch.Tensor):
+        w = weight.to(device=mag.device, dtype=torch.float64).reshape(-1)
+        return (torch.bincount(bins, weights=w, minlength=HIST_BINS),
+                torch.bincount(bins, weights=mag.double() * w, minlength=HIST_BINS))
     counts = torch.bincount(bins, minlength=HIST_BINS).to(torch.float64)
     mass = torch.bincount(bins, weights=mag.double(), minlength=HIST_BINS)
     if weight != 1.0:
