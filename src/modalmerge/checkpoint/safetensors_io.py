@@ -161,7 +161,7 @@ class SafetensorsStreamWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * ((-len(raw)) % 8)
         self._data_start = 8 + len(raw)
-        self._written = {name: 0 for name in self._offsets}
+        self._written: dict[str, dict[int, int]] = {name: {} for name in self._offsets}  # start -> count
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.pwrite(self._fd, struct.pack("<Q", len(raw)) + raw, 0)
         os.ftruncate(self._fd, self._data_start + pos)
@@ -180,12 +180,12 @@ class SafetensorsStreamWriter:
         done = 0
         while done < len(raw):
             done += os.pwrite(self._fd, raw[done:], offset + done)
-        self._written[name] += data.numel()
+        self._written[name][start] = data.numel()  # a rewrite of a block replaces its entry
 
     def close(self) -> None:
         if self._fd < 0:
             return
-        missing = [n for n, (m, _) in self._offsets.items() if self._written[n] != m.numel]
+        missing = [n for n, (m, _) in self._offsets.items() if sum(self._written[n].values()) != m.numel]
         os.close(self._fd)
         self._fd = -1
         if missing:
