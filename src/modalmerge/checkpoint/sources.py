@@ -302,7 +302,8 @@ def open_source(path: str | os.PathLike, *, label: str | None = None, allow_pick
             return SafetensorsSource([p], label, p)
         if p.suffix in (".bin", ".pt", ".pth"):
             return _pickled([p], label, p, allow_pickle)
-        raise MergeError(f"model {label!r}: {p} is neither a safetensors file nor a model folder")
+        raise MergeError(f"model {label!r}: {p} is neither a safetensors file nor a model folder; "
+                         "give the path of a model folder or of a .safetensors file")
     index = p / "model.safetensors.index.json"
     if index.exists():
         try:
