@@ -197,3 +197,15 @@ def test_unsupported_variants_are_refused(llama_adapter, tmp_path, field, value,
     (bad / "adapter_config.json").write_text(json.dumps({**cfg, field: value}))
     with pytest.raises(MergeError, match=f"{name} adapters are not supported; merge the adapter"):
         open_source(bad, label="lora", base=open_source(base_dir))
+
+
+def test_inspect_an_adapter_against_its_base(llama_adapter, capsys):
+    base_dir, adapter_dir, merged = llama_adapter
+    assert main(["inspect", str(adapter_dir), "--base", str(base_dir), "--json", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    base = load_sd(base_dir)
+    expected = torch.cat([(merged[k] - base[k]).reshape(-1) for k in base]).double().norm()
+    assert out["total"]["norms"]["adapter"] == pytest.approx(float(expected), rel=1e-5)
+    # only q/v projections are adapted: embeddings, norms and head have no task vector
+    groups = {g["group"]: g["norms"]["adapter"] for g in out["groups"]}
+    assert groups["embeddings"] == groups["norms"] == groups["head"] == 0 < groups["layer 0"]
