@@ -193,7 +193,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 EXCLUDE_FIX = "add it to `exclude` in the recipe"
 
 
-def check_tensor(name: str, reference: TensorSource, models: list[TensorSource], exclude_fix: str = EXCLUDE_FIX) -> None:
+def check_tensor(name: str, reference: TensorSource, models: list[TensorSource],
+                 exclude_fix: str = EXCLUDE_FIX) -> None:
     """That every model has tensor `name` with the reference's shape, and a float dtype where it has one."""
     meta = reference.meta(name)
     for src in models:
@@ -218,7 +219,8 @@ def check_tensor(name: str, reference: TensorSource, models: list[TensorSource],
                              f"merged: {exclude_fix}, or fix the checkpoint")
 
 
-def check_no_extra(reference: TensorSource, models: list[TensorSource], wanted, exclude_fix: str = EXCLUDE_FIX) -> None:
+def check_no_extra(reference: TensorSource, models: list[TensorSource], wanted,
+                   exclude_fix: str = EXCLUDE_FIX) -> None:
     """That no model has a (wanted) tensor the reference lacks."""
     ref_names = set(reference.names())
     for src in models:
