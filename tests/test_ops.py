@@ -70,3 +70,17 @@ def test_deterministic_sum_independent_of_threads():
 def test_weighted_sum_order():
     x = torch.randn(3, 4)
     assert torch.allclose(ops.weighted_sum(x, [1.0, 2.0, -1.0]), x[0] + 2 * x[1] - x[2])
+
+
+def test_gram_matrix_and_sign_conflicts_by_hand():
+    from modalmerge.ops.similarity import gram_matrix, sign_conflicts
+
+    x = torch.tensor([[1.0, -2.0, 0.0, 3.0], [2.0, 1.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 1.0]])
+    g = gram_matrix(x)
+    assert g.dtype == torch.float64
+    assert g.tolist() == [[14.0, 0.0, 2.0], [0.0, 5.0, -2.0], [2.0, -2.0, 2.0]]
+    # element 0: +,+,- conflict; 1: -,+ conflict; 2: all zero; 3: +,+ (one zero) agree
+    assert sign_conflicts(x) == (2, 3)
+    assert sign_conflicts(x[:1]) == (0, 0)
+    # sums over chunks add up
+    assert sign_conflicts(x[:, :2])[0] + sign_conflicts(x[:, 2:])[0] == 2

@@ -153,7 +153,8 @@ class SafetensorsStreamWriter:
         pos = 0
         for name, meta in entries:
             if meta.dtype not in DTYPE_NAMES:
-                raise MergeError(f"cannot write tensor {name!r} of dtype {meta.dtype} to safetensors")
+                raise MergeError(f"cannot write tensor {name!r} of dtype {meta.dtype} to safetensors; "
+                                 "add it to `exclude` or convert the model")
             header[name] = {"dtype": DTYPE_NAMES[meta.dtype], "shape": list(meta.shape),
                             "data_offsets": [pos, pos + meta.nbytes]}
             self._offsets[name] = (meta, pos)

@@ -113,10 +113,21 @@ class PickleSource(StateDictSource):
         self.path = path
 
 
+# LoRA variants and PEFT features whose merged weight is not base + B·A·scale (or that change
+# the model's structure): peft itself must merge these.
+_UNSUPPORTED_PEFT = {
+    "use_dora": "DoRA", "velora_config": "VeLoRA", "alora_invocation_tokens": "aLoRA",
+    "monteclora_config": "MonteCLoRA", "use_bdlora": "BD-LoRA", "arrow_config": "Arrow",
+    "kasa_config": "KaSA", "use_qalora": "QALoRA", "layer_replication": "layer_replication",
+    "target_parameters": "target_parameters", "trainable_token_indices": "trainable_token_indices",
+}
+
+
 class PeftSource(TensorSource):
     """A PEFT LoRA adapter folder seen as a full model: base tensors plus B·A·scale, per tensor.
 
-    Nothing is densified until a tensor is read; only the tensor asked for is materialised.
+    Nothing is densified until a tensor is read, and a read of a row range computes only those
+    rows of B·A, so chunked reads of a large adapted tensor stay O(chunk).
     """
 
     def __init__(self, adapter_dir: Path, base: TensorSource, label: str):
@@ -126,62 +137,81 @@ class PeftSource(TensorSource):
             cfg = json.loads(cfg_path.read_text())
         except (OSError, ValueError) as e:
             raise MergeError(f"{cfg_path}: cannot read adapter config ({e}); re-save the adapter") from None
+        if not isinstance(cfg, dict):
+            raise MergeError(f"{cfg_path}: not a PEFT adapter config (not a JSON object); re-save the adapter")
         if cfg.get("peft_type", "LORA") != "LORA":
             raise MergeError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported, only LORA; "
-                             "merge the adapter into its base with peft first")
-        if cfg.get("use_dora"):
-            raise MergeError(f"{cfg_path}: DoRA adapters are not supported; merge it into its base with "
-                             "peft (merge_and_unload) first")
+                             "merge the adapter into its base with peft (merge_and_unload) and use that folder")
+        used = [name for key, name in _UNSUPPORTED_PEFT.items() if cfg.get(key)]
+        if cfg.get("init_lora_weights") == "mica":
+            used.append("MiCA")
+        if used:
+            raise MergeError(f"{cfg_path}: {used[0]} adapters are not supported; merge the adapter into its base "
+                             "with peft (merge_and_unload) and use that folder")
         self._cfg = cfg
         files = sorted(adapter_dir.glob("adapter_model*.safetensors"))
-        if files:
-            weights = SafetensorsSource(files, label, adapter_dir)
-        elif (adapter_dir / "adapter_model.bin").exists():
-            raise MergeError(f"{adapter_dir}: adapter weights are pickled (adapter_model.bin); "
-                             "pass --allow-pickle or re-save them as safetensors")
-        else:
+        if not files:
+            if (adapter_dir / "adapter_model.bin").exists():
+                raise MergeError(f"{adapter_dir}: adapter weights are pickled (adapter_model.bin); re-save them "
+                                 "as safetensors (peft save_pretrained(safe_serialization=True))")
             raise MergeError(f"{adapter_dir}: no adapter_model.safetensors; is this a PEFT adapter folder?")
-        self._weights = weights
+        self._weights = weights = SafetensorsSource(files, label, adapter_dir)
         base_names = set(base.names())
-        self._lora: dict[str, tuple[str, str, str, bool]] = {}  # target -> (A key, B key, module, embedding)
-        self._replace: dict[str, str] = {}                         # target -> adapter key
-        self._bias: dict[str, str] = {}
+        # target tensor -> (A key, B key, module, kind); kind: linear | embedding | conv
+        self._lora: dict[str, tuple[str, str, str, str]] = {}
+        self._replace: dict[str, str] = {}           # target -> adapter key holding its new value
+        self._bias: dict[str, tuple[str, str]] = {}  # target bias -> (lora_B bias key, weight target)
+        keys = set(weights.names())
         for key in weights.names():
             short = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
             if "lora_magnitude_vector" in short:
-                raise MergeError(f"{adapter_dir}: DoRA adapters are not supported; merge it first")
-            m = re.match(r"(.+)\.lora_A(?:\.[^.]+)?\.weight$", short)
+                raise MergeError(f"{adapter_dir}: DoRA adapters are not supported; merge the adapter into its "
+                                 "base with peft (merge_and_unload) and use that folder")
+            m = (re.match(r"(.+)\.lora_A((?:\.[^.]+)?)\.weight$", short)
+                 or re.match(r"(.+)\.lora_embedding_A((?:\.[^.]+)?)$", short))
             if m:
-                module = m.group(1)
-                b_key = key.replace(".lora_A", ".lora_B")
-                self._lora[f"{module}.weight"] = (key, b_key, module, False)
+                module, suffix = m.group(1), m.group(2)
+                embedding = ".lora_embedding_A" in short
+                b_key = key.replace(".lora_embedding_A", ".lora_embedding_B") if embedding else \
+                    key.replace(".lora_A", ".lora_B")
+                if b_key not in keys:
+                    raise MergeError(f"{adapter_dir}: adapter has {key!r} but not its {b_key!r}; re-save the adapter")
+                kind = "embedding" if embedding else ("conv" if len(weights.meta(key).shape) > 2 else "linear")
+                self._lora[f"{module}.weight"] = (key, b_key, module, kind)
                 continue
-            m = re.match(r"(.+)\.lora_embedding_A(?:\.[^.]+)?$", short)
+            m = re.match(r"(.+)\.lora_B((?:\.[^.]+)?)\.bias$", short)
             if m:
-                module = m.group(1)
-                self._lora[f"{module}.weight"] = (key, key.replace("lora_embedding_A", "lora_embedding_B"),
-                                                   module, True)
+                self._bias[f"{m.group(1)}.bias"] = (key, f"{m.group(1)}.weight")
                 continue
             if ".lora_B" in short or ".lora_embedding_B" in short:
-                if short.endswith(".bias"):
-                    self._bias[re.sub(r"\.lora_B(?:\.[^.]+)?\.bias$", ".bias", short)] = key
                 continue
-            target = short.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+            # base_layer values (saved embedding layers, bias="all") and modules_to_save copies
+            target = short.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".") \
+                .replace(".modules_to_save.", ".")
             self._replace[target] = key
+        for target, (bias_key, weight) in self._bias.items():
+            if weight not in self._lora:
+                raise MergeError(f"{adapter_dir}: adapter has {bias_key!r} but no lora_A for {weight!r}; "
+                                 "re-save the adapter")
         for target in list(self._lora) + list(self._replace) + list(self._bias):
             if target not in base_names:
-                raise MergeError(f"{label}: adapter tensor for {target!r} has no tensor of that name in the base "
-                                 f"model {base.label}; is this adapter for another base?")
+                raise MergeError(f"model {label!r}: adapter {adapter_dir} changes tensor {target!r}, which the base "
+                                 f"model {base.label!r} does not have; give the base the adapter was trained on")
+        for target, key in self._replace.items():
+            if weights.meta(key).shape != base.meta(target).shape:
+                raise MergeError(f"model {label!r}: adapter tensor {key!r} has shape {list(weights.meta(key).shape)}, "
+                                 f"the base's {target!r} {list(base.meta(target).shape)}; give the base the "
+                                 "adapter was trained on")
 
     def _scale(self, module: str, rank: int) -> float:
-        def pattern(table: dict, default):
+        # peft's own rule (utils.other.get_pattern_key): the first pattern matching the module's end
+        def pattern(table: dict | None, default):
             for pat, value in (table or {}).items():
-                if re.fullmatch(rf"(.*\.)?{pat}", module):
+                if re.match(rf"(.*\.)?({pat})$", module):
                     return value
             return default
-        r = pattern(self._cfg.get("rank_pattern"), self._cfg.get("r", rank)) or rank
-        alpha = pattern(self._cfg.get("alpha_pattern"), self._cfg.get("lora_alpha", r))
-        return alpha / math.sqrt(r) if self._cfg.get("use_rslora") else alpha / r
+        alpha = pattern(self._cfg.get("alpha_pattern"), self._cfg.get("lora_alpha", 8))
+        return alpha / math.sqrt(rank) if self._cfg.get("use_rslora") else alpha / rank
 
     def names(self):
         return self.base.names()
@@ -189,31 +219,57 @@ class PeftSource(TensorSource):
     def meta(self, name):
         return self.base.meta(name)
 
-    def _delta(self, name: str) -> torch.Tensor | None:
+    def _delta_rows(self, name: str, r0: int, r1: int) -> torch.Tensor | None:
+        """Rows [r0, r1) (first axis) of what the adapter adds to tensor `name`, in float32."""
         if name in self._bias:
-            return self._weights.read(self._bias[name]).float()
+            bias_key, weight = self._bias[name]
+            a_key, _, module, _ = self._lora[weight]
+            rank = self._weights.meta(a_key).shape[0]
+            return self._weights.read(bias_key).float()[r0:r1] * self._scale(module, rank)
         if name not in self._lora:
             return None
-        a_key, b_key, module, embedding = self._lora[name]
+        a_key, b_key, module, kind = self._lora[name]
         a = self._weights.read(a_key).float()
         b = self._weights.read(b_key).float()
-        delta = (b @ a) * self._scale(module, a.shape[0] if not embedding else a.shape[0])
-        if embedding or self._cfg.get("fan_in_fan_out"):
-            delta = delta.T
-        return delta
+        scale = self._scale(module, a.shape[0])
+        shape = tuple(self.meta(name).shape)
+        try:
+            if kind == "conv":
+                if tuple(b.shape[2:]) != (1,) * (b.dim() - 2) or b.dim() != len(shape):
+                    raise ValueError
+                if all(k == 1 for k in a.shape[2:]):
+                    delta = (b[r0:r1].flatten(1) @ a.flatten(1)).reshape((r1 - r0,) + shape[1:])
+                else:
+                    conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d,
+                            torch.nn.functional.conv3d)[a.dim() - 3]
+                    delta = conv(a.transpose(0, 1), b[r0:r1]).transpose(0, 1)
+            elif kind == "embedding" or self._cfg.get("fan_in_fan_out"):
+                delta = (b @ a[:, r0:r1]).T      # stored transposed: the tensor's rows are A's columns
+            else:
+                delta = b[r0:r1] @ a
+        except (RuntimeError, ValueError, IndexError):
+            delta = None
+        if delta is None or tuple(delta.shape[1:]) != shape[1:] or delta.shape[0] != min(r1, shape[0]) - r0:
+            raise MergeError(f"model {self.label!r}: LoRA factors {list(a.shape)} and {list(b.shape)} for {name!r} "
+                             f"do not fit the base tensor's shape {list(shape)}; give the base the adapter was "
+                             "trained on")
+        return delta * scale
 
     def read(self, name, start=0, stop=None):
         if name in self._replace:
-            return self._weights.read(self._replace[name], start, stop)
-        value = self.base.read(name, start, stop)
-        delta = self._delta(name)
-        if delta is None:
+            value = self._weights.read(self._replace[name], start, stop)
+        else:
+            value = self.base.read(name, start, stop)
+        if name not in self._lora and name not in self._bias:
             return value
-        if delta.shape != tuple(self.meta(name).shape):
-            raise MergeError(f"{self.label}: LoRA delta for {name!r} has shape {list(delta.shape)}, the base "
-                             f"tensor {list(self.meta(name).shape)}; is this adapter for another base?")
-        if not (start == 0 and stop is None):
-            delta = delta.reshape(-1)[start:stop]
+        shape = tuple(self.meta(name).shape)
+        numel = self.meta(name).numel
+        if start == 0 and stop is None:
+            delta = self._delta_rows(name, 0, shape[0])
+            return (value.float() + delta).to(value.dtype)
+        row = numel // shape[0] if shape[0] else 1
+        r0, r1 = start // row, -(-stop // row)
+        delta = self._delta_rows(name, r0, r1).reshape(-1)[start - r0 * row: stop - r0 * row]
         return (value.float() + delta).to(value.dtype)
 
 
@@ -246,7 +302,8 @@ def open_source(path: str | os.PathLike, *, label: str | None = None, allow_pick
             return SafetensorsSource([p], label, p)
         if p.suffix in (".bin", ".pt", ".pth"):
             return _pickled([p], label, p, allow_pickle)
-        raise MergeError(f"model {label!r}: {p} is neither a safetensors file nor a model folder")
+        raise MergeError(f"model {label!r}: {p} is neither a safetensors file nor a model folder; "
+                         "give the path of a model folder or of a .safetensors file")
     index = p / "model.safetensors.index.json"
     if index.exists():
         try:

@@ -1,7 +1,8 @@
 """Further CLI commands, one module each; each exposes `register(subparsers)`."""
 
-from . import extract
+from . import extract, inspect
 
 COMMANDS: list = [
+    inspect.register,
     extract.register,
 ]

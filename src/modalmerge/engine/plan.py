@@ -167,35 +167,67 @@ def build_plan(recipe: Recipe, base: TensorSource | None, models: list[TensorSou
         meta = reference.meta(name)
         wanted = _matches(name, include) and not _matches(name, recipe.exclude)
         merge = wanted and meta.dtype in _FLOAT
-        if merge:
-            for src in models:
-                if name not in src:
-                    raise MergeError(f"model {src.label!r} has no tensor {name!r} that {reference.label!r} has; "
-                                     f"add it to `exclude` to copy it from {reference.label!r}")
-                other = src.meta(name)
-                if other.shape != meta.shape:
-                    raise MergeError(f"tensor {name!r}: shape {list(other.shape)} in model {src.label!r} but "
-                                     f"{list(meta.shape)} in {reference.label!r}; these models cannot be merged "
-                                     "(exclude the tensor, or check that they share one architecture)")
-                if other.dtype not in _FLOAT:
-                    raise MergeError(f"tensor {name!r}: dtype {other.dtype} in model {src.label!r} but "
-                                     f"{meta.dtype} in {reference.label!r}; exclude it or fix the checkpoint")
+        if wanted:
+            check_tensor(name, reference, models)
         info = describer.describe(name, meta.shape)
         dtype = out_dtype if (out_dtype is not None and meta.dtype in _FLOAT) else meta.dtype
         plan = TensorPlan(name, meta, dtype, merge, info)
         plan.chunks = _chunks(plan, method, params, chunk_elems) if merge else [(0, max(meta.shape[0], 1) if meta.shape else 1)]
         tensors.append(plan)
-    ref_names = set(reference.names())
-    for src in models:
-        extra = [x for x in src.names() if x not in ref_names and _matches(x, include)
-                 and not _matches(x, recipe.exclude)]
-        if extra:
-            raise MergeError(f"model {src.label!r} has tensor {extra[0]!r} that {reference.label!r} lacks; "
-                             "add it to `exclude` or merge models of one architecture")
+    check_no_extra(reference, models, lambda x: _matches(x, include) and not _matches(x, recipe.exclude))
     if not any(t.merge for t in tensors):
         raise MergeError("no tensor is selected for merging; check `include` and `exclude`")
     return Plan(recipe, method, params, base, models, names, weights,
                 [dict(m.params) for m in recipe.models], tensors, reference, folder, chunk_elems)
+
+
+def who(src: TensorSource) -> str:
+    """A model as messages name it: its recipe name and, when it has one, its path."""
+    return f"{src.label!r} ({src.path})" if src.path is not None else repr(src.label)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+EXCLUDE_FIX = "add it to `exclude` in the recipe"
+
+
+def check_tensor(name: str, reference: TensorSource, models: list[TensorSource],
+                 exclude_fix: str = EXCLUDE_FIX) -> None:
+    """That every model has tensor `name` with the reference's shape, and a float dtype where it has one."""
+    meta = reference.meta(name)
+    for src in models:
+        if meta.dtype not in _FLOAT:
+            # copied from the reference, whatever the models hold, unless they hold weights there
+            if name in src and src.meta(name).dtype in _FLOAT:
+                raise MergeError(f"tensor {name!r} is {_dtype_name(meta.dtype)} in model {who(reference)} but "
+                                 f"{_dtype_name(src.meta(name).dtype)} in model {who(src)}; only floating-point "
+                                 f"tensors are merged: {exclude_fix}, or fix the checkpoint")
+            continue
+        if name not in src:
+            raise MergeError(f"model {who(src)} has no tensor {name!r} that {who(reference)} has; {exclude_fix} "
+                             f"(it is then copied from {reference.label!r}), or merge models of one architecture")
+        other = src.meta(name)
+        if other.shape != meta.shape:
+            raise MergeError(f"tensor {name!r} has shape {list(other.shape)} in model {who(src)} but "
+                             f"{list(meta.shape)} in {who(reference)}; these cannot be merged: {exclude_fix}, or "
+                             "merge models of one architecture")
+        if other.dtype not in _FLOAT:
+            raise MergeError(f"tensor {name!r} is {_dtype_name(other.dtype)} in model {who(src)} but "
+                             f"{_dtype_name(meta.dtype)} in {who(reference)}; only floating-point tensors are "
+                             f"merged: {exclude_fix}, or fix the checkpoint")
+
+
+def check_no_extra(reference: TensorSource, models: list[TensorSource], wanted,
+                   exclude_fix: str = EXCLUDE_FIX) -> None:
+    """That no model has a (wanted) tensor the reference lacks."""
+    ref_names = set(reference.names())
+    for src in models:
+        extra = [x for x in src.names() if x not in ref_names and wanted(x)]
+        if extra:
+            raise MergeError(f"model {who(src)} has tensor {extra[0]!r} that {who(reference)} lacks; "
+                             f"{exclude_fix}, or merge models of one architecture")
 
 
 def _parts(parts: dict[str, str]):

@@ -74,8 +74,16 @@ class Recipe(BaseModel):
 
 def _validation_message(e: ValidationError, where: str) -> str:
     err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"])
-    return f"{where}: field {loc!r}: {err['msg']}"
+    loc = err["loc"]
+    field_name = ".".join(str(x) for x in loc)
+    if err["type"] == "missing":
+        hint = " (a list of model folders, or of {path, name, weight, params})" if loc == ("models",) else ""
+        return f"{where}: required field {field_name!r} is missing; add it{hint}"
+    if err["type"] == "extra_forbidden":
+        owner = ModelEntry if loc[0] == "models" and len(loc) == 3 else Recipe
+        fields = ", ".join(n for n in owner.model_fields if n != "source_format")
+        return f"{where}: unknown field {field_name!r}; remove or rename it (fields: {fields})"
+    return f"{where}: field {field_name!r}: {err['msg']}; fix its value"
 
 
 def parse_recipe(data: dict[str, Any] | Recipe, where: str = "recipe") -> Recipe:
@@ -83,7 +91,7 @@ def parse_recipe(data: dict[str, Any] | Recipe, where: str = "recipe") -> Recipe
     if isinstance(data, Recipe):
         return data
     if not isinstance(data, dict):
-        raise MergeError(f"{where}: a recipe is a mapping with `method` and `models`")
+        raise MergeError(f"{where}: not a recipe; write it as a YAML mapping with `method` and `models` keys")
     if "merge_method" in data or "slices" in data:
         data = from_mergekit(data, where)
     try:
@@ -97,11 +105,13 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     try:
         data = yaml.safe_load(p.read_text())
     except OSError as e:
-        raise MergeError(f"recipe {p}: cannot read it ({e.strerror})") from None
+        raise MergeError(f"recipe {p}: cannot read it ({e.strerror}); check the path") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise MergeError(f"recipe {p}: invalid YAML{at}") from None
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None)
+        raise MergeError(f"recipe {p}: invalid YAML{at}" + (f" ({problem})" if problem else "") +
+                         "; fix the syntax there") from None
     return parse_recipe(data, f"recipe {p}").resolve_paths(p.parent)
 
 
@@ -131,7 +141,7 @@ def from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any]:
     unknown = set(data) - {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source",
                            "out_dtype", "name", "chat_template", "tokenizer"}
     if unknown:
-        raise MergeError(f"{where}: unknown mergekit field(s) {', '.join(sorted(unknown))}")
+        raise MergeError(f"{where}: unknown mergekit field(s) {', '.join(sorted(unknown))}; remove them")
     name = data["merge_method"]
     method = mergekit_method(name)
     params: dict[str, Any] = dict(_MERGEKIT_DEFAULTS.get(name, {}))
@@ -141,8 +151,8 @@ def from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any]:
     for i, entry in enumerate(data.get("models") or []):
         if isinstance(entry, str):
             entry = {"model": entry}
-        if "model" not in entry:
-            raise MergeError(f"{where}: models[{i}] has no `model`")
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise MergeError(f"{where}: models[{i}] has no `model`; add `model: path/to/model` to it")
         if base is not None and entry["model"] == base and method.base != "forbidden":
             continue  # mergekit treats the base listed among the models as no task vector
         mp = dict(entry.get("parameters") or {})
