@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ..errors import MergeError
 from ..methods.base import TensorGroup
 from ..ops import pack_bits
-from .plan import Plan, TensorPlan
+from .plan import Plan, TensorPlan, who
 
 # statistics passes over a sample look at every k-th element (k chosen so the whole sample keeps
 # about SAMPLE_TARGET values per model) of tensors larger than SAMPLE_MIN elements, with a
@@ -121,11 +121,11 @@ class Executor:
         if bool(torch.isfinite(models.sum())) and (base is None or bool(torch.isfinite(base.sum()))):
             return
         if base is not None and not bool(torch.isfinite(base).all()):
-            raise MergeError(f"model {self.plan.base.label!r}: tensor {job.tensor.name!r} contains NaN or Inf; "
+            raise MergeError(f"model {who(self.plan.base)}: tensor {job.tensor.name!r} contains NaN or Inf; "
                              "fix or exclude the tensor (`exclude` in the recipe)")
         if not bool(torch.isfinite(models).all()):
             bad = next(i for i in range(models.shape[0]) if not bool(torch.isfinite(models[i]).all()))
-            raise MergeError(f"model {self.plan.models[bad].label!r}: tensor {job.tensor.name!r} contains NaN "
+            raise MergeError(f"model {who(self.plan.models[bad])}: tensor {job.tensor.name!r} contains NaN "
                              "or Inf; fix or exclude the tensor (`exclude` in the recipe)")
 
     def _prefetched(self, jobs: list[Job]) -> Iterator[tuple[Job, Any]]:

@@ -223,6 +223,9 @@ class Method:
             err = e.errors()[0]
             loc = ".".join(str(x) for x in err["loc"]) or "?"
             known = ", ".join(sorted(f.alias or k for k, f in self.params.model_fields.items()))
+            if err["type"] == "extra_forbidden":
+                raise MergeError(f"method {self.name}: unknown parameter {where}.{loc}; its parameters are: "
+                                 f"{known or 'none'}") from None
             raise MergeError(f"method {self.name}: {where}.{loc}: {err['msg']} (parameters: {known or 'none'})") from None
 
     def parameter_table(self) -> list[tuple[str, str, Any, str]]:
