@@ -113,3 +113,19 @@ def test_ties_sampled_global_threshold_keeps_the_right_fraction():
         allv = torch.cat([(models[t][n] - base[n]).reshape(-1).abs() for n in base])
         kept = float((allv >= thr).float().mean())
         assert abs(kept - 0.2) < 1e-3
+
+
+def test_exact_ties_in_a_chunk_follow_the_whole_tensor_total():
+    # element (0, 0) ties exactly (+1 and -1); the tensor's total is negative, decided by rows
+    # far from the first chunk: the chunked merge must revisit the first chunk and pick -1
+    base = {"w": torch.zeros(64, 8)}
+    a = torch.zeros(64, 8)
+    b = torch.zeros(64, 8)
+    a[0, 0], b[0, 0] = 1.0, -1.0
+    a[40:, :] = -0.5
+    models = [{"w": a}, {"w": b}]
+    params = {"density": 1.0}
+    whole = merge_state_dicts("ties", models, base=base, params=params)
+    chunked = merge_state_dicts("ties", models, base=base, params=params, chunk_elems=64)
+    assert whole["w"][0, 0] == -1.0
+    assert torch.equal(whole["w"], chunked["w"])

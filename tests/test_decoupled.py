@@ -203,7 +203,7 @@ def test_parameters_and_defaults():
     assert get_method("emr").parse_params({}).model_dump() == {}
     with pytest.raises(MergeError, match="lambda"):
         get_method("tall").parse_params({"lambda": -1})
-    with pytest.raises(MergeError, match="parameters: none"):
+    with pytest.raises(MergeError, match="unknown parameter.*parameters are: none"):
         get_method("emr").parse_params({"lambda": 1})
     base, models = dyadic_family(4, n=2)
     with pytest.raises(MergeError, match="min_agree"):

@@ -61,6 +61,7 @@ class TensorGroup:
     tie_provisional: bool = False       # a provisional sign decided some element of this chunk
 
     def __post_init__(self):
+        self._provisional: set[str] = set()
         self.num_models = int(self.models.shape[0])
         self.chunk_shape = tuple(self.models.shape[1:])
 
@@ -90,26 +91,29 @@ class TensorGroup:
         """The model weights shaped to broadcast over a [T, ...] stack."""
         return self.weights.reshape((-1,) + (1,) * (x.dim() - 1))
 
-    def tie_sign(self, x: torch.Tensor, total: torch.Tensor | None = None, key: str = "elect") -> float:
-        """The sign that decides exact zero sums Σ_t x_t = 0: the sign of the total over the whole
-        tensor, ties to + (spec 0).
+    def tie_sign(self, total: torch.Tensor, key: str = "elect") -> float:
+        """The sign that decides exact zero sums Σ_t x_t = 0 in an election: the sign of the
+        total over the whole tensor, ties to + (spec 0). `total` is this block's Σ_t x_t.
 
-        `x` is the [T, ...] stack being elected, `total` its sum over T if already computed. For a
-        whole tensor the answer is exact. For a row block the tensor's total is not known yet: +
-        is used provisionally, and when this block has exact ties and the finished tensor's total
-        turns out negative, the engine runs the block again with `tie_totals` filled in.
+        For a whole tensor the answer is exact. For a row block the tensor's total is not known
+        yet: + is used provisionally; the kernel then reports, with settle_ties(), whether the
+        sign decided anything, and the engine runs such a block again with `tie_totals` filled
+        in when the finished tensor's total turns out negative (exact ties are rare).
         """
-        if total is None:
-            total = x.sum(dim=0)
         partial = ops.deterministic_sum(total)
         self.tie_partials[key] = self.tie_partials.get(key, 0.0) + partial
         if self.is_whole or self.is_sample:
             return 1.0 if partial >= 0 else -1.0
         if key in self.tie_totals:
             return 1.0 if self.tie_totals[key] >= 0 else -1.0
-        if ops.has_exact_ties(x, total):
-            self.tie_provisional = True
+        self._provisional.add(key)
         return 1.0
+
+    def settle_ties(self, total: torch.Tensor, merged: torch.Tensor, key: str = "elect") -> None:
+        """After an election that used tie_sign(key): note whether the provisional sign decided
+        any element (see ops.tie_positions)."""
+        if key in self._provisional and bool(ops.tie_positions(total, merged).any()):
+            self.tie_provisional = True
 
     def per_model(self, params: Params, key: str) -> list:
         """A parameter's value for each model: the model's override, else the method-wide value."""

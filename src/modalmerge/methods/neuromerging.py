@@ -129,15 +129,14 @@ def orthogonal_merge(perp: torch.Tensor, weights: torch.Tensor, energy_threshold
 
 
 def neuron_parts(x: torch.Tensor, w: torch.Tensor, weights: torch.Tensor, energy_threshold: float,
-                 tie_sign: Callable[[torch.Tensor], float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 elect: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(merged parallel, merged orthogonal) of rows: x [T, rows, d] trimmed weighted τ, w [rows, d].
 
-    `tie_sign(s)` gives the elected sign of the parallel scalars s [T, rows] where their sum is
-    exactly 0 (default: the sign of their total here).
+    `elect(s)` merges the parallel scalars s [T, rows] (default: elect-and-disjoint-mean with
+    the tie sign of their total here); it may use s as scratch space.
     """
     s = parallel_scalars(x, w)
-    tie = tie_sign(s) if tie_sign is not None else (1.0 if ops.deterministic_sum(s) >= 0 else -1.0)
-    sbar = ops.elect_and_merge(s, "mean", tie, weights)
+    sbar = elect(s.clone()) if elect is not None else ops.elect_and_merge(s, "mean", None, weights)
     perp = x.addcmul_(s.unsqueeze(-1), w.unsqueeze(0), value=-1.0)   # in place: x is ours
     return sbar.unsqueeze(-1) * w, orthogonal_merge(perp, weights, energy_threshold)
 
@@ -153,7 +152,7 @@ def neuromerging_vector(group: TensorGroup, p: NeuroMergingParams, stats: dict) 
     w = _rows(group.base, dim)
     xr = x.movedim(dim + 1, 1).reshape(x.shape[0], shape[dim], -1)   # [T, neurons, d]
     par, orth = neuron_parts(xr, w, group.weights, p.energy_threshold,
-                             lambda s: group.tie_sign(s, key="parallel"))
+                             lambda s: elect_merge(group, s, "mean", key="parallel"))
     out = orth.mul_(lam2)
     if p.lambda1 != 0.0:
         out.add_(par, alpha=p.lambda1)

@@ -130,8 +130,9 @@ class MagnitudeResult:
 
 def trim_global(deltas: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
     """Zero each task vector's entries below its task's global threshold (in place)."""
-    thr = torch.tensor(thresholds, dtype=deltas.dtype, device=deltas.device)
-    return deltas.masked_fill_(deltas.abs() < thr.reshape((-1,) + (1,) * (deltas.dim() - 1)), 0.0)
+    for t, thr in enumerate(thresholds):
+        ops.trim_magnitude_(deltas[t], thr)
+    return deltas
 
 
 def trim_per_tensor(deltas: torch.Tensor, densities: list[float]) -> torch.Tensor:

@@ -39,11 +39,16 @@ def trimmed_weighted_deltas(group: TensorGroup, p: TiesParams, stats: dict,
     return deltas
 
 
-def elect_merge(group: TensorGroup, weighted: torch.Tensor, aggregate: str) -> torch.Tensor:
-    """Sign election with the tensor-level tie rule, then the disjoint aggregate."""
+def elect_merge(group: TensorGroup, weighted: torch.Tensor, aggregate: str, key: str = "elect") -> torch.Tensor:
+    """Sign election with the tensor-level tie rule, then the disjoint aggregate.
+
+    Uses `weighted` as scratch space: the caller must not need it afterwards.
+    """
     total = weighted.sum(dim=0)
-    gamma = ops.elect_sign(weighted, group.tie_sign(weighted, total), total)
-    return ops.disjoint_merge(weighted, gamma, aggregate, group.weights)
+    gamma = ops.elect_sign(weighted, group.tie_sign(total, key), total)
+    merged = ops.disjoint_merge(weighted, gamma, aggregate, group.weights, inplace=True)
+    group.settle_ties(total, merged, key)
+    return merged
 
 
 def ties_vector(group: TensorGroup, p: TiesParams, stats: dict, deltas: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,12 +1,13 @@
 """Pure tensor functions: tensors in, tensors out. No files, configs or models here."""
 
-from .election import disjoint_merge, elect_and_merge, elect_sign, has_exact_ties
+from .election import disjoint_merge, elect_and_merge, elect_sign, tie_positions
 from .sparsify import (
     keep_top_fraction,
     kth_largest_magnitude,
     magnitude_histogram,
     mass_below,
     threshold_from_histogram,
+    trim_magnitude_,
 )
 from .bits import pack_bits, unpack_bits
 from .reduce import deterministic_dot, deterministic_sum, weighted_sum
@@ -15,11 +16,12 @@ __all__ = [
     "elect_sign",
     "disjoint_merge",
     "elect_and_merge",
-    "has_exact_ties",
+    "tie_positions",
     "keep_top_fraction",
     "kth_largest_magnitude",
     "magnitude_histogram",
     "threshold_from_histogram",
+    "trim_magnitude_",
     "mass_below",
     "pack_bits",
     "unpack_bits",

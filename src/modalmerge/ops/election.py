@@ -27,35 +27,34 @@ def elect_sign(x: torch.Tensor, tie_sign: float | None = None, total: torch.Tens
     return gamma.masked_fill_(gamma == 0, tie_sign)
 
 
-def has_exact_ties(x: torch.Tensor, total: torch.Tensor) -> bool:
-    """Whether some element has non-zero values that sum to exactly 0 (where the tie sign matters)."""
-    zero = total == 0
-    if not bool(zero.any()):
-        return False
-    return bool((x[:, zero] != 0).any())
+def tie_positions(total: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
+    """Where an election's result depended on its tie sign: the sum was exactly 0, yet the
+    merge kept something (non-zero entries that cancel exactly)."""
+    return (total == 0) & (merged != 0)
 
 
 def disjoint_merge(x: torch.Tensor, gamma: torch.Tensor, aggregate: Aggregate = "mean",
-                   weights: torch.Tensor | None = None) -> torch.Tensor:
+                   weights: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
     """Aggregate the non-zero entries whose sign equals γ; 0 where none agree.
 
     With `weights` ([T], the entries of `x` already multiplied by them), "mean" is the weighted
     mean Σ_agree x_t / Σ_agree w_t (mergekit's normalised TIES); without, the plain mean.
+    `inplace` lets it use `x` as scratch space.
     """
-    # x·γ > 0 exactly where x is non-zero and agrees with γ; relu(x·γ) is then |x| there, 0 elsewhere
-    aligned = x * gamma.unsqueeze(0)
-    agree = aligned > 0
+    # relu(x·γ) is |x| where x is non-zero and agrees with γ, and 0 elsewhere. Everything stays
+    # in float arithmetic: boolean masks over the [T, ...] stack cost ~10x more on CPU.
+    aligned = x.mul_(gamma) if inplace else x * gamma
     aligned.clamp_min_(0)
     if aggregate == "max":
         return aligned.amax(dim=0).mul_(gamma)
     total = aligned.sum(dim=0).mul_(gamma)
     if aggregate == "sum":
         return total
+    agree = aligned.sign_()  # 1 where agreeing, else 0
     if weights is None:
-        count = agree.sum(dim=0, dtype=x.dtype)
-    else:
-        count = (agree * weights.reshape((-1,) + (1,) * (x.dim() - 1))).sum(dim=0)
-    return total.div_(count.masked_fill_(count == 0, 1.0))
+        return total.div_(agree.sum(dim=0).clamp_min_(1))
+    count = (agree.mul_(weights.reshape((-1,) + (1,) * (x.dim() - 1)))).sum(dim=0)
+    return total.div_(torch.where(count == 0, torch.ones_like(count), count))
 
 
 def elect_and_merge(
