@@ -129,3 +129,15 @@ def test_exact_ties_in_a_chunk_follow_the_whole_tensor_total():
     chunked = merge_state_dicts("ties", models, base=base, params=params, chunk_elems=64)
     assert whole["w"][0, 0] == -1.0
     assert torch.equal(whole["w"], chunked["w"])
+
+
+def test_ties_tensor_scope_chunked_equals_whole():
+    # a per-tensor threshold over a tensor merged in row blocks: each model's whole-tensor
+    # statistic is computed first, so the blocks trim exactly as the whole tensor does
+    base = random_state_dict(5, {"big.weight": (96, 40), "b.bias": (40,)})
+    models = finetunes(base, 3)
+    kw = dict(base=base, params={"density": 0.3, "scope": "tensor"}, model_params=[{}, {"density": 0.6}, {}])
+    whole = merge_state_dicts("ties", models, **kw)
+    chunked = merge_state_dicts("ties", models, chunk_elems=320, **kw)
+    for n in base:
+        assert torch.equal(whole[n], chunked[n]), n

@@ -178,10 +178,20 @@ class Executor:
         # per chunked tensor: summed tie partials, and the chunks that used a provisional tie sign
         tie_partials: dict[str, dict[str, float]] = {}
         provisional: dict[str, list[Job]] = {}
+        per_tensor: dict[str, list] = {}
+        tensor_statistic = p.method.tensor_statistic(p.params) if p.method.tensor_statistic else None
         with self._bar(sum(j.stop - j.start for j in jobs), "merging") as bar:
             for job, raw in self._prefetched(jobs):
                 name = job.tensor.name
                 group = self._group(job, raw)
+                if tensor_statistic is not None:
+                    if job.whole:
+                        per_tensor[name] = [tensor_statistic(p.params, group.info, group.base, group.models[t],
+                                                             group.model_params[t])
+                                            for t in range(group.num_models)]
+                    elif job.rows[0] == 0:
+                        per_tensor[name] = self._tensor_statistics(job.tensor, tensor_statistic)
+                    group.tensor_stats = per_tensor[name]
                 self._write(sink, job, p.method.kernel(group, p.params, stats))
                 if len(job.tensor.chunks) > 1:
                     acc = tie_partials.setdefault(name, {})
@@ -190,7 +200,10 @@ class Executor:
                     if group.tie_provisional:
                         provisional.setdefault(name, []).append(job)
                     if job.rows == job.tensor.chunks[-1]:
-                        self._redo_ties(sink, stats, provisional.pop(name, []), tie_partials.pop(name))
+                        self._redo_ties(sink, stats, provisional.pop(name, []), tie_partials.pop(name),
+                                        per_tensor.get(name))
+                if job.rows == job.tensor.chunks[-1]:
+                    per_tensor.pop(name, None)
                 del group, raw
                 bar.update(job.stop - job.start)
         for t in p.tensors:
@@ -198,7 +211,20 @@ class Executor:
                 value = p.copy_source.read(t.name)
                 sink.write(t.name, value.to(t.out_dtype))
 
-    def _redo_ties(self, sink, stats, jobs: list[Job], totals: dict[str, float]) -> None:
+    def _tensor_statistics(self, tensor: TensorPlan, statistic) -> list:
+        """A method's per-tensor statistic for a tensor merged in row blocks: each model's whole
+        tensor is read on its own (base + one model in memory), before the first block."""
+        p = self.plan
+        base = p.base.read(tensor.name).float() if p.base is not None else None
+        out = []
+        for t, src in enumerate(p.models):
+            model = src.read(tensor.name).to(device=self.device, dtype=torch.float32)
+            out.append(statistic(p.params, tensor.info, None if base is None else base.to(self.device),
+                                 model, p.model_params[t]))
+            del model
+        return out
+
+    def _redo_ties(self, sink, stats, jobs: list[Job], totals: dict[str, float], tensor_stats=None) -> None:
         """Chunks decided some exact zero sums with a provisional + before the tensor's total was
         known; where that total is negative, run them again with it (rare: exact ties only)."""
         if not jobs or all(v >= 0 for v in totals.values()):
@@ -206,6 +232,7 @@ class Executor:
         for job in jobs:
             group = self._group(job, self._read_raw(job))
             group.tie_totals = dict(totals)
+            group.tensor_stats = tensor_stats
             self._write(sink, job, self.plan.method.kernel(group, self.plan.params, stats))
 
     def _write(self, sink, job: Job, merged) -> None:

@@ -59,6 +59,7 @@ class TensorGroup:
     tie_totals: dict[str, float] = field(default_factory=dict)    # whole-tensor totals, when known
     tie_partials: dict[str, float] = field(default_factory=dict)  # this chunk's contributions
     tie_provisional: bool = False       # a provisional sign decided some element of this chunk
+    tensor_stats: list | None = None    # Method.tensor_statistic of each model over the whole tensor
 
     def __post_init__(self):
         self._provisional: set[str] = set()
@@ -210,6 +211,11 @@ class Method:
     statistics: Callable[[Any], list[Statistic]] = field(default=lambda p: [])
     # whether a large tensor may be cut into row blocks for this method and these params
     chunkable: Callable[[Any, TensorInfo], bool] = field(default=lambda p, info: True)
+    # for these params, a statistic of one model's whole tensor (e.g. a per-tensor top-k
+    # threshold), or None; given to the kernel as group.tensor_stats. Lets a tensor-scoped method
+    # still merge large tensors in row blocks. The statistic is called as
+    # (params, info, base or None, model [whole tensor, float32], model_params) -> value
+    tensor_statistic: Callable[[Any], Callable[[Any, TensorInfo, Any, Any, dict[str, Any]], Any] | None] | None = None
     # task-conditional: writes a shared vector and per-task masks besides the merged model
     decoupled: bool = False
     # per-task scalars of a decoupled method, from its statistics (default: 1 each)

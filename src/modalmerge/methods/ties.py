@@ -32,6 +32,8 @@ def trimmed_weighted_deltas(group: TensorGroup, p: TiesParams, stats: dict,
         pass
     elif getattr(p, "scope", "global") == "global":
         trim_global(deltas, stats["magnitudes"].thresholds)
+    elif group.tensor_stats is not None:
+        trim_global(deltas, group.tensor_stats)  # this tensor's own thresholds
     else:
         deltas = trim_per_tensor(deltas, densities)
     if not bool((group.weights == 1).all()):
@@ -60,6 +62,17 @@ def ties(group: TensorGroup, p: TiesParams, stats: dict) -> Merged:
     return Merged(torch.add(group.base, ties_vector(group, p, stats), alpha=p.lam))
 
 
+def tensor_threshold(p: TiesParams, info, base, model, model_params) -> float:
+    """scope: tensor: the model's own top-k threshold in this tensor, k = int(density · numel)
+    (mergekit's per-tensor magnitude selection; ties at the edge are kept)."""
+    density = model_params.get("density", p.density)
+    if density >= 1:
+        return 0.0
+    delta = model - base
+    k = int(density * delta.numel())
+    return ops.kth_largest_magnitude(delta, k) if k > 0 else float("inf")
+
+
 def ties_statistics(p: TiesParams) -> list:
     return [TaskMagnitudes()] if p.scope == "global" else []
 
@@ -68,6 +81,6 @@ TIES = Method(
     "ties", ties, TiesParams,
     summary="Trim each task vector, elect signs by mass, average the agreeing values.",
     statistics=ties_statistics,
-    chunkable=lambda p, info: p.scope == "global",
+    tensor_statistic=lambda p: tensor_threshold if p.scope == "tensor" else None,
     mergekit_names=("ties",),
 )
