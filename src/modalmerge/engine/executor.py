@@ -108,10 +108,11 @@ class Executor:
         weight = 1.0
         if sample is not None:
             weight = (job.stop - job.start) / max(models.shape[1], 1)
+        _, model_params = p.params_for(job.tensor.info)  # per-layer schedules resolved
         return TensorGroup(
             info=job.tensor.info, base=base, models=models, model_names=p.model_names,
             weights=torch.tensor(p.weights, dtype=torch.float32, device=self.device),
-            model_params=p.model_params, row_start=job.rows[0], seed=p.recipe.seed,
+            model_params=model_params, row_start=job.rows[0], seed=p.recipe.seed,
             sample_weight=weight, is_sample=sample is not None,
         )
 
@@ -182,7 +183,7 @@ class Executor:
             for job, raw in self._prefetched(jobs):
                 name = job.tensor.name
                 group = self._group(job, raw)
-                self._write(sink, job, p.method.kernel(group, p.params, stats))
+                self._write(sink, job, p.method.kernel(group, p.params_for(job.tensor.info)[0], stats))
                 if len(job.tensor.chunks) > 1:
                     acc = tie_partials.setdefault(name, {})
                     for key, value in group.tie_partials.items():
@@ -206,7 +207,7 @@ class Executor:
         for job in jobs:
             group = self._group(job, self._read_raw(job))
             group.tie_totals = dict(totals)
-            self._write(sink, job, self.plan.method.kernel(group, self.plan.params, stats))
+            self._write(sink, job, self.plan.method.kernel(group, self.plan.params_for(job.tensor.info)[0], stats))
 
     def _write(self, sink, job: Job, merged) -> None:
         t = job.tensor
