@@ -64,6 +64,9 @@ class Report:
 
 class Executor:
     def __init__(self, plan: Plan, device: str = "cpu", exact_stats: bool = False, progress: bool = True):
+        if plan.method.sequential:
+            raise MergeError(f"method {plan.method.name} applies its models one at a time and writes its state to a "
+                             "folder: use `modalmerge merge` / modalmerge.merge() with an output folder")
         self.plan = plan
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():

@@ -14,6 +14,7 @@ from .model_stock import MODEL_STOCK
 from .slerp import SLERP
 from .tall import TALL
 from .neuromerging import NEUROMERGING
+from .opcm import OPCM
 from .task_arithmetic import TASK_ARITHMETIC
 from .ties import TIES
 from .widen import WIDEN
@@ -36,6 +37,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     WIDEN,
     METRICS_WEIGHTED,
     FRANK,
+    OPCM,
 )}
 
 
