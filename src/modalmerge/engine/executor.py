@@ -87,7 +87,7 @@ class Executor:
         base = one(p.base) if p.base is not None else None
         return base, [one(m) for m in p.models]
 
-    def _group(self, job: Job, raw, sample: tuple[int, int] | None = None) -> TensorGroup:
+    def _group(self, job: Job, raw, sample: tuple[int, int] | None = None, scheduled: bool = True) -> TensorGroup:
         base_raw, model_raw = raw
         p = self.plan
         shape = job.shape
@@ -111,7 +111,8 @@ class Executor:
         weight = 1.0
         if sample is not None:
             weight = (job.stop - job.start) / max(models.shape[1], 1)
-        _, model_params = p.params_for(job.tensor.info)  # per-layer schedules resolved
+        # per-layer schedules resolved for the kernels; statistics passes see the first values
+        model_params = p.params_for(job.tensor.info)[1] if scheduled else p.model_params
         return TensorGroup(
             info=job.tensor.info, base=base, models=models, model_names=p.model_names,
             weights=torch.tensor(p.weights, dtype=torch.float32, device=self.device),
@@ -167,7 +168,7 @@ class Executor:
                     n = job.stop - job.start
                     if stat.sampled and stride > 1 and n > SAMPLE_MIN:
                         sample = ((hash_name(job.tensor.name) + job.rows[0]) % stride, stride)
-                    stat.observe(self._group(job, raw, sample), p.params, results)
+                    stat.observe(self._group(job, raw, sample, scheduled=False), p.params, results)
                     bar.update(n)
             results[stat.name] = stat.result(p.params, results)
             if self.exact_stats:
