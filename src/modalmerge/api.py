@@ -37,6 +37,11 @@ def merge(recipe: str | os.PathLike | dict | Recipe, output: str | os.PathLike, 
     from . import __version__
 
     p = plan(recipe, allow_pickle=allow_pickle, chunk_elems=chunk_elems)
+    if p.method.sequential:  # OPCM: models one at a time, state kept in output/continual/
+        from .engine.continual import run_sequential
+        run_sequential(p, output, overwrite=overwrite, progress=progress)
+        return Report(merged_tensors=len(p.merged), copied_tensors=len(p.tensors) - len(p.merged),
+                      merged_parameters=sum(t.meta.numel for t in p.merged))
     sink = FolderSink(p, output, overwrite=overwrite, max_shard_bytes=max_shard_bytes, tool_version=__version__)
     return Executor(p, device=device, exact_stats=exact_stats, progress=progress).run(sink)
 
@@ -74,3 +79,13 @@ def merge_state_dicts(method: str, models: list[dict[str, torch.Tensor]] | dict[
     sink = DictSink(p)
     Executor(p, device=device, exact_stats=exact_stats, progress=False).run(sink)
     return (sink.tensors, sink) if return_decoupled else sink.tensors
+
+
+def continual_merge(previous: str | os.PathLike, add: str | os.PathLike, output: str | os.PathLike, *,
+                    name: str | None = None, overwrite: bool = False, allow_pickle: bool = False,
+                    progress: bool = False) -> Path:
+    """Add one model to a continual (OPCM) merge folder without the earlier models; returns `output`."""
+    from .engine.continual import continual_add
+
+    return continual_add(previous, str(add), output, name=name, overwrite=overwrite,
+                         allow_pickle=allow_pickle, progress=progress)

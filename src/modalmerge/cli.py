@@ -37,6 +37,10 @@ def cmd_merge(args) -> int:
     from .engine.sinks import FolderSink
 
     _threads(args.threads)
+    if args.continual or args.add:
+        return _cmd_continual(args)
+    if not args.recipe:
+        raise MergeError("merge needs a recipe file (or --continual PREVIOUS_MERGE --add MODEL)")
     recipe = _recipe(args.recipe)
     if args.seed is not None:
         recipe = recipe.model_copy(update={"seed": args.seed})
@@ -55,11 +59,32 @@ def cmd_merge(args) -> int:
         return 0
     if not args.output:
         raise MergeError("merge needs --output DIR (or --dry-run to only print the plan)")
+    if plan.method.sequential:
+        from .engine.continual import run_sequential
+        run_sequential(plan, args.output, overwrite=args.overwrite, progress=not args.no_progress)
+        print(f"merged {len(plan.models)} model(s) one at a time with {plan.method.name} -> {args.output} "
+              "(add more with --continual)")
+        return 0
     sink = FolderSink(plan, args.output, overwrite=args.overwrite, tool_version=__version__)
     report = Executor(plan, device=args.device, exact_stats=args.exact_stats,
                       progress=not args.no_progress).run(sink)
     print(f"merged {report.merged_tensors} tensors ({report.merged_parameters:,} parameters), copied "
           f"{report.copied_tensors}, in {report.seconds['total']:.1f} s -> {args.output}")
+    return 0
+
+
+def _cmd_continual(args) -> int:
+    from .engine.continual import continual_add
+
+    if not (args.continual and args.add):
+        raise MergeError("a continual merge needs both --continual PREVIOUS_MERGE and --add MODEL")
+    if args.recipe:
+        raise MergeError("give either a recipe or --continual/--add, not both")
+    if not args.output:
+        raise MergeError("merge --continual needs --output DIR (it may be the previous merge with --overwrite)")
+    out = continual_add(args.continual, args.add, args.output, name=args.name, overwrite=args.overwrite,
+                        allow_pickle=args.allow_pickle, progress=not args.no_progress)
+    print(f"added {args.add} to the continual merge {args.continual} -> {out}")
     return 0
 
 
@@ -94,7 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="merge models as a recipe says",
                        description="Merge the models of a YAML recipe (native or mergekit format) into a folder.")
-    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("recipe", nargs="?", help="recipe YAML file")
+    p.add_argument("--continual", metavar="PREVIOUS_MERGE",
+                   help="a continual merge folder (method opcm) to add one model to, without its earlier models")
+    p.add_argument("--add", metavar="MODEL", help="with --continual: the model folder to add")
+    p.add_argument("--name", help="with --continual: the added model's name (default: its folder name)")
     p.add_argument("--output", "-o", help="output folder (written atomically)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (tensors, passes, memory, size) only")
     p.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu, cuda, cuda:1 (default cpu)")

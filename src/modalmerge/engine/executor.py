@@ -64,6 +64,9 @@ class Report:
 
 class Executor:
     def __init__(self, plan: Plan, device: str = "cpu", exact_stats: bool = False, progress: bool = True):
+        if plan.method.sequential:
+            raise MergeError(f"method {plan.method.name} applies its models one at a time and writes its state to a "
+                             "folder: use `modalmerge merge` / modalmerge.merge() with an output folder")
         self.plan = plan
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -84,7 +87,7 @@ class Executor:
         base = one(p.base) if p.base is not None else None
         return base, [one(m) for m in p.models]
 
-    def _group(self, job: Job, raw, sample: tuple[int, int] | None = None) -> TensorGroup:
+    def _group(self, job: Job, raw, sample: tuple[int, int] | None = None, scheduled: bool = True) -> TensorGroup:
         base_raw, model_raw = raw
         p = self.plan
         shape = job.shape
@@ -108,10 +111,12 @@ class Executor:
         weight = 1.0
         if sample is not None:
             weight = (job.stop - job.start) / max(models.shape[1], 1)
+        # per-layer schedules resolved for the kernels; statistics passes see the first values
+        model_params = p.params_for(job.tensor.info)[1] if scheduled else p.model_params
         return TensorGroup(
             info=job.tensor.info, base=base, models=models, model_names=p.model_names,
             weights=torch.tensor(p.weights, dtype=torch.float32, device=self.device),
-            model_params=p.model_params, row_start=job.rows[0], seed=p.recipe.seed,
+            model_params=model_params, row_start=job.rows[0], seed=p.recipe.seed,
             sample_weight=weight, is_sample=sample is not None,
         )
 
@@ -163,7 +168,7 @@ class Executor:
                     n = job.stop - job.start
                     if stat.sampled and stride > 1 and n > SAMPLE_MIN:
                         sample = ((hash_name(job.tensor.name) + job.rows[0]) % stride, stride)
-                    stat.observe(self._group(job, raw, sample), p.params, results)
+                    stat.observe(self._group(job, raw, sample, scheduled=False), p.params, results)
                     bar.update(n)
             results[stat.name] = stat.result(p.params, results)
             if self.exact_stats:
@@ -184,15 +189,16 @@ class Executor:
             for job, raw in self._prefetched(jobs):
                 name = job.tensor.name
                 group = self._group(job, raw)
+                params = p.params_for(job.tensor.info)[0]
                 if tensor_statistic is not None:
                     if job.whole:
-                        per_tensor[name] = [tensor_statistic(p.params, group.info, group.base, group.models[t],
+                        per_tensor[name] = [tensor_statistic(params, group.info, group.base, group.models[t],
                                                              group.model_params[t])
                                             for t in range(group.num_models)]
                     elif job.rows[0] == 0:
                         per_tensor[name] = self._tensor_statistics(job.tensor, tensor_statistic)
                     group.tensor_stats = per_tensor[name]
-                self._write(sink, job, p.method.kernel(group, p.params, stats))
+                self._write(sink, job, p.method.kernel(group, params, stats))
                 if len(job.tensor.chunks) > 1:
                     acc = tie_partials.setdefault(name, {})
                     for key, value in group.tie_partials.items():
@@ -215,12 +221,13 @@ class Executor:
         """A method's per-tensor statistic for a tensor merged in row blocks: each model's whole
         tensor is read on its own (base + one model in memory), before the first block."""
         p = self.plan
+        params, model_params = p.params_for(tensor.info)
         base = p.base.read(tensor.name).float() if p.base is not None else None
         out = []
         for t, src in enumerate(p.models):
             model = src.read(tensor.name).to(device=self.device, dtype=torch.float32)
-            out.append(statistic(p.params, tensor.info, None if base is None else base.to(self.device),
-                                 model, p.model_params[t]))
+            out.append(statistic(params, tensor.info, None if base is None else base.to(self.device),
+                                 model, model_params[t]))
             del model
         return out
 
@@ -233,7 +240,7 @@ class Executor:
             group = self._group(job, self._read_raw(job))
             group.tie_totals = dict(totals)
             group.tensor_stats = tensor_stats
-            self._write(sink, job, self.plan.method.kernel(group, self.plan.params, stats))
+            self._write(sink, job, self.plan.method.kernel(group, self.plan.params_for(job.tensor.info)[0], stats))
 
     def _write(self, sink, job: Job, merged) -> None:
         t = job.tensor

@@ -15,6 +15,7 @@ from ..checkpoint.sources import TensorSource, adapter_base_path, open_source
 from ..errors import MergeError
 from ..methods.base import Method, Params, TensorInfo
 from ..methods.registry import get_method
+from ..methods import schedules
 from .architectures import Describer, spec_for
 from .recipe import Recipe
 
@@ -53,6 +54,27 @@ class Plan:
     copy_source: TensorSource
     aux_folder: Path | None
     chunk_elems: int
+    # per-layer schedules (`{layers: [...]}` values): the raw parameters and the block count
+    raw_params: dict[str, Any] = field(default_factory=dict)
+    raw_model_params: list[dict[str, Any]] = field(default_factory=list)
+    num_layers: int = 0
+    _by_layer: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def scheduled(self) -> bool:
+        return schedules.has_schedules(self.raw_params) or any(schedules.has_schedules(m)
+                                                               for m in self.raw_model_params)
+
+    def params_for(self, info: TensorInfo) -> tuple[Params, list[dict[str, Any]]]:
+        """The method's parameters and per-model overrides at this tensor's layer (schedules resolved)."""
+        if not self.scheduled:
+            return self.params, self.model_params
+        key = info.layer
+        if key not in self._by_layer:
+            params = self.method.parse_params(schedules.resolve(self.raw_params, key, self.num_layers))
+            per_model = [schedules.resolve(m, key, self.num_layers) for m in self.raw_model_params]
+            self._by_layer[key] = (params, per_model)
+        return self._by_layer[key]
 
     @property
     def merged(self) -> list[TensorPlan]:
@@ -132,7 +154,17 @@ def open_models(recipe: Recipe, allow_pickle: bool = False,
 def build_plan(recipe: Recipe, base: TensorSource | None, models: list[TensorSource],
                chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Plan:
     method = get_method(recipe.method)
-    params = method.parse_params(recipe.params)
+    if method.metrics:  # plan-time hook: per-model loss/step from trainer_state.json
+        from .metrics import fill_metrics
+        filled = fill_metrics(recipe.models, method.metrics)
+        recipe = recipe.model_copy(update={"models": [m.model_copy(update={"params": f})
+                                                      for m, f in zip(recipe.models, filled)]})
+    try:  # schedules: validated with their first values; resolved per tensor by Plan.params_for
+        first_params = schedules.resolve(recipe.params, None, 1)
+        first_model_params = [schedules.resolve(m.params, None, 1) for m in recipe.models]
+    except ValueError as e:
+        raise MergeError(f"method {method.name}: {e}; write it as {{layers: [0.2, 0.5, 1.0]}}") from None
+    params = method.parse_params(first_params)
     n = len(models)
     if method.base == "required" and base is None:
         raise MergeError(f"method {method.name} needs a base model: add `base: path/to/base` to the recipe")
@@ -146,13 +178,13 @@ def build_plan(recipe: Recipe, base: TensorSource | None, models: list[TensorSou
     dupes = {x for x in names if names.count(x) > 1}
     if dupes:
         raise MergeError(f"two models are named {sorted(dupes)[0]!r}; give each a distinct `name` in the recipe")
-    for entry in recipe.models:
+    for entry, first in zip(recipe.models, first_model_params):
         unknown = set(entry.params) - set(method.params.per_model)
         if unknown:
             allowed = ", ".join(sorted(method.params.per_model)) or "none"
             raise MergeError(f"model {entry.label!r}: parameter {sorted(unknown)[0]!r} cannot be set per model "
                              f"for {method.name} (per-model parameters: {allowed})")
-        method.parse_params({**recipe.params, **entry.params}, where=f"models[{entry.label}].params")
+        method.parse_params({**first_params, **first}, where=f"models[{entry.label}].params")
     weights = [m.weight for m in recipe.models]
     if getattr(params, "normalize", False) and abs(sum(weights)) < 1e-12:
         raise MergeError("the model weights sum to 0, so they cannot be normalised; change a `weight`")
@@ -177,8 +209,11 @@ def build_plan(recipe: Recipe, base: TensorSource | None, models: list[TensorSou
     check_no_extra(reference, models, lambda x: _matches(x, include) and not _matches(x, recipe.exclude))
     if not any(t.merge for t in tensors):
         raise MergeError("no tensor is selected for merging; check `include` and `exclude`")
+    layers = [t.info.layer for t in tensors if t.merge and t.info.layer is not None]
     return Plan(recipe, method, params, base, models, names, weights,
-                [dict(m.params) for m in recipe.models], tensors, reference, folder, chunk_elems)
+                first_model_params, tensors, reference, folder, chunk_elems,
+                raw_params=dict(recipe.params), raw_model_params=[dict(m.params) for m in recipe.models],
+                num_layers=max(layers) + 1 if layers else 0)
 
 
 def who(src: TensorSource) -> str:

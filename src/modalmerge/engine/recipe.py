@@ -193,7 +193,9 @@ def method_params_from_mergekit(name: str, params: dict[str, Any]) -> dict[str, 
         raise MergeError("mergekit slerp: a layer-dependent `t` (a list or filters) is not supported; "
                          "give `t` as one number")
     out.update(_model_params_from_mergekit(name, params))
-    return out
+    # a mergekit gradient (a list of numbers) is a per-layer schedule here
+    return {k: {"layers": v} if isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v) else v
+            for k, v in out.items()}
 
 
 def _model_params_from_mergekit(name: str, params: dict[str, Any]) -> dict[str, Any]:

@@ -222,6 +222,11 @@ class Method:
     task_scalars: Callable[[Any, dict[str, Any], list[str]], list[float]] | None = None
     # names used by mergekit for this method, for its recipe format
     mergekit_names: tuple[str, ...] = ()
+    # per-model metrics (loss, step) the engine fills in at plan time from a checkpoint folder's
+    # trainer_state.json where the recipe does not give them (engine/metrics.py)
+    metrics: tuple[str, ...] = ()
+    # models are applied one at a time by engine/continual.py (OPCM), not by the executor
+    sequential: bool = False
 
     def parse_params(self, raw: dict[str, Any] | None, where: str = "params") -> Params:
         from pydantic import ValidationError

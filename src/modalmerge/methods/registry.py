@@ -7,13 +7,17 @@ from .consensus import CONSENSUS
 from .dare import DARE_LINEAR, DARE_TIES
 from .della import DELLA, DELLA_LINEAR
 from .emr import EMR
+from .frank import FRANK
 from .linear import LINEAR
+from .metrics_weighted import METRICS_WEIGHTED
 from .model_stock import MODEL_STOCK
 from .slerp import SLERP
 from .tall import TALL
 from .neuromerging import NEUROMERGING
+from .opcm import OPCM
 from .task_arithmetic import TASK_ARITHMETIC
 from .ties import TIES
+from .widen import WIDEN
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     LINEAR,
@@ -30,6 +34,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     CONSENSUS,
     EMR,
     NEUROMERGING,
+    WIDEN,
+    METRICS_WEIGHTED,
+    FRANK,
+    OPCM,
 )}
 
 

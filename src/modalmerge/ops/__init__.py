@@ -9,6 +9,7 @@ from .sparsify import (
     threshold_from_histogram,
     trim_magnitude_,
 )
+from .assignment import best_permutation
 from .bits import pack_bits, unpack_bits
 from .reduce import deterministic_dot, deterministic_sum, weighted_sum
 
@@ -28,4 +29,5 @@ __all__ = [
     "deterministic_sum",
     "deterministic_dot",
     "weighted_sum",
+    "best_permutation",
 ]

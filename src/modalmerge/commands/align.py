@@ -1,0 +1,29 @@
+"""`modalmerge align`: permute a model's hidden units onto a reference (Git Re-Basin weight matching)."""
+
+from __future__ import annotations
+
+
+def cmd_align(args) -> int:
+    from ..engine.align import align_folders
+
+    perms = align_folders(args.model, args.to, args.output, overwrite=args.overwrite, seed=args.seed,
+                          max_rounds=args.max_rounds, allow_pickle=args.allow_pickle)
+    moved = sum(int((p != p.sort().values).sum()) for p in perms.values())
+    print(f"aligned {args.model} to {args.to}: {len(perms)} permutations, {moved} units moved -> {args.output}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "align", help="permute a model's hidden units to match a reference (Git Re-Basin)",
+        description="Weight matching: find the permutations of MLP hidden units and attention heads that make "
+                    "MODEL closest to REFERENCE, and write the permuted model (it computes the same function) "
+                    "to OUTPUT, ready to merge with the reference. For independently trained models.")
+    p.add_argument("model", help="model folder to permute")
+    p.add_argument("--to", required=True, metavar="REFERENCE", help="reference model folder")
+    p.add_argument("--output", "-o", required=True, help="folder for the aligned model (written atomically)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the coordinate-descent order (default 0)")
+    p.add_argument("--max-rounds", type=int, default=100, help="coordinate-descent rounds at most (default 100)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--allow-pickle", action="store_true", help="load pickled .bin checkpoints (weights_only)")
+    p.set_defaults(func=cmd_align)
