@@ -59,6 +59,10 @@ class TensorGroup:
     tie_totals: dict[str, float] = field(default_factory=dict)    # whole-tensor totals, when known
     tie_partials: dict[str, float] = field(default_factory=dict)  # this chunk's contributions
     tie_provisional: bool = False       # a provisional sign decided some element of this chunk
+    # data-aware methods: per-model statistics gathered from calibration data or optimiser state
+    # before the merge, by kind ("fisher", "gram", ...), each stacked [T, ...] float32; a tensor
+    # shaped like this one is cut to the same chunk, any other shape is given whole
+    data: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         self._provisional: set[str] = set()
@@ -216,6 +220,9 @@ class Method:
     task_scalars: Callable[[Any, dict[str, Any], list[str]], list[float]] | None = None
     # names used by mergekit for this method, for its recipe format
     mergekit_names: tuple[str, ...] = ()
+    # data-aware methods: the kinds of per-model statistics (engine/calibration.py gathers them
+    # before the streaming merge) that its kernels read from `group.data`
+    data: Callable[[Any], tuple[str, ...]] = field(default=lambda p: ())
 
     def parse_params(self, raw: dict[str, Any] | None, where: str = "params") -> Params:
         from pydantic import ValidationError

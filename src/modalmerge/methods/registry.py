@@ -7,11 +7,13 @@ from .consensus import CONSENSUS
 from .dare import DARE_LINEAR, DARE_TIES
 from .della import DELLA, DELLA_LINEAR
 from .emr import EMR
+from .fisher import FISHER
 from .linear import LINEAR
 from .model_stock import MODEL_STOCK
 from .slerp import SLERP
 from .tall import TALL
 from .neuromerging import NEUROMERGING
+from .regmean import REGMEAN
 from .task_arithmetic import TASK_ARITHMETIC
 from .ties import TIES
 
@@ -30,6 +32,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     CONSENSUS,
     EMR,
     NEUROMERGING,
+    FISHER,
+    REGMEAN,
 )}
 
 
