@@ -1,8 +1,9 @@
 """Further CLI commands, one module each; each exposes `register(subparsers)`."""
 
-from . import extract, inspect
+from . import extract, inspect, msmoe
 
 COMMANDS: list = [
     inspect.register,
     extract.register,
+    msmoe.register,
 ]
