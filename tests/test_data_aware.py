@@ -269,3 +269,75 @@ def test_dry_run_shows_the_data_pass_memory(bert_family, tmp_path, capsys):
     assert main(["merge", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "data pass   gram" in out and "data memory ~" in out
+
+
+# -- OTA / Fast Fisher Grafting ------------------------------------------------------------
+
+def _ota_dense(base, models, moments, density, eps=1e-8, weights=None):
+    weights = weights or [1.0] * len(models)
+    keys = list(base)
+    taus = [{k: m[k] - base[k] for k in keys} for m in models]
+    sal = [{k: v[k] * tau[k] ** 2 for k in keys} for v, tau in zip(moments, taus)]
+    thr = []
+    for s in sal:
+        flat = torch.cat([s[k].reshape(-1) for k in keys])
+        k = int(density * flat.numel())
+        thr.append(torch.sort(flat, descending=True).values[k - 1])
+    out = {}
+    for k in keys:
+        om = [w * (v[k].sqrt() + eps) * (s[k] >= th).float() for w, v, s, th in zip(weights, moments, sal, thr)]
+        tot = sum(om)
+        merged = sum(o * tau[k] for o, tau in zip(om, taus)) / torch.where(tot > 0, tot, torch.ones_like(tot))
+        out[k] = base[k] + torch.where(tot > 0, merged, torch.zeros_like(merged))
+    return out
+
+
+def test_ota_hand_case():
+    base = {"w": torch.zeros(4)}
+    a, b = {"w": torch.tensor([1.0, 2.0, -1.0, 0.5])}, {"w": torch.tensor([3.0, -2.0, 1.0, 0.1])}
+    va, vb = {"w": torch.tensor([4.0, 0.01, 1.0, 0.0])}, {"w": torch.tensor([1.0, 1.0, 0.0, 0.0])}
+    # saliency a: [4, .04, 1, 0] keeps entries 0, 2; b: [9, 4, 0, 0] keeps 0, 1 (density 0.5)
+    got = merge_state_dicts("ota", [a, b], base=base, params={"density": 0.5, "epsilon": 0.0},
+                            data={"exp_avg_sq": [va, vb]}, exact_stats=True)
+    # entry 0: ω = (2, 1) -> (2·1 + 1·3)/3; entry 1: only b; entry 2: only a; entry 3: masked everywhere
+    assert torch.allclose(got["w"], torch.tensor([5 / 3, -2.0, -1.0, 0.0]), atol=1e-6)
+
+
+def test_ota_matches_dense_reference_chunked():
+    base = random_state_dict(0)
+    models = finetunes(base, 3)
+    g = torch.Generator().manual_seed(5)
+    moments = [{k: torch.rand(v.shape, generator=g) ** 2 for k, v in base.items()} for _ in models]
+    got = merge_state_dicts("ota", models, base=base, params={"density": 0.3}, data={"exp_avg_sq": moments},
+                            exact_stats=True, chunk_elems=16, weights=[1.0, 2.0, 1.0])
+    want = _ota_dense(base, models, moments, 0.3, weights=[1.0, 2.0, 1.0])
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-6), k
+
+
+def test_ota_reads_optimizer_state_files(bert_family, tmp_path):
+    from safetensors.torch import save_file
+
+    base = load_sd(bert_family["base"])
+    models = [load_sd(bert_family[f"ft{i}"]) for i in range(2)]
+    moments = [{k: torch.rand(v.shape) ** 2 for k, v in base.items()} for _ in models]
+    save_file(moments[0], tmp_path / "v0.safetensors")
+    names = list(base)
+    # a torch optimizer state dict, states keyed by parameter index in the model's order
+    torch.save({"state": {i: {"exp_avg_sq": moments[1][n]} for i, n in enumerate(names)},
+                "param_groups": [{"params": list(range(len(names)))}]}, tmp_path / "optimizer.pt")
+    recipe = {"method": "ota", "base": str(bert_family["base"]), "params": {"density": 0.5},
+              "models": [{"path": str(bert_family["ft0"]), "optimizer_state": str(tmp_path / "v0.safetensors")},
+                         {"path": str(bert_family["ft1"]), "optimizer_state": str(tmp_path / "optimizer.pt")}]}
+    with pytest.raises(MergeError, match="pickled optimizer state; pass --allow-pickle"):
+        merge(recipe, tmp_path / "out")
+    merge(recipe, tmp_path / "out", allow_pickle=True, exact_stats=True)
+    want = merge_state_dicts("ota", models, base=base, params={"density": 0.5}, data={"exp_avg_sq": moments},
+                             exact_stats=True)
+    got = load_sd(tmp_path / "out")
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-6), k
+    del moments[0][names[3]]
+    save_file(moments[0], tmp_path / "v0.safetensors")
+    with pytest.raises(MergeError, match=f"has no entry for tensor '{names[3]}'"):
+        merge(recipe, tmp_path / "out2", allow_pickle=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -380,7 +379,15 @@ def gather(plan, kinds: list[str], folder: str, *, allow_pickle: bool = False, p
             for t, src in enumerate(plan.models):
                 entry = plan.recipe.models[t]
                 if kind == "exp_avg_sq":
-                    per_model.append(optimizer_second_moments(entry.optimizer_state, entry.label, names, allow_pickle))
+                    moments = optimizer_second_moments(entry.optimizer_state, entry.label, names, allow_pickle)
+                    for t_plan in plan.merged:
+                        got = moments.get(t_plan.name)
+                        if got is None or tuple(got.shape) != tuple(t_plan.meta.shape):
+                            what = "has no entry" if got is None else f"has shape {list(got.shape)}"
+                            raise MergeError(f"model {entry.label!r}: optimizer state {entry.optimizer_state} {what} "
+                                             f"for tensor {t_plan.name!r}; give its exp_avg_sq (shape "
+                                             f"{list(t_plan.meta.shape)}) or add the tensor to `exclude`")
+                    per_model.append(moments)
                     continue
                 model = load_model(src, f"model {src.label!r}")
                 batches = load_batches(calibration_of(plan, t), src.folder, f"model {src.label!r}")
@@ -429,11 +436,3 @@ def estimate(plan) -> dict[str, Any]:
     out["peak_bytes"] = max(v["peak_bytes"] for v in out.values())
     out["stored_bytes"] = sum(v["stored_bytes_per_model"] for k, v in out.items() if isinstance(v, dict)) * n
     return out
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TB" if math.isfinite(n) else str(n)

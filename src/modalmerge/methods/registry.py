@@ -13,6 +13,7 @@ from .model_stock import MODEL_STOCK
 from .slerp import SLERP
 from .tall import TALL
 from .neuromerging import NEUROMERGING
+from .ota import OTA
 from .regmean import REGMEAN
 from .task_arithmetic import TASK_ARITHMETIC
 from .ties import TIES
@@ -34,6 +35,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     NEUROMERGING,
     FISHER,
     REGMEAN,
+    OTA,
 )}
 
 
