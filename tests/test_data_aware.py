@@ -341,3 +341,55 @@ def test_ota_reads_optimizer_state_files(bert_family, tmp_path):
     save_file(moments[0], tmp_path / "v0.safetensors")
     with pytest.raises(MergeError, match=f"has no entry for tensor '{names[3]}'"):
         merge(recipe, tmp_path / "out2", allow_pickle=True)
+
+
+# -- AdaMerging ----------------------------------------------------------------------------
+
+def test_adamerging_kernel_matches_dense_reference_chunked():
+    base = random_state_dict(0)
+    models = finetunes(base, 2)
+    g = torch.Generator().manual_seed(2)
+    coefs = [{k: torch.rand(1, generator=g) for k in base} for _ in models]
+    got = merge_state_dicts("adamerging", models, base=base, data={"adamerging": coefs}, chunk_elems=16)
+    for k in base:
+        want = base[k] + sum(c[k] * (m[k] - base[k]) for c, m in zip(coefs, models))
+        assert torch.allclose(got[k], want, atol=1e-6), k
+
+
+def _entropy_of(folder, batches):
+    from modalmerge.engine.adamerging_fit import prediction_entropy
+
+    model = load_model(open_source(folder), "")
+    with torch.no_grad():
+        return sum(float(prediction_entropy(model(input_ids=b["input_ids"]).logits)) for b in batches)
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_adamerging_learns_coefficients_that_lower_entropy(bert_family, tmp_path, granularity):
+    recipe = _recipe(bert_family, "adamerging", {"granularity": granularity, "steps": 0})
+    for m in recipe["models"]:
+        m.pop("calibration", None)
+    recipe["calibration"] = {"callable": "test_data_aware:calib_batches", "labels": False}
+    # no steps: the coefficients stay at init, i.e. task arithmetic with λ = 0.3
+    merge(recipe, tmp_path / "init")
+    ta = merge_state_dicts("task_arithmetic", [load_sd(bert_family[f"ft{i}"]) for i in range(2)],
+                           base=load_sd(bert_family["base"]), params={"lambda": 0.3})
+    got = load_sd(tmp_path / "init")
+    assert all(torch.allclose(got[k], ta[k], atol=1e-6) for k in ta)
+
+    from modalmerge.api import plan
+    from modalmerge.engine.adamerging_fit import learn_coefficients
+
+    recipe["params"].update(steps=5, lr=0.1)
+    p = plan(recipe)
+    coefs = learn_coefficients(p, [calib_batches(labels=False)] * 2)
+    values = torch.stack([torch.cat(list(c.values())) for c in coefs])
+    assert bool(((values >= 0) & (values <= 1)).all()) and not torch.allclose(values, torch.full_like(values, 0.3))
+    assert (values.unique().numel() <= 2) == (granularity == "task")
+    merge(recipe, tmp_path / "fit")
+    want = merge_state_dicts("adamerging", [load_sd(bert_family[f"ft{i}"]) for i in range(2)],
+                             base=load_sd(bert_family["base"]), data={"adamerging": coefs})
+    got = load_sd(tmp_path / "fit")
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+    batches = calib_batches(labels=False)
+    assert _entropy_of(tmp_path / "fit", batches) < _entropy_of(tmp_path / "init", batches)

@@ -2,6 +2,7 @@
 
 from ..errors import MergeError
 from .base import Method
+from .adamerging import ADAMERGING
 from .breadcrumbs import BREADCRUMBS
 from .consensus import CONSENSUS
 from .dare import DARE_LINEAR, DARE_TIES
@@ -36,6 +37,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     FISHER,
     REGMEAN,
     OTA,
+    ADAMERGING,
 )}
 
 
