@@ -261,14 +261,20 @@ def test_missing_calibration_is_a_clear_error(bert_family, tmp_path):
         merge(r, tmp_path / "out")
 
 
-def test_dry_run_shows_the_data_pass_memory(bert_family, tmp_path, capsys):
+@pytest.mark.parametrize("method,kind", [("regmean", "gram"), ("fisher", "fisher"), ("adamerging", "adamerging")])
+def test_dry_run_shows_the_data_pass_memory(bert_family, tmp_path, capsys, method, kind):
     from modalmerge.cli import main
 
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(_recipe(bert_family, "regmean")))
+    path.write_text(yaml.safe_dump(_recipe(bert_family, method)))
     assert main(["merge", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "data pass   gram" in out and "data memory ~" in out
+    assert f"data pass   {kind} (" in out and "data memory ~" in out
+    r = _recipe(bert_family, method)
+    del r["calibration"]
+    path.write_text(yaml.safe_dump(r))
+    assert main(["merge", str(path), "--dry-run"]) == 1
+    assert "needs calibration data" in capsys.readouterr().err
 
 
 # -- OTA / Fast Fisher Grafting ------------------------------------------------------------
