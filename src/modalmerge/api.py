@@ -43,7 +43,7 @@ def merge(recipe: str | os.PathLike | dict | Recipe, output: str | os.PathLike, 
         return Report(merged_tensors=len(p.merged), copied_tensors=len(p.tensors) - len(p.merged),
                       merged_parameters=sum(t.meta.numel for t in p.merged))
     sink = FolderSink(p, output, overwrite=overwrite, max_shard_bytes=max_shard_bytes, tool_version=__version__)
-    return Executor(p, device=device, exact_stats=exact_stats, progress=progress).run(sink)
+    return Executor(p, device=device, exact_stats=exact_stats, progress=progress, allow_pickle=allow_pickle).run(sink)
 
 
 def merge_state_dicts(method: str, models: list[dict[str, torch.Tensor]] | dict[str, dict[str, torch.Tensor]],
@@ -51,12 +51,15 @@ def merge_state_dicts(method: str, models: list[dict[str, torch.Tensor]] | dict[
                       weights: list[float] | None = None, model_params: list[dict[str, Any]] | None = None,
                       include: list[str] | None = None, exclude: list[str] | None = None,
                       seed: int = 0, device: str = "cpu", exact_stats: bool = False,
-                      chunk_elems: int = DEFAULT_CHUNK_ELEMS, return_decoupled: bool = False):
+                      chunk_elems: int = DEFAULT_CHUNK_ELEMS, return_decoupled: bool = False,
+                      data: dict[str, list[dict[str, torch.Tensor]]] | None = None):
     """Merge in-memory state dicts; returns the merged state dict.
 
     `models` is a list (named model_0, model_1, …) or a {name: state_dict} mapping. With
     `return_decoupled=True`, returns (state_dict, DictSink) so the shared vector, masks and
-    manifest of a task-conditional method can be read.
+    manifest of a task-conditional method can be read. Data-aware methods take their per-model
+    statistics in `data`: {kind: [one {tensor name: statistic} per model]} (e.g. "fisher", "gram";
+    engine/calibration.py computes them from an nn.Module and batches).
     """
     named = models if isinstance(models, dict) else {f"model_{i}": sd for i, sd in enumerate(models)}
     weights = weights or [1.0] * len(named)
@@ -76,6 +79,8 @@ def merge_state_dicts(method: str, models: list[dict[str, torch.Tensor]] | dict[
     })
     base_src, model_srcs = open_models(recipe, preloaded=preloaded)
     p = build_plan(recipe, base_src, model_srcs, chunk_elems)
+    for kind, per_model in (data or {}).items():
+        p.data[kind] = [StateDictSource(sd, f"{kind} of {n}") for n, sd in zip(named, per_model)]
     sink = DictSink(p)
     Executor(p, device=device, exact_stats=exact_stats, progress=False).run(sink)
     return (sink.tensors, sink) if return_decoupled else sink.tensors

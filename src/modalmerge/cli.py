@@ -55,6 +55,13 @@ def cmd_merge(args) -> int:
               f"{s['merged_parameters']:,} merged parameters in {s['jobs']} jobs")
         print(f"passes      {' -> '.join(s['passes'])}")
         print(f"peak memory ~{_human(s['estimated_peak_bytes'])} (estimate, besides the Python runtime)")
+        if s.get("data"):
+            d = s["data"]
+            kinds = ", ".join(f"{k} ({_human(v['stored_bytes_per_model'])}/model; {v['note']})"
+                              for k, v in d.items() if isinstance(v, dict))
+            print(f"data pass   {kinds}")
+            print(f"data memory ~{_human(d['peak_bytes'])} to compute (besides activations), "
+                  f"{_human(d['stored_bytes'])} of statistics in a temporary folder")
         print(f"output      {_human(s['output_bytes'])} -> {args.output or '(no --output given)'}")
         return 0
     if not args.output:
@@ -67,7 +74,7 @@ def cmd_merge(args) -> int:
         return 0
     sink = FolderSink(plan, args.output, overwrite=args.overwrite, tool_version=__version__)
     report = Executor(plan, device=args.device, exact_stats=args.exact_stats,
-                      progress=not args.no_progress).run(sink)
+                      progress=not args.no_progress, allow_pickle=args.allow_pickle).run(sink)
     print(f"merged {report.merged_tensors} tensors ({report.merged_parameters:,} parameters), copied "
           f"{report.copied_tensors}, in {report.seconds['total']:.1f} s -> {args.output}")
     return 0

@@ -63,11 +63,13 @@ class Report:
 
 
 class Executor:
-    def __init__(self, plan: Plan, device: str = "cpu", exact_stats: bool = False, progress: bool = True):
+    def __init__(self, plan: Plan, device: str = "cpu", exact_stats: bool = False, progress: bool = True,
+                 allow_pickle: bool = False):
         if plan.method.sequential:
             raise MergeError(f"method {plan.method.name} applies its models one at a time and writes its state to a "
                              "folder: use `modalmerge merge` / modalmerge.merge() with an output folder")
         self.plan = plan
+        self.allow_pickle = allow_pickle  # for data-aware inputs (an optimizer.pt)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise MergeError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
@@ -85,10 +87,23 @@ class Executor:
         def one(src):
             return src.read(name) if whole else src.read(name, job.start, job.stop)
         base = one(p.base) if p.base is not None else None
-        return base, [one(m) for m in p.models]
+        return base, [one(m) for m in p.models], self._read_data(job)
+
+    def _read_data(self, job: Job) -> dict[str, list[torch.Tensor]]:
+        """Per-model statistics of a data-aware method for this job: a statistic shaped like the
+        tensor is cut like it; another shape (a Gram matrix, a scalar) is read whole."""
+        name, out = job.tensor.name, {}
+        for kind, sources in self.plan.data.items():
+            if not all(name in src for src in sources):
+                continue
+            if sources[0].meta(name).shape == job.tensor.meta.shape and not job.whole:
+                out[kind] = [src.read(name, job.start, job.stop) for src in sources]
+            else:  # e.g. one coefficient per tensor: every chunk sees all of it
+                out[kind] = [src.read(name) for src in sources]
+        return out
 
     def _group(self, job: Job, raw, sample: tuple[int, int] | None = None, scheduled: bool = True) -> TensorGroup:
-        base_raw, model_raw = raw
+        base_raw, model_raw, data_raw = raw
         p = self.plan
         shape = job.shape
 
@@ -111,13 +126,18 @@ class Executor:
         weight = 1.0
         if sample is not None:
             weight = (job.stop - job.start) / max(models.shape[1], 1)
+        data = {}
+        for kind, values in data_raw.items():
+            if tuple(values[0].shape) in (shape, (job.stop - job.start,)) and values[0].numel() == job.stop - job.start:
+                values = [prep(v).reshape(out_shape) for v in values]
+            data[kind] = torch.stack([v.to(device=self.device, dtype=torch.float32) for v in values])
         # per-layer schedules resolved for the kernels; statistics passes see the first values
         model_params = p.params_for(job.tensor.info)[1] if scheduled else p.model_params
         return TensorGroup(
             info=job.tensor.info, base=base, models=models, model_names=p.model_names,
             weights=torch.tensor(p.weights, dtype=torch.float32, device=self.device),
             model_params=model_params, row_start=job.rows[0], seed=p.recipe.seed,
-            sample_weight=weight, is_sample=sample is not None,
+            sample_weight=weight, is_sample=sample is not None, data=data,
         )
 
     def _check_finite(self, job: Job, base, models) -> None:
@@ -258,8 +278,19 @@ class Executor:
 
     def run(self, sink) -> Report:
         report = Report()
+        scratch = None
+        missing = [k for k in self.plan.method.data(self.plan.params) if k not in self.plan.data]
         try:
             t0 = time.perf_counter()
+            if missing:
+                # data-aware: per-model statistics from calibration data, before the streaming merge
+                import tempfile
+
+                from .calibration import gather
+
+                scratch = tempfile.TemporaryDirectory(prefix="modalmerge-data-")
+                self.plan.data.update(gather(self.plan, missing, scratch.name, allow_pickle=self.allow_pickle,
+                                             progress=self.progress))
             stats = self.statistics()
             t1 = time.perf_counter()
             self.apply(sink, stats)
@@ -277,6 +308,10 @@ class Executor:
             raise
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
+            if scratch is not None:
+                for kind in missing:
+                    self.plan.data.pop(kind, None)
+                scratch.cleanup()
 
 
 def hash_name(name: str) -> int:

@@ -75,6 +75,9 @@ class Plan:
             per_model = [schedules.resolve(m, key, self.num_layers) for m in self.raw_model_params]
             self._by_layer[key] = (params, per_model)
         return self._by_layer[key]
+    # per-model statistics of data-aware methods, by kind: one source per model (filled by
+    # engine/calibration.py before the merge, or given in memory)
+    data: dict[str, list[TensorSource]] = field(default_factory=dict)
 
     @property
     def merged(self) -> list[TensorPlan]:
@@ -95,6 +98,11 @@ class Plan:
         peak = largest * 4 * (n_in * 4) + 2 * largest * 4 * n_in
         out_bytes = sum(t.meta.numel * t.out_dtype.itemsize for t in self.tensors)
         stats = [s.name + (" (sampled)" if s.sampled else "") for s in self.method.statistics(self.params)]
+        data = None
+        if self.method.data(self.params):
+            from .calibration import estimate
+
+            data = estimate(self)
         return {
             "method": self.method.name,
             "params": self.params.model_dump(by_alias=True),
@@ -108,6 +116,7 @@ class Plan:
             "passes": [f"statistics: {s}" for s in stats] + ["apply"],
             "estimated_peak_bytes": int(peak),
             "output_bytes": int(out_bytes),
+            "data": data,
         }
 
 

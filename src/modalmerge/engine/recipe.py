@@ -21,6 +21,10 @@ class ModelEntry(BaseModel):
     name: str | None = None
     weight: float = 1.0
     params: dict[str, Any] = Field(default_factory=dict)
+    # data-aware methods: this model's calibration data (overrides the recipe's) and the
+    # optimiser second moments it was trained with (OTA); see engine/calibration.py
+    calibration: dict[str, Any] | None = None
+    optimizer_state: str | None = None
 
     @property
     def label(self) -> str:
@@ -42,6 +46,7 @@ class Recipe(BaseModel):
     seed: int = 0
     copy_files_from: str | None = None        # model whose config/tokenizer files are copied
     parts: dict[str, str] = Field(default_factory=dict)  # multimodal parts by name pattern
+    calibration: dict[str, Any] | None = None  # data-aware methods: see engine/calibration.py
     source_format: str = "native"
 
     @field_validator("models", mode="before")
@@ -65,10 +70,15 @@ class Recipe(BaseModel):
                 return p
             candidate = root / p
             return str(candidate) if candidate.exists() or not Path(p).exists() else p
+        def fix_calibration(c: dict[str, Any] | None) -> dict[str, Any] | None:
+            return c if not c or "file" not in c else {**c, "file": fix(str(c["file"]))}
         return self.model_copy(update={
             "base": fix(self.base),
-            "models": [m.model_copy(update={"path": fix(m.path)}) for m in self.models],
+            "models": [m.model_copy(update={"path": fix(m.path), "optimizer_state": fix(m.optimizer_state),
+                                            "calibration": fix_calibration(m.calibration)})
+                       for m in self.models],
             "copy_files_from": fix(self.copy_files_from),
+            "calibration": fix_calibration(self.calibration),
         })
 
 

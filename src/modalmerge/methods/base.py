@@ -60,6 +60,10 @@ class TensorGroup:
     tie_partials: dict[str, float] = field(default_factory=dict)  # this chunk's contributions
     tie_provisional: bool = False       # a provisional sign decided some element of this chunk
     tensor_stats: list | None = None    # Method.tensor_statistic of each model over the whole tensor
+    # data-aware methods: per-model statistics gathered from calibration data or optimiser state
+    # before the merge, by kind ("fisher", "gram", ...), each stacked [T, ...] float32; a tensor
+    # shaped like this one is cut to the same chunk, any other shape is given whole
+    data: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         self._provisional: set[str] = set()
@@ -227,6 +231,9 @@ class Method:
     metrics: tuple[str, ...] = ()
     # models are applied one at a time by engine/continual.py (OPCM), not by the executor
     sequential: bool = False
+    # data-aware methods: the kinds of per-model statistics (engine/calibration.py gathers them
+    # before the streaming merge) that its kernels read from `group.data`
+    data: Callable[[Any], tuple[str, ...]] = field(default=lambda p: ())
 
     def parse_params(self, raw: dict[str, Any] | None, where: str = "params") -> Params:
         from pydantic import ValidationError

@@ -2,12 +2,14 @@
 
 from ..errors import MergeError
 from .base import Method
+from .adamerging import ADAMERGING
 from .breadcrumbs import BREADCRUMBS
 from .consensus import CONSENSUS
 from .dare import DARE_LINEAR, DARE_TIES
 from .della import DELLA, DELLA_LINEAR
 from .emr import EMR
 from .frank import FRANK
+from .fisher import FISHER
 from .linear import LINEAR
 from .metrics_weighted import METRICS_WEIGHTED
 from .model_stock import MODEL_STOCK
@@ -15,6 +17,8 @@ from .slerp import SLERP
 from .tall import TALL
 from .neuromerging import NEUROMERGING
 from .opcm import OPCM
+from .ota import OTA
+from .regmean import REGMEAN
 from .task_arithmetic import TASK_ARITHMETIC
 from .ties import TIES
 from .widen import WIDEN
@@ -38,6 +42,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     METRICS_WEIGHTED,
     FRANK,
     OPCM,
+    FISHER,
+    REGMEAN,
+    OTA,
+    ADAMERGING,
 )}
 
 

@@ -1,0 +1,69 @@
+"""`modalmerge msmoe`: merge the experts inside one MoE model (M-SMoE, spec 13)."""
+
+from __future__ import annotations
+
+import json
+
+from ..errors import MergeError
+
+
+def _calibration(args) -> dict:
+    if bool(args.calibration_file) == bool(args.calibration_callable):
+        raise MergeError("msmoe needs calibration tokens: give --calibration-file data.jsonl|.txt or "
+                         "--calibration-callable pkg.module:function")
+    if args.calibration_file:
+        return {"file": args.calibration_file, "loader": args.loader, "max_examples": args.max_examples,
+                "max_length": args.max_length}
+    return {"callable": args.calibration_callable, "max_examples": args.max_examples}
+
+
+def cmd_msmoe(args) -> int:
+    from ..engine import moe
+    from ..engine.calibration import spec_of
+
+    calibration = _calibration(args)
+    params = {"num_experts": args.experts, "held_out": args.held_out}
+    if args.dry_run:
+        spec_of(calibration, "msmoe")
+        e = moe.estimate(args.model)
+        print(f"msmoe       {args.model}: {e['parameters']:,} parameters, loaded whole (not streaming)")
+        print(f"memory      ~{e['peak_bytes'] / 2**20:.1f} MB (float32 model and its held-out outputs, "
+              "besides activations)")
+        return 0
+    if not args.output:
+        raise MergeError("msmoe needs --output DIR (or --dry-run)")
+    report = moe.msmoe_folder(args.model, args.output, calibration, params, overwrite=args.overwrite)
+    ep = report["expert_parameters"]
+    print(f"merged experts of {len(report['layers'])} MoE layers: {ep['before']:,} -> {ep['after_distinct']:,} "
+          f"distinct expert parameters ({100 * ep['reduction']:.1f}% fewer)")
+    if report["agreement"]:
+        a = report["agreement"]
+        print(f"held-out agreement with the original: top-1 {100 * a['top1_agreement']:.1f}% over "
+              f"{a['tokens']} tokens, mean KL {a['mean_kl']:.4f}")
+    print(f"-> {args.output} (report: {moe.REPORT})")
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "msmoe", help="merge the experts inside one MoE model (M-SMoE)",
+        description="Group the experts of each MoE layer by routing (most-used experts are centres, the others "
+                    "join the centre of most similar router logits), align hidden units, merge each group weighted "
+                    "by routing frequency; every slot of a group points to the merged expert, the router is "
+                    "unchanged. Reports the parameter reduction and held-out agreement.")
+    p.add_argument("model", help="MoE model folder (Mixtral / Qwen-MoE style)")
+    p.add_argument("--output", "-o", help="output folder (written atomically)")
+    p.add_argument("--experts", type=int, help="distinct experts kept per layer (default: half)")
+    p.add_argument("--held-out", type=float, default=0.25, help="share of calibration batches used to measure "
+                   "agreement (default 0.25)")
+    p.add_argument("--calibration-file", help=".jsonl (text or input_ids per line) or .txt calibration data")
+    p.add_argument("--calibration-callable", help="pkg.module:function returning calibration batches")
+    p.add_argument("--loader", choices=("text", "tokens"), default="text", help="how to read the file")
+    p.add_argument("--max-examples", type=int, default=256, help="calibration examples (default 256)")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per example (default 64)")
+    p.add_argument("--dry-run", action="store_true", help="print the memory need only")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--json", action="store_true", help="also print the report as JSON")
+    p.set_defaults(func=cmd_msmoe)

@@ -1,0 +1,438 @@
+"""The calibration-data hook of data-aware methods (spec 13).
+
+A recipe names calibration data for all models (`calibration:` at the top) or per model (the
+model entry's own `calibration:`, e.g. each fine-tune's task data):
+
+    calibration: {callable: "my_pkg.data:batches", any: kwargs}        # fn(**kwargs) -> batches
+    calibration: {file: data.jsonl, loader: text, max_examples: 256, max_length: 64}
+
+A callable returns an iterable of batches: dicts of tensors given to the model as keyword
+arguments (`labels`, when present, is kept out of the forward and used as y), or plain
+`input_ids` tensors. A `.txt` file has one example per line; a `.jsonl` file one object per
+line with `text` (loader `text`, tokenised by the model folder's tokenizer) or `input_ids`
+(loader `tokens`), and optionally `label`.
+
+Before the streaming merge, each model is loaded (transformers, per its config), the data is
+run through it, and per-tensor statistics are written to a scratch folder as safetensors; the
+executor then reads them tensor by tensor next to the weights (`TensorGroup.data[kind]`), so
+the merge itself stays streaming. Kinds:
+
+- fisher: diagonal Fisher, the mean over examples of (∂ log p(y|x) / ∂θ)².
+- gram: per nn.Linear, G = XᵀX / n of its inputs (float64 accumulation), keyed by its weight.
+- exp_avg_sq: the optimiser's second moments of each parameter (the model entry's `optimizer_state`).
+- adamerging: coefficients learned by entropy minimisation; one value per model and tensor.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..checkpoint.sources import TensorSource, open_source
+from ..errors import MergeError
+
+KINDS = ("fisher", "gram", "exp_avg_sq", "adamerging")
+
+
+class CalibrationSpec(BaseModel):
+    """Where calibration data comes from; keys besides these go to the callable."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    callable_: str | None = Field(None, alias="callable")
+    file: str | None = None
+    loader: Literal["text", "tokens"] = "text"
+    text_field: str = "text"
+    max_examples: int = Field(256, gt=0)
+    max_length: int = Field(64, gt=0)
+    batch_size: int = Field(8, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.callable_ is None) == (self.file is None):
+            raise ValueError("give exactly one of `callable` (pkg.module:function) or `file` (a .jsonl or .txt)")
+        return self
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+def spec_of(raw: dict[str, Any], where: str) -> CalibrationSpec:
+    try:
+        return CalibrationSpec.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise MergeError(f"{where}: calibration{('.' + loc) if loc else ''}: {err['msg']}") from None
+
+
+# -- data ------------------------------------------------------------------------------------
+
+def load_batches(spec: CalibrationSpec, model_folder: Path | None = None, where: str = "calibration"
+                 ) -> list[dict[str, torch.Tensor]]:
+    """The calibration batches, at most `max_examples` examples in all."""
+    if spec.callable_ is not None:
+        raw = _call(spec, where)
+    else:
+        raw = _from_file(spec, model_folder, where)
+    out, left = [], spec.max_examples
+    for batch in raw:
+        if left <= 0:
+            break
+        if isinstance(batch, torch.Tensor):
+            batch = {"input_ids": batch if batch.dim() > 1 else batch.unsqueeze(0)}
+        if not isinstance(batch, dict) or not batch:
+            raise MergeError(f"{where}: a calibration batch must be a dict of tensors or an input_ids tensor, "
+                             f"got {type(batch).__name__}; fix the callable")
+        n = _batch_len(batch)
+        if n > left:
+            batch = {k: v[:left] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+            n = left
+        out.append(batch)
+        left -= n
+    if not out:
+        raise MergeError(f"{where}: the calibration data has no examples; check the file or callable")
+    return out
+
+
+def _call(spec: CalibrationSpec, where: str) -> Iterable:
+    target = spec.callable_
+    module_name, _, fn_name = target.partition(":")
+    if not module_name or not fn_name:
+        raise MergeError(f"{where}: calibration callable {target!r} must be written 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise MergeError(f"{where}: cannot import calibration callable {target!r} ({e}); check the name and "
+                         "that its package is importable") from None
+    return fn(**spec.kwargs)
+
+
+def _from_file(spec: CalibrationSpec, model_folder: Path | None, where: str) -> Iterable:
+    path = Path(spec.file)
+    if not path.is_file():
+        raise MergeError(f"{where}: calibration file {path} does not exist; check `calibration.file`")
+    examples = []
+    with path.open() as f:
+        for i, line in enumerate(f):
+            if len(examples) >= spec.max_examples:
+                break
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    examples.append(json.loads(line))
+                except ValueError:
+                    raise MergeError(f"{path}: line {i + 1} is not JSON; fix it or use a .txt file") from None
+            else:
+                examples.append({spec.text_field: line})
+    if spec.loader == "text":
+        tokenizer = _tokenizer(model_folder, where)
+        ids = [tokenizer(ex[spec.text_field], truncation=True, max_length=spec.max_length)["input_ids"]
+               for ex in _need(examples, spec.text_field, path)]
+    else:
+        ids = [list(ex["input_ids"])[:spec.max_length] for ex in _need(examples, "input_ids", path)]
+    labels = [ex.get("label") for ex in examples]
+    # one example per batch row, padded to the longest of its batch on the right
+    for s in range(0, len(ids), spec.batch_size):
+        chunk, lab = ids[s:s + spec.batch_size], labels[s:s + spec.batch_size]
+        width = max(len(x) for x in chunk)
+        input_ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for r, x in enumerate(chunk):
+            input_ids[r, :len(x)] = torch.tensor(x, dtype=torch.long)
+            mask[r, :len(x)] = 1
+        batch = {"input_ids": input_ids, "attention_mask": mask}
+        if all(v is not None for v in lab):
+            batch["labels"] = torch.tensor(lab, dtype=torch.long)
+        yield batch
+
+
+def _need(examples: list[dict], key: str, path: Path) -> list[dict]:
+    for i, ex in enumerate(examples):
+        if key not in ex:
+            raise MergeError(f"{path}: example {i + 1} has no {key!r} field; add it or set `calibration.loader`")
+    return examples
+
+
+def _tokenizer(folder: Path | None, where: str):
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # noqa: BLE001 - any failure means: no usable tokenizer there
+        raise MergeError(f"{where}: no tokenizer in {folder} for the text loader ({type(e).__name__}); add "
+                         "tokenizer files to the model folder or use `loader: tokens` with input_ids") from None
+
+
+def _batch_len(batch: dict) -> int:
+    for v in batch.values():
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    return 1
+
+
+def split_examples(batch: dict) -> list[dict]:
+    """One batch as its single examples (each with a batch dimension of 1)."""
+    n = _batch_len(batch)
+    return [{k: v[i:i + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+            for i in range(n)]
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+# -- models ----------------------------------------------------------------------------------
+
+def load_model(src: TensorSource, where: str):
+    """A transformers model of the class its config names, in float32, in eval mode."""
+    folder = src.folder
+    if folder is None or not (folder / "config.json").exists():
+        raise MergeError(f"model {src.label!r}: running calibration data needs a Hugging Face model folder with "
+                         "config.json; give statistics in memory with merge_state_dicts(data=...) instead")
+    import transformers
+
+    config = json.loads((folder / "config.json").read_text())
+    archs = config.get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        cls = transformers.AutoModel
+    model = cls.from_pretrained(str(folder), dtype=torch.float32)
+    return model.eval()
+
+
+def _param_names(model) -> dict[int, list[str]]:
+    """id(parameter) -> every state-dict name that holds it (tied weights have several)."""
+    names: dict[int, list[str]] = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(value), []).append(name)
+    return names
+
+
+def log_likelihood_terms(model, example: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(weight, log p(y|x))] whose weighted squared gradients average to the Fisher of one example.
+
+    Labels given: the empirical Fisher (weight 1). A classifier without labels: the exact
+    expectation over its classes, Σ_y p(y|x) (∂ log p(y|x))². A language model: y is the
+    example's own next tokens (log-likelihood summed over the sequence).
+    """
+    logits = model(**model_inputs(example)).logits.float()
+    labels = example.get("labels")
+    if logits.dim() == 2:  # [1, classes]
+        logp = torch.log_softmax(logits[0], dim=-1)
+        if labels is not None:
+            return [(torch.tensor(1.0), logp[int(labels.reshape(-1)[0])])]
+        probs = logp.detach().exp()
+        return [(probs[c], logp[c]) for c in range(logp.numel())]
+    if logits.dim() == 3:  # [1, length, vocab]: next-token prediction
+        target = (labels if labels is not None else example["input_ids"])[:, 1:]
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        keep = target != -100
+        if "attention_mask" in example:
+            keep = keep & (example["attention_mask"][:, 1:] > 0)
+        picked = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        return [(torch.tensor(1.0), (picked * keep).sum())]
+    raise MergeError(f"model output logits of shape {list(logits.shape)} are neither a classifier's nor a "
+                     "language model's; Fisher merging needs one of those")
+
+
+def fisher_diagonal(model, batches: list[dict]) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher of every parameter: mean over examples of the squared gradient of log p(y|x)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    acc = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
+    n = 0
+    for batch in batches:
+        for example in split_examples(batch):
+            terms = log_likelihood_terms(model, example)
+            for i, (w, ll) in enumerate(terms):
+                grads = torch.autograd.grad(ll, params, retain_graph=i + 1 < len(terms), allow_unused=True)
+                for p, g in zip(params, grads):
+                    if g is not None:
+                        acc[id(p)].add_(g.float().square(), alpha=float(w))
+            n += 1
+    out = {}
+    for pid, names in _param_names(model).items():
+        if pid in acc:
+            for name in names:
+                out[name] = acc[pid] / max(n, 1)
+    return out
+
+
+def gram_matrices(model, batches: list[dict]) -> dict[str, torch.Tensor]:
+    """Per nn.Linear, G = XᵀX / n over every (unpadded) token's input, keyed by the weight's name."""
+    grams: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    current: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def hook(name):
+        def pre(module, args):
+            x = args[0].detach()
+            mask = current["mask"]
+            if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+                x = x[mask > 0]
+            x = x.reshape(-1, x.shape[-1]).double()
+            if name not in grams:
+                grams[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64)
+                counts[name] = 0
+            grams[name].addmm_(x.T, x)
+            counts[name] += x.shape[0]
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(f"{name}.weight"))
+               for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                current["mask"] = batch.get("attention_mask")
+                model(**model_inputs(batch))
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: (g / max(counts[name], 1)).float() for name, g in grams.items()}
+
+
+def optimizer_second_moments(path: str, model_label: str, names: list[str], allow_pickle: bool
+                             ) -> dict[str, torch.Tensor]:
+    """exp_avg_sq per parameter: a safetensors file keyed like the parameters, or (with
+    --allow-pickle) a torch optimizer.pt whose states are keyed by name or by the index of the
+    parameter in `names` (param_groups' `param_names` are used when the optimizer saved them)."""
+    p = Path(path)
+    if not p.exists():
+        raise MergeError(f"model {model_label!r}: optimizer state {p} does not exist; check `optimizer_state`")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(p))
+    if not allow_pickle:
+        raise MergeError(f"model {model_label!r}: {p} is a pickled optimizer state; pass --allow-pickle to load "
+                         "it with weights_only, or save exp_avg_sq as safetensors keyed like the parameters")
+    state = torch.load(str(p), map_location="cpu", weights_only=True)
+    states = state.get("state", state)
+    order: list = []
+    for g in state.get("param_groups", []):
+        order.extend(g.get("param_names") or g.get("params", []))
+    out = {}
+    for i, key in enumerate(states):
+        s = states[key]
+        if not isinstance(s, dict) or "exp_avg_sq" not in s:
+            continue
+        name = key if isinstance(key, str) else None
+        if name is None and order and all(isinstance(x, str) for x in order):
+            name = order[list(states).index(key)] if len(order) == len(states) else None
+        if name is None and isinstance(key, int) and key < len(names):
+            name = names[key]
+        if name is None:
+            raise MergeError(f"model {model_label!r}: cannot tell which parameter optimizer state {key!r} belongs "
+                             "to; save exp_avg_sq as safetensors keyed like the parameters")
+        out[name] = s["exp_avg_sq"].float()
+    return out
+
+
+# -- gathering -------------------------------------------------------------------------------
+
+def calibration_of(plan, t: int) -> CalibrationSpec:
+    entry = plan.recipe.models[t]
+    raw = entry.calibration if entry.calibration is not None else plan.recipe.calibration
+    if raw is None:
+        raise MergeError(f"model {entry.label!r}: method {plan.method.name} needs calibration data; add "
+                         "`calibration: {file: data.jsonl}` (or `{callable: pkg.module:function}`) to the recipe "
+                         "or to this model's entry")
+    return spec_of(raw, f"model {entry.label!r}")
+
+
+def _check(plan, kinds) -> None:
+    for t, entry in enumerate(plan.recipe.models):
+        for kind in kinds:
+            if kind == "exp_avg_sq":
+                if entry.optimizer_state is None:
+                    raise MergeError(f"model {entry.label!r}: method {plan.method.name} needs the optimiser's second "
+                                     "moments; add `optimizer_state: path/exp_avg_sq.safetensors` to its entry")
+            else:
+                calibration_of(plan, t)
+
+
+def gather(plan, kinds: list[str], folder: str, *, allow_pickle: bool = False, progress: bool = False
+           ) -> dict[str, list[TensorSource]]:
+    """Compute each kind of per-model statistic, write it to `folder`, open it as sources."""
+    from safetensors.torch import save_file
+
+    _check(plan, kinds)
+    out: dict[str, list[TensorSource]] = {}
+    names = [t.name for t in plan.tensors]
+    for kind in kinds:
+        if kind == "adamerging":
+            from .adamerging_fit import learn_coefficients
+
+            per_model = learn_coefficients(plan, [load_batches(calibration_of(plan, t), src.folder,
+                                                               f"model {src.label!r}")
+                                                  for t, src in enumerate(plan.models)], progress)
+        else:
+            per_model = []
+            for t, src in enumerate(plan.models):
+                entry = plan.recipe.models[t]
+                if kind == "exp_avg_sq":
+                    moments = optimizer_second_moments(entry.optimizer_state, entry.label, names, allow_pickle)
+                    for t_plan in plan.merged:
+                        got = moments.get(t_plan.name)
+                        if got is None or tuple(got.shape) != tuple(t_plan.meta.shape):
+                            what = "has no entry" if got is None else f"has shape {list(got.shape)}"
+                            raise MergeError(f"model {entry.label!r}: optimizer state {entry.optimizer_state} {what} "
+                                             f"for tensor {t_plan.name!r}; give its exp_avg_sq (shape "
+                                             f"{list(t_plan.meta.shape)}) or add the tensor to `exclude`")
+                    per_model.append(moments)
+                    continue
+                model = load_model(src, f"model {src.label!r}")
+                batches = load_batches(calibration_of(plan, t), src.folder, f"model {src.label!r}")
+                if kind == "fisher":
+                    per_model.append(fisher_diagonal(model, batches))
+                elif kind == "gram":
+                    per_model.append(gram_matrices(model, batches))
+                else:
+                    raise AssertionError(f"unknown statistic kind {kind}")
+                del model
+        sources = []
+        for t, stats in enumerate(per_model):
+            path = Path(folder) / f"{kind}-{t}.safetensors"
+            save_file({k: v.contiguous() for k, v in stats.items()}, str(path))
+            sources.append(open_source(path, label=f"{kind} of {plan.model_names[t]}"))
+        out[kind] = sources
+    return out
+
+
+def estimate(plan) -> dict[str, Any]:
+    """What --dry-run says about the data pass: per kind, the statistics stored per model and the
+    memory needed to compute them (besides activations, which depend on the data)."""
+    kinds = list(plan.method.data(plan.params))
+    _check(plan, kinds)
+    params = sum(t.meta.numel for t in plan.tensors if t.meta.dtype.is_floating_point)
+    merged = sum(t.meta.numel for t in plan.merged)
+    n = len(plan.models)
+    out: dict[str, Any] = {}
+    for kind in kinds:
+        if kind == "fisher":
+            # one model at a time: its weights, their gradients and the Fisher accumulator
+            out[kind] = {"stored_bytes_per_model": params * 4, "peak_bytes": params * 4 * 3,
+                         "note": "one backward pass per example"}
+        elif kind == "gram":
+            gram = sum(t.meta.shape[1] ** 2 for t in plan.merged if t.info.kind == "linear" and len(t.meta.shape) == 2)
+            out[kind] = {"stored_bytes_per_model": gram * 4, "peak_bytes": params * 4 + gram * 8,
+                         "note": "float64 accumulation, forward passes only"}
+        elif kind == "exp_avg_sq":
+            out[kind] = {"stored_bytes_per_model": merged * 4, "peak_bytes": merged * 4,
+                         "note": "read from each model's optimizer_state"}
+        elif kind == "adamerging":
+            # the base, T task vectors, the merged parameters and their gradients, all at once
+            out[kind] = {"stored_bytes_per_model": len(plan.merged) * 4,
+                         "peak_bytes": params * 4 * 3 + merged * 4 * n,
+                         "note": "not streaming: all task vectors are held while coefficients are learned"}
+    out["peak_bytes"] = max(v["peak_bytes"] for v in out.values())
+    out["stored_bytes"] = sum(v["stored_bytes_per_model"] for k, v in out.items() if isinstance(v, dict)) * n
+    return out

@@ -1,0 +1,157 @@
+"""M-SMoE: merging the experts inside one MoE model (spec 13)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from modalmerge.engine.moe import find_moe_blocks, merge_moe_model, msmoe_folder
+from modalmerge.errors import MergeError
+from modalmerge.methods import msmoe
+
+from conftest import load_sd
+
+VOCAB = 48
+
+
+def tokens(seed: int = 0, n: int = 12, length: int = 8, batch: int = 4):
+    """Calibration callable (`test_msmoe:tokens`)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (batch, length), generator=g) for _ in range(0, n, batch)]
+
+
+def tiny_mixtral(seed=0, experts=4):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MixtralConfig(hidden_size=16, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1, vocab_size=VOCAB, num_local_experts=experts, num_experts_per_tok=2,
+                        max_position_embeddings=32)
+    return MixtralForCausalLM(cfg).eval()
+
+
+def tiny_qwen_moe(seed=0):
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2MoeConfig(hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
+                         shared_expert_intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=VOCAB, num_experts=6, num_experts_per_tok=2,
+                         max_position_embeddings=32)
+    return Qwen2MoeForCausalLM(cfg).eval()
+
+
+def expert_fn(gate_up, down, x):
+    inner = down.shape[-1]
+    h = gate_up @ x.T
+    return (down @ (torch.nn.functional.silu(h[:inner]) * h[inner:])).T
+
+
+def random_experts(e=3, inner=6, hidden=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(e, 2 * inner, hidden, generator=g), torch.randn(e, hidden, inner, generator=g)
+
+
+def test_permutation_alignment_preserves_each_expert_and_recovers_a_shuffle():
+    gate_up, down = random_experts()
+    x = torch.randn(7, 5)
+    # expert 1 is expert 0 with its hidden units shuffled (plus a little noise)
+    shuffle = torch.randperm(6, generator=torch.Generator().manual_seed(4))
+    gate_up[1], down[1] = msmoe.permute_expert(gate_up[0], down[0], shuffle)
+    gate_up[1] += 0.01 * torch.randn(12, 5)
+    perm = msmoe.align_permutation(gate_up, down, 0, 1)
+    a, b = msmoe.permute_expert(gate_up[1], down[1], perm)
+    assert torch.allclose(expert_fn(a, b, x), expert_fn(gate_up[1], down[1], x), atol=1e-6)  # same function
+    assert torch.allclose(a, gate_up[0], atol=0.05) and torch.allclose(b, down[0])          # undoes the shuffle
+    for e in range(3):  # any alignment is function-preserving
+        p = msmoe.align_permutation(gate_up, down, 2, e)
+        assert sorted(p.tolist()) == list(range(6))
+        a, b = msmoe.permute_expert(gate_up[e], down[e], p)
+        assert torch.allclose(expert_fn(a, b, x), expert_fn(gate_up[e], down[e], x), atol=1e-6)
+
+
+def test_frequencies_grouping_and_merge_by_hand():
+    # 4 tokens, 3 experts, top-1: expert 0 chosen twice, 1 once, 2 once
+    logits = torch.tensor([[3.0, 1.0, 0.0], [2.0, 0.0, 1.0], [0.0, 2.0, 1.0], [0.5, 0.0, 1.0]])
+    f = msmoe.routing_frequencies(logits, 1)
+    assert f.tolist() == [0.5, 0.25, 0.25]
+    # two groups: centres 0 and 1 (ties to the lower index); expert 2 joins the centre whose
+    # logit column is closer in cosine
+    cols = torch.nn.functional.normalize(logits.T, dim=-1)
+    closer = 0 if float(cols[2] @ cols[0]) > float(cols[2] @ cols[1]) else 1
+    assignment = msmoe.group_experts(f, logits, 2)
+    assert assignment == [0, 1, closer]
+    gate_up, down = random_experts()
+    gu, dn = msmoe.merge_experts(gate_up, down, f, assignment)
+    members = [i for i in range(3) if assignment[i] == closer]
+    ws = f[members] / f[members].sum()
+    want_gu, want_dn = 0, 0
+    for w, i in zip(ws, members):
+        a, b = msmoe.permute_expert(gate_up[i], down[i], msmoe.align_permutation(gate_up, down, closer, i))
+        want_gu, want_dn = want_gu + w * a, want_dn + w * b
+    for i in members:
+        assert torch.allclose(gu[i], want_gu.float(), atol=1e-6) and torch.allclose(dn[i], want_dn.float(), atol=1e-6)
+    other = 1 - closer
+    assert torch.equal(gu[other], gate_up[other]) and torch.equal(dn[other], down[other])  # a lone centre
+
+
+@pytest.mark.parametrize("build", [tiny_mixtral, tiny_qwen_moe])
+def test_merged_model_has_fewer_distinct_experts_and_the_same_router(build):
+    model = build()
+    routers = {b.name: b.router.weight.detach().clone() for b in find_moe_blocks(model)}
+    experts = {b.name: b.router.weight.shape[0] for b in find_moe_blocks(model)}
+    report = merge_moe_model(model, [{"input_ids": t} for t in tokens(n=16)], msmoe.MsmoeParams(num_experts=2))
+    for b in find_moe_blocks(model):
+        assert torch.equal(b.router.weight, routers[b.name])
+        distinct = {tuple(b.experts.gate_up_proj[i].reshape(-1).tolist()) for i in range(experts[b.name])}
+        assert len(distinct) == 2
+    ep = report["expert_parameters"]
+    assert ep["after_distinct"] < ep["before"] and abs(ep["reduction"] - (1 - 2 / max(experts.values()))) < 1e-9
+    a = report["agreement"]
+    assert a["tokens"] == 4 * 8 and 0 <= a["top1_agreement"] <= 1 and a["mean_kl"] >= 0
+
+
+def test_keeping_every_expert_changes_nothing():
+    model = tiny_mixtral()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = merge_moe_model(model, [{"input_ids": t} for t in tokens()], msmoe.MsmoeParams(num_experts=4))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert report["agreement"]["top1_agreement"] == 1.0 and report["expert_parameters"]["reduction"] == 0
+
+
+def test_msmoe_command_writes_a_loadable_model_and_report(tmp_path, capsys):
+    from transformers import MixtralForCausalLM
+
+    from modalmerge.cli import main
+
+    tiny_mixtral().save_pretrained(tmp_path / "moe")
+    out = tmp_path / "merged"
+    assert main(["msmoe", str(tmp_path / "moe"), "-o", str(out), "--calibration-callable", "test_msmoe:tokens",
+                 "--experts", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "distinct expert parameters" in printed and "held-out agreement" in printed
+    report = json.loads((out / "msmoe.json").read_text())
+    assert [layer["kept"] for layer in report["layers"]] == [3, 3]
+    merged = MixtralForCausalLM.from_pretrained(out)
+    sd, orig = load_sd(out), load_sd(tmp_path / "moe")
+    assert set(sd) == set(orig)
+    gates = [k for k in sd if k.endswith("gate.weight")]
+    assert gates and all(torch.equal(sd[k], orig[k]) for k in gates)
+    assert merged(tokens()[0]).logits.shape == (4, 8, VOCAB)
+    assert main(["msmoe", str(tmp_path / "moe"), "--calibration-callable", "test_msmoe:tokens", "--dry-run"]) == 0
+    assert "memory" in capsys.readouterr().out
+
+
+def test_msmoe_errors(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 vocab_size=VOCAB)).save_pretrained(tmp_path / "dense")
+    with pytest.raises(MergeError, match="no MoE block"):
+        msmoe_folder(tmp_path / "dense", tmp_path / "o", {"callable": "test_msmoe:tokens"})
+    assert not (tmp_path / "o").exists()
+    model = tiny_mixtral()
+    with pytest.raises(MergeError, match="more than the 4 experts"):
+        merge_moe_model(model, [{"input_ids": t} for t in tokens()], msmoe.MsmoeParams(num_experts=5))
