@@ -17,6 +17,9 @@ class TiesParams(Params):
     scope: Literal["global", "tensor"] = Field("global", description="trim threshold over the whole model or per tensor")
     aggregate: Literal["mean", "sum", "max"] = Field("mean", description="disjoint mean, sum or max of agreeing values")
     lam: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
+    # mergekit's conventions, set when a mergekit recipe is translated
+    tie: Literal["tensor", "positive"] = Field("tensor", description="sign where the sum is exactly 0: the tensor total's, or + (mergekit)")
+    keep_min: int = Field(0, ge=0, description="scope tensor: keep at least this many entries per task vector (mergekit: 1)")
 
 
 def trimmed_weighted_deltas(group: TensorGroup, p: TiesParams, stats: dict) -> torch.Tensor:
@@ -28,7 +31,7 @@ def trimmed_weighted_deltas(group: TensorGroup, p: TiesParams, stats: dict) -> t
     elif p.scope == "global":
         trim_global(deltas, stats["magnitudes"].thresholds)
     else:
-        deltas = trim_per_tensor(deltas, densities)
+        deltas = trim_per_tensor(deltas, densities, p.keep_min)
     return deltas * group.weights.reshape((-1,) + (1,) * (deltas.dim() - 1))
 
 
@@ -41,7 +44,8 @@ def tie_sign(group: TensorGroup, weighted: torch.Tensor) -> float:
 def ties_vector(group: TensorGroup, p: TiesParams, stats: dict) -> torch.Tensor:
     """The merged task vector τ_m before λ."""
     weighted = trimmed_weighted_deltas(group, p, stats)
-    return ops.elect_and_merge(weighted, p.aggregate, tie_sign(group, weighted), group.weights)
+    tie = 1.0 if p.tie == "positive" else tie_sign(group, weighted)
+    return ops.elect_and_merge(weighted, p.aggregate, tie, group.weights)
 
 
 def ties(group: TensorGroup, p: TiesParams, stats: dict) -> Merged:
@@ -60,7 +64,7 @@ TIES = Method(
     "ties", ties, TiesParams,
     summary="Trim each task vector, elect signs by mass, average the agreeing values.",
     statistics=ties_statistics,
-    prepass=ties_prepass,
+    prepass=lambda group, p, stats: ties_prepass(group, p, stats) if p.tie == "tensor" else 0.0,
     chunkable=lambda p, info: p.scope == "global",
     mergekit_names=("ties",),
 )
