@@ -1,3 +1,5 @@
 """Further CLI commands, one module each; each exposes `register(subparsers)`."""
 
-COMMANDS: list = []
+from . import bench
+
+COMMANDS: list = [bench.register]
