@@ -1,7 +1,6 @@
 """`modalmerge bench speed` end to end on a tiny shape, and its pieces."""
 
 import json
-import sys
 
 import torch
 
@@ -38,9 +37,11 @@ def test_floor_reads_everything_and_writes_a_model_sized_output(tmp_path):
 
 def test_measure_reports_the_childs_own_peak_memory(tmp_path):
     grow = "import numpy; a = numpy.ones(50_000_000); print(a.sum())"  # 400 MB
-    run = measure([sys.executable, "-c", grow], tmp_path / "log")
-    small = measure([sys.executable, "-c", "pass"], tmp_path / "log")
-    assert run.returncode == 0 and run.peak_rss > 4e8 > small.peak_rss
+    run = measure(["-c", grow], tmp_path / "log")
+    small = measure(["-c", "pass"], tmp_path / "log")  # not the (large) pytest process's memory
+    assert run.returncode == 0 and run.peak_rss > 4e8 and small.peak_rss < 1e8
+    failed = measure(["-c", "raise SystemExit(3)"], tmp_path / "log")
+    assert failed.returncode == 3 and failed.peak_rss > 0
     assert run.seconds > 0 and run.cpu_seconds > 0
 
 

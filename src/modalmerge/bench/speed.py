@@ -5,7 +5,7 @@ built once into a cache folder, streamed tensor by tensor so building never hold
 memory. Every measurement runs in a fresh subprocess: the merge through the CLI, and the floor,
 which reads every input tensor of every model with the same reader and writes an output of the
 same size with the same writer, without arithmetic. Peak RSS is the child's own maximum resident
-set (`wait4` rusage), wall time is measured around the child. Each measurement is repeated and
+set (its VmHWM, read as it exits), wall time is measured around the child. Each measurement is repeated and
 the median reported.
 """
 
@@ -190,16 +190,45 @@ class Row:
         return int(statistics.median(r.peak_rss for r in self.runs))
 
 
-def measure(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> Run:
-    """Run `cmd` as a child; its wall time and its own peak RSS (exact, from wait4's rusage)."""
-    with open(log_path, "ab") as log:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    # ru_maxrss is in KiB on Linux
-    return Run(seconds, usage.ru_maxrss * 1024, proc.returncode, usage.ru_utime + usage.ru_stime)
+# The measured child reports its own VmHWM (peak RSS of its address space since exec) at exit.
+# wait4's ru_maxrss would also count the parent's memory: the kernel carries the spawning
+# process's high-water mark into the child's across fork/exec.
+_LAUNCH = """
+import atexit, runpy, sys
+def _hwm(path=sys.argv[1]):
+    with open('/proc/self/status') as f:
+        kb = next((line.split()[1] for line in f if line.startswith('VmHWM:')), None)
+    if kb:
+        with open(path, 'w') as out:
+            out.write(kb)
+atexit.register(_hwm)
+mode, target = sys.argv[2], sys.argv[3]
+sys.argv = [target] + sys.argv[4:]
+if mode == '-m':
+    runpy.run_module(target, run_name='__main__', alter_sys=True)
+else:
+    exec(compile(target, '<string>', 'exec'), {'__name__': '__main__'})
+"""
+
+
+def measure(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> Run:
+    """Run `python -m module ...` or `python -c code ...` (argv = ["-m", module, ...]) as a fresh
+    process: its wall time, CPU time and peak RSS."""
+    hwm = Path(tempfile.mkstemp(prefix="modalmerge-hwm-")[1])
+    try:
+        with open(log_path, "ab") as log:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, str(hwm), *argv],
+                                    stdout=log, stderr=subprocess.STDOUT, env=env)
+            _, status, usage = os.wait4(proc.pid, 0)
+            seconds = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        text = hwm.read_text().strip()
+        # without /proc (or killed before atexit): the rusage figure, an upper bound (KiB on Linux)
+        peak = int(text) * 1024 if text else usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    finally:
+        hwm.unlink(missing_ok=True)
+    return Run(seconds, peak, proc.returncode, usage.ru_utime + usage.ru_stime)
 
 
 def floor(inputs: list[str], output: str) -> None:
@@ -242,9 +271,9 @@ def run_speed(shape: Shape, cache: Path, methods: list[str], repeats: int = 3, t
                 out = work / "out"
                 shutil.rmtree(out, ignore_errors=True)
                 if name == "floor":
-                    cmd = [sys.executable, "-m", "modalmerge.bench.speed", "floor", str(out), *inputs]
+                    cmd = ["-m", "modalmerge.bench.speed", "floor", str(out), *inputs]
                 else:
-                    cmd = [sys.executable, "-m", "modalmerge", "merge", str(recipes[name]), "--output", str(out),
+                    cmd = ["-m", "modalmerge", "merge", str(recipes[name]), "--output", str(out),
                            "--no-progress", *thread_args]
                 run = measure(cmd, work / "log.txt", env)
                 if run.returncode != 0:
