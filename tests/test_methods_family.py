@@ -483,9 +483,10 @@ def test_slerp_from_mergekit_recipe_uses_base_model_as_first_endpoint():
     recipe = parse_recipe({"merge_method": "slerp", "base_model": "A", "models": [{"model": "B"}],
                            "parameters": {"t": 0.3}})
     assert [m.path for m in recipe.models] == ["A", "B"]
-    with pytest.raises(MergeError, match="layer-dependent"):
-        parse_recipe({"merge_method": "slerp", "base_model": "A", "models": [{"model": "A"}, {"model": "B"}],
-                      "parameters": {"t": [0, 0.5, 1]}})
+    # a gradient of t is a per-layer schedule
+    recipe = parse_recipe({"merge_method": "slerp", "base_model": "A", "models": [{"model": "A"}, {"model": "B"}],
+                           "parameters": {"t": [0, 0.5, 1]}})
+    assert recipe.params == {"t": {"layers": [0, 0.5, 1]}}
 
 
 # -- mergekit recipes for DARE and DELLA ----------------------------------------------------------
@@ -494,14 +495,15 @@ def test_dare_and_della_mergekit_recipes_keep_mergekit_semantics():
     common = {"base_model": "B", "models": [{"model": "B"}, {"model": "M", "parameters": {"weight": 1.0,
                                                                                       "density": 0.5}}]}
     r = parse_recipe({"merge_method": "dare_ties", **common})
-    assert r.params == {"aggregate": "sum", "lambda": 1.0, "density": 1.0, "rescale": "l1"}
+    assert r.params == {"aggregate": "sum", "tie": "positive", "lambda": 1.0, "density": 1.0, "rescale": "l1"}
     r = parse_recipe({"merge_method": "dare_linear", "parameters": {"rescale": False, "normalize": True}, **common})
     assert r.params == {"normalize": True, "lambda": 1.0, "density": 1.0, "rescale": "none"}
     r = parse_recipe({"merge_method": "della", **common})
-    assert r.params == {"aggregate": "mean", "lambda": 1.0, "density": 1.0, "epsilon": 0.15, "rescale": "l1"}
+    assert r.params == {"aggregate": "mean", "tie": "positive", "lambda": 1.0, "density": 1.0, "epsilon": 0.15,
+                        "rescale": "l1"}
     assert r.models[0].params == {"density": 0.5}
     r = parse_recipe({"merge_method": "model_stock", **common})
-    assert r.method == "model_stock" and r.params == {}
+    assert r.method == "model_stock" and r.params == {"filter_wise": False}
 
 
 def test_mergekit_dare_ties_recipe_merges_like_mergekit():

@@ -1,10 +1,11 @@
 """Further CLI commands, one module each; each exposes `register(subparsers)`."""
 
-from . import align, extract, inspect, msmoe
+from . import align, bench, extract, inspect, msmoe
 
 COMMANDS: list = [
     inspect.register,
     extract.register,
     align.register,
     msmoe.register,
+    bench.register,
 ]

@@ -125,6 +125,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     return parse_recipe(data, f"recipe {p}").resolve_paths(p.parent)
 
 
+# mergekit 0.1.5's methods and their defaults (merge_methods/registry.py, generalized_task_arithmetic.py)
 # mergekit's methods, their defaults and the native parameters that reproduce their semantics
 _MERGEKIT_DEFAULTS = {
     "linear": {"normalize": True},
@@ -134,78 +135,111 @@ _MERGEKIT_DEFAULTS = {
     "dare_linear": {"normalize": False, "lambda": 1.0, "density": 1.0, "rescale": True},
     "dare_ties": {"normalize": False, "lambda": 1.0, "density": 1.0, "rescale": True},
     "breadcrumbs": {"normalize": False, "lambda": 1.0, "density": 1.0, "gamma": 0.01},
-    "breadcrumbs_ties": {"normalize": True, "lambda": 1.0},
     "della": {"normalize": True, "lambda": 1.0, "density": 1.0, "epsilon": 0.15, "rescale": True},
     "della_linear": {"normalize": False, "lambda": 1.0, "density": 1.0, "epsilon": 0.15, "rescale": True},
-    "model_stock": {},
+    "model_stock": {"filter_wise": False},
     "slerp": {},
 }
+# mergekit parameters that are set per input model (ParameterScope.INPUT / NON_BASE)
+_MERGEKIT_PER_MODEL = ("weight", "density", "gamma", "epsilon")
+_MERGEKIT_FIELDS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
+                    "tokenizer", "chat_template", "name"}
+# methods whose sign election mergekit breaks towards + (native: the tensor total's sign)
+_MERGEKIT_ELECTING = ("ties", "dare_ties", "della")
+
+
+def _mergekit_value(value: Any, where: str, key: str) -> Any:
+    """A mergekit parameter value: a number, or a gradient (a list of numbers, interpolated over
+    the layers: a native per-layer schedule). Name filters are not supported."""
+    if isinstance(value, list) and value and all(isinstance(x, (int, float)) for x in value):
+        return {"layers": value}
+    if isinstance(value, (list, dict)):
+        raise MergeError(f"{where}: parameter {key!r}: mergekit filters (`filter:` lists) are not supported; "
+                         "give one value or a list of numbers (a gradient over the layers)")
+    return value
 
 
 def from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any]:
-    """Translate a mergekit recipe into the native form, keeping mergekit's semantics."""
+    """Translate a mergekit recipe into the native form, keeping mergekit's semantics.
+
+    As mergekit does, top-level `parameters` are the defaults of every model's own `parameters`;
+    a base model is no task vector for the task-vector methods, but linear averages it with the
+    others (mergekit always adds the base to the inputs), and SLERP interpolates from it.
+    """
     from ..methods.registry import mergekit_method
 
-    if "slices" in data:
-        raise MergeError(f"{where}: mergekit `slices` (layer stacking) is not supported; use `models`")
-    unknown = set(data) - {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source",
-                           "out_dtype", "name", "chat_template", "tokenizer"}
+    if "slices" in data or "modules" in data:
+        raise MergeError(f"{where}: mergekit `slices`/`modules` (layer stacking) are not supported; use `models`")
+    unknown = set(data) - _MERGEKIT_FIELDS
     if unknown:
         raise MergeError(f"{where}: unknown mergekit field(s) {', '.join(sorted(unknown))}; remove them")
     name = data["merge_method"]
     method = mergekit_method(name)
+    top = {k: _mergekit_value(v, where, k) for k, v in (data.get("parameters") or {}).items()}
+    model_defaults = {k: v for k, v in top.items() if k in _MERGEKIT_PER_MODEL}
     params: dict[str, Any] = dict(_MERGEKIT_DEFAULTS.get(name, {}))
-    params.update(data.get("parameters") or {})
+    params.update({k: v for k, v in top.items() if k not in _MERGEKIT_PER_MODEL})
     base = data.get("base_model")
-    models = []
+    base_is_input = base is not None and (name == "linear" or method.base == "forbidden")
+    entries = []
     for i, entry in enumerate(data.get("models") or []):
-        if isinstance(entry, str):
-            entry = {"model": entry}
+        entry = {"model": entry} if isinstance(entry, str) else entry
         if not isinstance(entry, dict) or "model" not in entry:
             raise MergeError(f"{where}: models[{i}] has no `model`; add `model: path/to/model` to it")
-        if base is not None and entry["model"] == base and method.base != "forbidden":
-            continue  # mergekit treats the base listed among the models as no task vector
-        mp = dict(entry.get("parameters") or {})
+        entries.append(entry)
+    if base_is_input and base not in [e["model"] for e in entries]:
+        entries.append({"model": base})  # linear averages the base too
+    if base_is_input and method.base == "forbidden":
+        # SLERP interpolates from mergekit's base_model: it is the first endpoint
+        entries.sort(key=lambda e: e["model"] != base)
+    models = []
+    for entry in entries:
+        if base is not None and entry["model"] == base and not base_is_input:
+            continue  # the base listed among the models is no task vector
+        mp = dict(model_defaults)
+        mp.update({k: _mergekit_value(v, where, f"{entry['model']}.{k}")
+                   for k, v in (entry.get("parameters") or {}).items()})
         weight = mp.pop("weight", 1.0)
         models.append({"path": entry["model"], "weight": weight, "params": _model_params_from_mergekit(name, mp)})
-    if base is not None and method.base == "forbidden":
-        # a method without a base (slerp): mergekit's base_model is its first input
-        rest = [m for m in models if m["path"] != base]
-        first = next((m for m in models if m["path"] == base), {"path": base, "weight": 1.0, "params": {}})
-        models, base = [first] + rest, None
-    native = {"method": method.name, "base": base, "models": models, "source_format": "mergekit",
-              "params": method_params_from_mergekit(name, params)}
+    native = {"method": method.name, "base": None if base_is_input else base, "models": models,
+              "source_format": "mergekit", "params": method_params_from_mergekit(name, params, where)}
+    if base is not None:
+        native["copy_files_from"] = base  # mergekit takes config files from the base model
     dtype = data.get("out_dtype") or data.get("dtype")
     if dtype:
         native["dtype"] = dtype
     return native
 
 
-def method_params_from_mergekit(name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """mergekit parameter names and flags → native ones (per-tensor scope, weighted normalisation)."""
+def method_params_from_mergekit(name: str, params: dict[str, Any], where: str = "recipe") -> dict[str, Any]:
+    """mergekit's shared parameters → native ones with the same semantics.
+
+    TIES: mergekit trims per tensor keeping at least one entry (`k = max(1, int(density·n))`);
+    its elections send exact zero sums to +1; `normalize` divides by the weights of the agreeing
+    models (native `aggregate: mean` with weights) or not at all (`sum`).
+    """
     params = dict(params)
-    params.pop("int8_mask", None)
+    params.pop("int8_mask", None)  # a memory option of mergekit's, no effect on the result
     out: dict[str, Any] = {}
     normalize = params.pop("normalize", None)
-    if name in ("ties", "dare_ties", "della", "breadcrumbs_ties"):
+    if name in _MERGEKIT_ELECTING:
         out["aggregate"] = "mean" if normalize in (None, True) else "sum"
+        out["tie"] = "positive"
         if name == "ties":
             out["scope"] = "tensor"
+            out["keep_min"] = 1
     elif normalize is not None:
         out["normalize"] = normalize
-    if name in ("dare_linear", "dare_ties", "della", "della_linear") and isinstance(params.get("rescale"), bool):
-        params["rescale"] = "l1" if params["rescale"] else "none"
+    if "rescale" in params:
+        rescale = params.pop("rescale")
+        if name in ("dare_linear", "dare_ties", "della", "della_linear"):
+            out["rescale"] = "l1" if rescale else "none"  # mergekit rescales to the L1 norm, not 1/p
+        elif rescale:
+            raise MergeError(f"{where}: `rescale: true` is not supported for mergekit method {name!r}")
     if name == "breadcrumbs":
         out["scope"] = "tensor"
-        if params.get("rescale") is False:
-            params.pop("rescale")  # mergekit's default: nothing to do
-    if name == "slerp" and not isinstance(params.get("t", 0.5), (int, float)):
-        raise MergeError("mergekit slerp: a layer-dependent `t` (a list or filters) is not supported; "
-                         "give `t` as one number")
     out.update(_model_params_from_mergekit(name, params))
-    # a mergekit gradient (a list of numbers) is a per-layer schedule here
-    return {k: {"layers": v} if isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v) else v
-            for k, v in out.items()}
+    return out
 
 
 def _model_params_from_mergekit(name: str, params: dict[str, Any]) -> dict[str, Any]:

@@ -42,6 +42,8 @@ class DareTiesParams(Params):
     rescale: Rescale = Field("inverse", description="survivors × 1/density (inverse, the paper), match each "
                                                     "tensor's L1 norm (l1, current mergekit), or none")
     aggregate: Literal["mean", "sum", "max"] = Field("mean", description="disjoint mean, sum or max of agreeing values")
+    tie: Literal["tensor", "positive"] = Field("tensor", description="sign where the sum is exactly 0: the "
+                                               "tensor total's, or + (mergekit)")
     lam: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
     trim: bool = Field(False, description="TIES magnitude trim before the drop (FusionBench); off: mergekit's dare_ties")
     trim_density: float = Field(0.2, gt=0, le=1, description="kept fraction of the trim, when `trim` is on")
@@ -87,9 +89,9 @@ def linear_merge(group: TensorGroup, deltas: torch.Tensor, lam: float, normalize
     return Merged(group.base + lam * ops.weighted_sum(deltas, w))
 
 
-def ties_merge(group: TensorGroup, deltas: torch.Tensor, lam: float, aggregate: str) -> Merged:
+def ties_merge(group: TensorGroup, deltas: torch.Tensor, lam: float, aggregate: str, tie: str = "tensor") -> Merged:
     """θ_0 + λ · elect-and-disjoint-merge of w_t x_t (TIES steps 2-4, on already sparse vectors)."""
-    return Merged(torch.add(group.base, elect_merge(group, weighted(group, deltas), aggregate), alpha=lam))
+    return Merged(torch.add(group.base, elect_merge(group, weighted(group, deltas), aggregate, tie=tie), alpha=lam))
 
 
 def dare_linear(group: TensorGroup, p: DareLinearParams, stats: dict) -> Merged:
@@ -112,7 +114,7 @@ def dare_ties_deltas(group: TensorGroup, p: DareTiesParams, stats: dict) -> torc
 
 
 def dare_ties(group: TensorGroup, p: DareTiesParams, stats: dict) -> Merged:
-    return ties_merge(group, dare_ties_deltas(group, p, stats), p.lam, p.aggregate)
+    return ties_merge(group, dare_ties_deltas(group, p, stats), p.lam, p.aggregate, p.tie)
 
 
 DARE_LINEAR = Method(

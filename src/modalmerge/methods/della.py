@@ -42,6 +42,8 @@ class _MagpruneParams(Params):
 
 class DellaParams(_MagpruneParams):
     aggregate: Literal["mean", "sum", "max"] = Field("mean", description="disjoint mean, sum or max of agreeing values")
+    tie: Literal["tensor", "positive"] = Field("tensor", description="sign where the sum is exactly 0: the "
+                                               "tensor total's, or + (mergekit)")
     lam: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
 
 
@@ -79,7 +81,7 @@ def magprune(group: TensorGroup, deltas: torch.Tensor, p: _MagpruneParams) -> to
 
 
 def della(group: TensorGroup, p: DellaParams, stats: dict) -> Merged:
-    return ties_merge(group, magprune(group, group.task_vectors(), p), p.lam, p.aggregate)
+    return ties_merge(group, magprune(group, group.task_vectors(), p), p.lam, p.aggregate, p.tie)
 
 
 def della_linear(group: TensorGroup, p: DellaLinearParams, stats: dict) -> Merged:

@@ -135,6 +135,6 @@ def trim_global(deltas: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
     return deltas
 
 
-def trim_per_tensor(deltas: torch.Tensor, densities: list[float]) -> torch.Tensor:
-    """Keep each task vector's top int(density · numel) magnitudes within this tensor."""
-    return torch.stack([ops.keep_top_fraction(d, k) for d, k in zip(deltas, densities)])
+def trim_per_tensor(deltas: torch.Tensor, densities: list[float], min_keep: int = 0) -> torch.Tensor:
+    """Keep each task vector's top int(density · numel) magnitudes (at least `min_keep`) within this tensor."""
+    return torch.stack([ops.keep_top_fraction(d, k, min_keep) for d, k in zip(deltas, densities)])

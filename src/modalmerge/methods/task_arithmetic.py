@@ -13,7 +13,7 @@ class TaskArithmeticParams(Params):
 
 def task_arithmetic(group: TensorGroup, p: TaskArithmeticParams, stats) -> Merged:
     w = group.weights
-    if p.normalize:
+    if p.normalize and abs(float(w.sum())) >= 1e-8:  # weights summing to 0 are left as they are (as mergekit)
         w = w / w.sum()
     return Merged(ops.weighted_sum(group.take_task_vectors(), w).mul_(p.lam).add_(group.base))
 

@@ -17,6 +17,11 @@ class TiesParams(Params):
     scope: Literal["global", "tensor"] = Field("global", description="trim threshold over the whole model or per tensor")
     aggregate: Literal["mean", "sum", "max"] = Field("mean", description="disjoint mean, sum or max of agreeing values")
     lam: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
+    # mergekit's conventions, set when a mergekit recipe is translated
+    tie: Literal["tensor", "positive"] = Field("tensor", description="sign where the sum is exactly 0: the "
+                                               "tensor total's, or + (mergekit)")
+    keep_min: int = Field(0, ge=0, description="scope tensor: keep at least this many entries per task vector "
+                                               "(mergekit: 1)")
 
 
 def trimmed_weighted_deltas(group: TensorGroup, p: TiesParams, stats: dict,
@@ -35,18 +40,23 @@ def trimmed_weighted_deltas(group: TensorGroup, p: TiesParams, stats: dict,
     elif group.tensor_stats is not None:
         trim_global(deltas, group.tensor_stats)  # this tensor's own thresholds
     else:
-        deltas = trim_per_tensor(deltas, densities)
+        deltas = trim_per_tensor(deltas, densities, p.keep_min)
     if not bool((group.weights == 1).all()):
         deltas.mul_(group.weights_like(deltas))
     return deltas
 
 
-def elect_merge(group: TensorGroup, weighted: torch.Tensor, aggregate: str, key: str = "elect") -> torch.Tensor:
-    """Sign election with the tensor-level tie rule, then the disjoint aggregate.
+def elect_merge(group: TensorGroup, weighted: torch.Tensor, aggregate: str, key: str = "elect",
+                tie: str = "tensor") -> torch.Tensor:
+    """Sign election with the tensor-level tie rule (or + for `tie: positive`, mergekit's), then
+    the disjoint aggregate.
 
     Uses `weighted` as scratch space: the caller must not need it afterwards.
     """
     total = weighted.sum(dim=0)
+    if tie == "positive":
+        gamma = ops.elect_sign(weighted, 1.0, total)
+        return ops.disjoint_merge(weighted, gamma, aggregate, group.weights, inplace=True)
     gamma = ops.elect_sign(weighted, group.tie_sign(total, key), total)
     merged = ops.disjoint_merge(weighted, gamma, aggregate, group.weights, inplace=True)
     group.settle_ties(total, merged, key)
@@ -55,7 +65,7 @@ def elect_merge(group: TensorGroup, weighted: torch.Tensor, aggregate: str, key:
 
 def ties_vector(group: TensorGroup, p: TiesParams, stats: dict, deltas: torch.Tensor | None = None) -> torch.Tensor:
     """The merged task vector τ_m before λ (see trimmed_weighted_deltas for `deltas`)."""
-    return elect_merge(group, trimmed_weighted_deltas(group, p, stats, deltas), p.aggregate)
+    return elect_merge(group, trimmed_weighted_deltas(group, p, stats, deltas), p.aggregate, tie=p.tie)
 
 
 def ties(group: TensorGroup, p: TiesParams, stats: dict) -> Merged:
@@ -69,7 +79,7 @@ def tensor_threshold(p: TiesParams, info, base, model, model_params) -> float:
     if density >= 1:
         return 0.0
     delta = model - base
-    k = int(density * delta.numel())
+    k = min(max(int(density * delta.numel()), p.keep_min), delta.numel())
     return ops.kth_largest_magnitude(delta, k) if k > 0 else float("inf")
 
 

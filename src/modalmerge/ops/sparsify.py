@@ -33,9 +33,10 @@ def trim_magnitude_(x: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.ops.aten.hardshrink.out(x, lam, out=x)
 
 
-def keep_top_fraction(x: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero all but the int(density · numel) largest |x| of the tensor (ties at the edge kept)."""
-    k = int(density * x.numel())
+def keep_top_fraction(x: torch.Tensor, density: float, min_keep: int = 0) -> torch.Tensor:
+    """Zero all but the int(density · numel) largest |x| of the tensor (ties at the edge kept),
+    and at least `min_keep` of them."""
+    k = max(int(density * x.numel()), min_keep)
     if k <= 0:
         return torch.zeros_like(x)
     if k >= x.numel():

@@ -1,0 +1,322 @@
+"""`modalmerge bench speed`: wall time and peak memory of merges against an I/O floor.
+
+Synthetic Llama-shaped checkpoints (a base and N fine-tunes = base + small random deltas) are
+built once into a cache folder, streamed tensor by tensor so building never holds a model in
+memory. Every measurement runs in a fresh subprocess: the merge through the CLI, and the floor,
+which reads every input tensor of every model with the same reader and writes an output of the
+same size with the same writer, without arithmetic. Peak RSS is the child's own maximum resident
+set (its VmHWM, read as it exits), wall time is measured around the child. Each measurement is repeated and
+the median reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+CACHE_VERSION = 1
+DELTA_SCALE = 0.1        # fine-tune deltas relative to the base's init std
+INIT_STD = 0.02          # Llama's initializer_range
+TARGETS = {"task_arithmetic": 1.3, "ties": 2.0}  # wall time over the floor (issue)
+RSS_TARGET_BYTES = 2.5e9
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int = 1024
+    layers: int = 24
+    vocab: int = 32000
+    intermediate: int | None = None   # default 4 × hidden (≈ 470M parameters at the defaults)
+    models: int = 8
+
+    @property
+    def ffn(self) -> int:
+        return self.intermediate or 4 * self.hidden
+
+    @property
+    def key(self) -> str:
+        return f"llama-h{self.hidden}-l{self.layers}-v{self.vocab}-i{self.ffn}-bf16-v{CACHE_VERSION}"
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        h, f = self.hidden, self.ffn
+        out = [("model.embed_tokens.weight", (self.vocab, h))]
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            out += [(p + "input_layernorm.weight", (h,)),
+                    (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (h, h)),
+                    (p + "self_attn.v_proj.weight", (h, h)), (p + "self_attn.o_proj.weight", (h, h)),
+                    (p + "post_attention_layernorm.weight", (h,)),
+                    (p + "mlp.gate_proj.weight", (f, h)), (p + "mlp.up_proj.weight", (f, h)),
+                    (p + "mlp.down_proj.weight", (h, f))]
+        out += [("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
+        return out
+
+    @property
+    def parameters(self) -> int:
+        total = 0
+        for _, s in self.tensors():
+            n = 1
+            for d in s:
+                n *= d
+            total += n
+        return total
+
+    def config(self) -> dict[str, Any]:
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.hidden,
+                "intermediate_size": self.ffn, "num_hidden_layers": self.layers,
+                "num_attention_heads": max(1, self.hidden // 64), "num_key_value_heads": max(1, self.hidden // 64),
+                "vocab_size": self.vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+                "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
+
+QUICK = Shape(hidden=256, layers=4, vocab=4096, models=3)
+DEFAULT_METHODS = ["linear", "task_arithmetic", "ties:scope=global", "ties:scope=tensor"]
+
+
+def _seed(*parts: Any) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+def build_checkpoints(shape: Shape, cache: Path, log=print) -> dict[str, Path]:
+    """The base and fine-tunes for `shape` in `cache`, built on first use.
+
+    Tensor by tensor: the base tensor is drawn once and every model's version of it written
+    straight to its file, so at most one tensor (fp32) and its deltas are in memory.
+    """
+    import torch
+
+    from ..checkpoint.safetensors_io import SafetensorsStreamWriter, TensorMeta
+
+    names = ["base"] + [f"ft{i}" for i in range(shape.models)]
+    root = Path(cache) / shape.key
+    folders = {n: root / n for n in names}
+    # a folder only appears (by rename) once its file is complete; seeds are per model and tensor,
+    # so a larger --models adds fine-tunes to the same cache
+    todo = [n for n in names if not (folders[n] / "model.safetensors").exists()]
+    if not todo:
+        return folders
+    log(f"building {len(todo)} synthetic checkpoints ({shape.parameters / 1e6:.0f}M parameters each, bfloat16) "
+        f"in {root}")
+    t0 = time.perf_counter()
+    entries = [(n, TensorMeta(s, torch.bfloat16)) for n, s in shape.tensors()]
+    writers = {}
+    for n in todo:
+        tmp = root / f".{n}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        (tmp / "config.json").write_text(json.dumps(shape.config(), indent=2))
+        writers[n] = (tmp, SafetensorsStreamWriter(tmp / "model.safetensors", entries))
+    for tname, s in shape.tensors():
+        g = torch.Generator().manual_seed(_seed("base", tname))
+        if len(s) == 1:   # norms: around 1
+            base = 1.0 + INIT_STD * torch.randn(s, generator=g)
+        else:
+            base = INIT_STD * torch.randn(s, generator=g)
+        for n, (_, w) in writers.items():
+            if n == "base":
+                w.write(tname, base.to(torch.bfloat16))
+                continue
+            g = torch.Generator().manual_seed(_seed(n, tname))
+            w.write(tname, base.add(torch.randn(s, generator=g), alpha=DELTA_SCALE * INIT_STD).to(torch.bfloat16))
+        del base
+    for n, (tmp, w) in writers.items():
+        w.close()
+        shutil.rmtree(folders[n], ignore_errors=True)
+        os.replace(tmp, folders[n])
+    log(f"built in {time.perf_counter() - t0:.0f} s")
+    return folders
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """`ties:scope=tensor,density=0.2` → ("ties", {"scope": "tensor", "density": 0.2})."""
+    import yaml
+
+    name, _, rest = spec.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        k, _, v = item.partition("=")
+        params[k.strip()] = yaml.safe_load(v)
+    return name, params
+
+
+def recipe_for(spec: str, folders: dict[str, Path]) -> dict[str, Any]:
+    from ..methods.registry import get_method
+
+    name, params = parse_method(spec)
+    method = get_method(name)
+    if name == "task_arithmetic":
+        params.setdefault("lambda", 0.3)
+    models = [str(p) for n, p in folders.items() if n != "base"]
+    recipe = {"method": name, "models": models, "params": params, "dtype": "bfloat16"}
+    if method.base != "forbidden":
+        recipe["base"] = str(folders["base"])
+    return recipe
+
+
+@dataclass
+class Run:
+    seconds: float
+    peak_rss: int          # bytes
+    returncode: int
+    cpu_seconds: float = 0.0   # user + system: less sensitive than wall time to a busy machine
+
+
+@dataclass
+class Row:
+    name: str
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(r.seconds for r in self.runs)
+
+    @property
+    def cpu_seconds(self) -> float:
+        return statistics.median(r.cpu_seconds for r in self.runs)
+
+    @property
+    def peak_rss(self) -> int:
+        return int(statistics.median(r.peak_rss for r in self.runs))
+
+
+# The measured child reports its own VmHWM (peak RSS of its address space since exec) at exit.
+# wait4's ru_maxrss would also count the parent's memory: the kernel carries the spawning
+# process's high-water mark into the child's across fork/exec.
+_LAUNCH = """
+import atexit, runpy, sys
+def _hwm(path=sys.argv[1]):
+    with open('/proc/self/status') as f:
+        kb = next((line.split()[1] for line in f if line.startswith('VmHWM:')), None)
+    if kb:
+        with open(path, 'w') as out:
+            out.write(kb)
+atexit.register(_hwm)
+mode, target = sys.argv[2], sys.argv[3]
+sys.argv = [target] + sys.argv[4:]
+if mode == '-m':
+    runpy.run_module(target, run_name='__main__', alter_sys=True)
+else:
+    exec(compile(target, '<string>', 'exec'), {'__name__': '__main__'})
+"""
+
+
+def measure(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> Run:
+    """Run `python -m module ...` or `python -c code ...` (argv = ["-m", module, ...]) as a fresh
+    process: its wall time, CPU time and peak RSS."""
+    hwm = Path(tempfile.mkstemp(prefix="modalmerge-hwm-")[1])
+    try:
+        with open(log_path, "ab") as log:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, str(hwm), *argv],
+                                    stdout=log, stderr=subprocess.STDOUT, env=env)
+            _, status, usage = os.wait4(proc.pid, 0)
+            seconds = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        text = hwm.read_text().strip()
+        # without /proc (or killed before atexit): the rusage figure, an upper bound (KiB on Linux)
+        peak = int(text) * 1024 if text else usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    finally:
+        hwm.unlink(missing_ok=True)
+    return Run(seconds, peak, proc.returncode, usage.ru_utime + usage.ru_stime)
+
+
+def floor(inputs: list[str], output: str) -> None:
+    """Read every tensor of every input with the merge's reader; write an output of the base's
+    size with its writer. No arithmetic: what any merge of these models must at least spend."""
+    from ..checkpoint.safetensors_io import SafetensorsFile, SafetensorsStreamWriter
+
+    files = [SafetensorsFile(Path(p) / "model.safetensors") for p in inputs]
+    first = files[0]
+    Path(output).mkdir(parents=True, exist_ok=True)
+    writer = SafetensorsStreamWriter(Path(output) / "model.safetensors", [(n, first.meta(n)) for n in first.names()])
+    for name in first.names():
+        tensor = None
+        for f in files:
+            tensor = f.read(name)
+        writer.write(name, tensor)
+        del tensor
+    writer.close()
+
+
+def run_speed(shape: Shape, cache: Path, methods: list[str], repeats: int = 3, threads: int | None = None,
+              log=print) -> dict[str, Any]:
+    """Build (or reuse) the checkpoints, then time the floor and each method, `repeats` times each."""
+    folders = build_checkpoints(shape, cache, log)
+    work = Path(tempfile.mkdtemp(prefix="modalmerge-bench-"))
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[2])  # the children import this very modalmerge
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    rows = {"floor": Row("floor")} | {m: Row(m) for m in methods}
+    try:
+        recipes = {}
+        for m in methods:
+            path = work / f"{m.replace(':', '_').replace(',', '_').replace('=', '-')}.json"
+            path.write_text(json.dumps(recipe_for(m, folders)))   # JSON is YAML
+            recipes[m] = path
+        inputs = [str(folders["base"])] + [str(p) for n, p in folders.items() if n != "base"]
+        thread_args = ["--threads", str(threads)] if threads else []
+        for rep in range(repeats):
+            for name, row in rows.items():
+                out = work / "out"
+                shutil.rmtree(out, ignore_errors=True)
+                if name == "floor":
+                    cmd = ["-m", "modalmerge.bench.speed", "floor", str(out), *inputs]
+                else:
+                    cmd = ["-m", "modalmerge", "merge", str(recipes[name]), "--output", str(out),
+                           "--no-progress", *thread_args]
+                run = measure(cmd, work / "log.txt", env)
+                if run.returncode != 0:
+                    tail = (work / "log.txt").read_text(errors="replace").strip().splitlines()[-5:]
+                    raise RuntimeError(f"bench speed: {name} failed (exit {run.returncode}):\n" + "\n".join(tail))
+                row.runs.append(run)
+                log(f"  [{rep + 1}/{repeats}] {name:<22} {run.seconds:7.2f} s  cpu {run.cpu_seconds:7.2f} s  "
+                    f"{run.peak_rss / 1e9:5.2f} GB")
+                shutil.rmtree(out, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    floor_s = rows["floor"].seconds
+    results = []
+    for name, row in rows.items():
+        target = TARGETS.get(parse_method(name)[0]) if name != "floor" else None
+        results.append({"name": name, "seconds": row.seconds, "x_floor": row.seconds / floor_s,
+                        "cpu_seconds": row.cpu_seconds,
+                        "peak_rss_bytes": row.peak_rss, "target_x_floor": target,
+                        "runs": [asdict(r) for r in row.runs]})
+    return {"shape": asdict(shape) | {"intermediate": shape.ffn, "parameters": shape.parameters},
+            "repeats": repeats, "threads": threads, "python": sys.version.split()[0],
+            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "results": results}
+
+
+def table(result: dict[str, Any]) -> str:
+    """The results as a Markdown table."""
+    s = result["shape"]
+    lines = [f"{s['parameters'] / 1e6:.0f}M parameters (hidden {s['hidden']}, {s['layers']} layers, vocab "
+             f"{s['vocab']}, intermediate {s['intermediate']}), bfloat16, base + {s['models']} models; "
+             f"median of {result['repeats']}, threads {result['threads'] or 'all'}, {result['cpus']} CPUs",
+             "",
+             "| run | wall (s) | × floor | target | CPU (s) | peak RSS (GB) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in result["results"]:
+        target = f"≤ {r['target_x_floor']}×" if r["target_x_floor"] else ""
+        lines.append(f"| {r['name']} | {r['seconds']:.2f} | {r['x_floor']:.2f} | {target} | {r['cpu_seconds']:.1f} | "
+                     f"{r['peak_rss_bytes'] / 1e9:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":   # the floor's child process: python -m modalmerge.bench.speed floor OUT IN...
+    if len(sys.argv) >= 4 and sys.argv[1] == "floor":
+        floor(sys.argv[3:], sys.argv[2])
+    else:
+        sys.exit("usage: python -m modalmerge.bench.speed floor OUTPUT INPUT...")

@@ -1,0 +1,67 @@
+"""`modalmerge bench …`: benchmarks. `bench speed` times merges against an I/O floor."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def default_cache() -> Path:
+    env = os.environ.get("MODALMERGE_CACHE")
+    return Path(env) / "bench" if env else Path.home() / ".cache" / "modalmerge" / "bench"
+
+
+def cmd_speed(args) -> int:
+    from ..bench.speed import DEFAULT_METHODS, QUICK, Shape, run_speed, table
+    from ..errors import MergeError
+    from ..methods.registry import get_method
+    from ..bench.speed import parse_method
+
+    base = QUICK if args.quick else Shape()
+    shape = Shape(hidden=args.hidden or base.hidden, layers=args.layers or base.layers,
+                  vocab=args.vocab or base.vocab, intermediate=args.intermediate or base.intermediate,
+                  models=args.models or base.models)
+    if min(shape.hidden, shape.layers, shape.vocab, shape.models, shape.ffn) < 1:
+        raise MergeError("bench speed: --hidden, --layers, --vocab, --intermediate and --models must be positive")
+    methods = args.methods or DEFAULT_METHODS
+    for m in methods:
+        get_method(parse_method(m)[0])   # unknown names fail before anything is built
+    repeats = args.repeats or (1 if args.quick else 3)
+    try:
+        result = run_speed(shape, Path(args.cache or default_cache()), methods, repeats, args.threads)
+    except RuntimeError as e:
+        raise MergeError(str(e)) from None
+    text = table(result)
+    print(text, end="")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks (speed)", description="Benchmarks; each has a --quick mode.")
+    bench = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    s = bench.add_parser(
+        "speed", help="wall time and peak memory of merges next to an I/O floor",
+        description="Build Llama-shaped synthetic bfloat16 checkpoints (a base and N fine-tunes) once into a "
+                    "cache, then time each method's merge and a floor (read every input tensor, write the "
+                    "output, no arithmetic), each in a fresh process; report medians and peak RSS.")
+    s.add_argument("--cache", help="folder for the synthetic checkpoints (default ~/.cache/modalmerge/bench, "
+                                   "or $MODALMERGE_CACHE/bench)")
+    s.add_argument("--hidden", type=int, help="hidden size (default 1024; quick 256)")
+    s.add_argument("--layers", type=int, help="decoder layers (default 24; quick 4)")
+    s.add_argument("--vocab", type=int, help="vocabulary size (default 32000; quick 4096)")
+    s.add_argument("--intermediate", type=int, help="MLP size (default 4 x hidden)")
+    s.add_argument("--models", type=int, help="fine-tuned models besides the base (default 8; quick 3)")
+    s.add_argument("--methods", nargs="+", metavar="METHOD[:k=v,...]",
+                   help="methods to time, with parameters, e.g. ties:scope=tensor "
+                        "(default: linear task_arithmetic ties:scope=global ties:scope=tensor)")
+    s.add_argument("--repeats", type=int, help="runs per measurement, the median is reported (default 3; quick 1)")
+    s.add_argument("--threads", type=int, help="torch threads for the merges (default: all cores)")
+    s.add_argument("--quick", action="store_true", help="a tiny shape, one run each: seconds, for CI")
+    s.add_argument("--out", help="write the results (every run) as JSON here")
+    s.add_argument("--markdown", help="write the table as Markdown here")
+    s.set_defaults(func=cmd_speed)
