@@ -8,6 +8,7 @@ from .dare import DARE_LINEAR, DARE_TIES
 from .della import DELLA, DELLA_LINEAR
 from .emr import EMR
 from .linear import LINEAR
+from .mmer import MMER
 from .model_stock import MODEL_STOCK
 from .slerp import SLERP
 from .tall import TALL
@@ -30,6 +31,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     CONSENSUS,
     EMR,
     NEUROMERGING,
+    MMER,
 )}
 
 
