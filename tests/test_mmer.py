@@ -274,3 +274,13 @@ def test_errors(family, tmp_path):
     with pytest.raises(MergeError, match="other"):
         merge(r, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_dry_run(family, tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe(family, ("vision", "math"))))
+    assert main(["merge", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "mmer" in out and "vision, math" in out

@@ -71,7 +71,7 @@ class DecoupledFolder:
         manifest_path = ddir / MANIFEST
         if not manifest_path.exists():
             raise MergeError(f"{self.path} is not a decoupled merge (no {DECOUPLED_DIR}/{MANIFEST}); merge with a "
-                             "task-conditional method (tall, emr) to get per-task models")
+                             "task-conditional method (tall, emr, mmer) to get per-task models")
         try:
             self.manifest = json.loads(manifest_path.read_text())
             fmt = self.manifest["format"]

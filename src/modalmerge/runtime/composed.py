@@ -254,11 +254,9 @@ class ComposedModel:
     def _correction(self, r: _Routed, module: nn.Module, x: torch.Tensor, k: int, y: torch.Tensor) -> torch.Tensor:
         """f(x; W_t + D) − f(x; W_t) for the tokens x, with y = f(x; W_t) already computed."""
         d = self._deltas(r, k)
-        zero = None
+        # modules linear in their parameters: the correction is the module applied with D
         if isinstance(module, nn.Linear):
-            out = F.linear(x, d.get("weight", zero) if "weight" in d else torch.zeros_like(module.weight),
-                           d.get("bias"))
-            return out
+            return F.linear(x, d["weight"] if "weight" in d else torch.zeros_like(module.weight), d.get("bias"))
         if isinstance(module, nn.Embedding):
             if "weight" not in d:
                 return torch.zeros_like(y)
