@@ -36,7 +36,16 @@ def merge(recipe: str | os.PathLike | dict | Recipe, output: str | os.PathLike, 
     """Merge the recipe's models into a model folder at `output` (written atomically)."""
     from . import __version__
 
-    p = plan(recipe, allow_pickle=allow_pickle, chunk_elems=chunk_elems)
+    r = _recipe(recipe)
+    if r.method == "mmer":
+        # multimodal composition: LLMs merged and decoupled, encoders/projectors alongside
+        from .engine.mmer import compose
+        report, storage = compose(r, output, device=device, overwrite=overwrite, allow_pickle=allow_pickle,
+                                  exact_stats=exact_stats, progress=progress, max_shard_bytes=max_shard_bytes,
+                                  chunk_elems=chunk_elems, tool_version=__version__)
+        report.statistics["storage"] = storage
+        return report
+    p = plan(r, allow_pickle=allow_pickle, chunk_elems=chunk_elems)
     if p.method.sequential:  # OPCM: models one at a time, state kept in output/continual/
         from .engine.continual import run_sequential
         run_sequential(p, output, overwrite=overwrite, progress=progress)

@@ -44,8 +44,14 @@ def cmd_merge(args) -> int:
     recipe = _recipe(args.recipe)
     if args.seed is not None:
         recipe = recipe.model_copy(update={"seed": args.seed})
-    base, models = open_models(recipe, allow_pickle=args.allow_pickle)
-    plan = build_plan(recipe, base, models)
+    composed = None
+    if recipe.method == "mmer":
+        from .engine.mmer import plan_composed
+        composed = plan_composed(recipe, allow_pickle=args.allow_pickle)
+        plan = composed.plan
+    else:
+        base, models = open_models(recipe, allow_pickle=args.allow_pickle)
+        plan = build_plan(recipe, base, models)
     if args.dry_run:
         s = plan.summary()
         print(f"method      {s['method']}  {json.dumps(s['params'])}")
@@ -72,11 +78,19 @@ def cmd_merge(args) -> int:
         print(f"merged {len(plan.models)} model(s) one at a time with {plan.method.name} -> {args.output} "
               "(add more with --continual)")
         return 0
-    sink = FolderSink(plan, args.output, overwrite=args.overwrite, tool_version=__version__)
-    report = Executor(plan, device=args.device, exact_stats=args.exact_stats,
-                      progress=not args.no_progress, allow_pickle=args.allow_pickle).run(sink)
+    if composed is not None:
+        from .engine.mmer import compose, storage_lines
+        report, storage = compose(recipe, args.output, device=args.device, overwrite=args.overwrite,
+                                  exact_stats=args.exact_stats, progress=not args.no_progress,
+                                  tool_version=__version__, composed=composed)
+    else:
+        sink = FolderSink(plan, args.output, overwrite=args.overwrite, tool_version=__version__)
+        report = Executor(plan, device=args.device, exact_stats=args.exact_stats,
+                          progress=not args.no_progress, allow_pickle=args.allow_pickle).run(sink)
     print(f"merged {report.merged_tensors} tensors ({report.merged_parameters:,} parameters), copied "
           f"{report.copied_tensors}, in {report.seconds['total']:.1f} s -> {args.output}")
+    if composed is not None:
+        print("\n".join(storage_lines(storage)))
     return 0
 
 

@@ -37,7 +37,8 @@ TEXT_WEIGHTS = "mean over all tasks of scalar_t * mask_t"
 # elements reconstructed at once (a multiple of 8, so mask reads stay byte aligned)
 BLOCK_ELEMS = 1 << 24
 
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+POPCOUNT = _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+SPARSE_STEM = "shared_sparse"
 
 
 def _stem_files(folder: Path, stem: str) -> list[Path]:
@@ -70,7 +71,7 @@ class DecoupledFolder:
         manifest_path = ddir / MANIFEST
         if not manifest_path.exists():
             raise MergeError(f"{self.path} is not a decoupled merge (no {DECOUPLED_DIR}/{MANIFEST}); merge with a "
-                             "task-conditional method (tall, emr) to get per-task models")
+                             "task-conditional method (tall, emr, mmer) to get per-task models")
         try:
             self.manifest = json.loads(manifest_path.read_text())
             fmt = self.manifest["format"]
@@ -90,7 +91,8 @@ class DecoupledFolder:
             raise MergeError(f"{manifest_path}: no tasks; re-run the merge")
         self.mask_key = self.manifest.get("mask_key", "{task}::{tensor}")
         self.text = open_source(self.path, label=self.path.name)
-        self.shared = SafetensorsSource(_stem_files(ddir, self.manifest.get("shared", "shared")), "shared", ddir)
+        shared = SafetensorsSource(_stem_files(ddir, self.manifest.get("shared", "shared")), "shared", ddir)
+        self.shared = SparseShared(shared, self.text) if self.manifest.get("shared_format") == "sparse" else shared
         self.masks = SafetensorsSource(_stem_files(ddir, self.manifest.get("masks", "masks")), "masks", ddir)
         for name in self.tensors:
             if name not in self.text:
@@ -171,6 +173,25 @@ class DecoupledFolder:
         """Task's model as a TensorSource (an input to another merge, without writing it out)."""
         return TaskSource(self, task)
 
+    # -- composed (MMER) folders -----------------------------------------------------------
+    def task_entry(self, task: str) -> dict:
+        return dict(self.manifest["tasks"][self.check_task(task)])
+
+    def llm_names(self, task: str) -> dict[str, str]:
+        """Merged-model name → the task's own model's name, where they differ (MMER composed)."""
+        return dict(self.task_entry(task).get("llm_names") or {})
+
+    def modality_source(self, task: str) -> TensorSource | None:
+        """The task's encoder/projector tensors (MMER composed), or None for a text-only task."""
+        entry = self.task_entry(task).get("modality")
+        if not entry:
+            return None
+        folder = self.path / entry["dir"]
+        if not folder.is_dir():
+            raise MergeError(f"{self.path}: the modality folder {entry['dir']} of task {task!r} is missing; the "
+                             "folder is incomplete, re-run the merge")
+        return open_source(folder, label=f"{self.path.name}[{task}]")
+
     # -- reporting -------------------------------------------------------------------------
     def mask_density(self, task: str) -> float:
         """Fraction of the merged parameters that task's mask keeps."""
@@ -191,6 +212,71 @@ class DecoupledFolder:
         masks = size(ddir.glob(f"{self.manifest.get('masks', 'masks')}*.safetensors"))
         return {"text": text, "shared": shared, "masks": masks, "decoupled": shared + masks,
                 "standalone": len(self.tasks) * text}
+
+
+class SparseShared(TensorSource):
+    """The shared vector stored sparse: per tensor `{name}::index` (flat positions, ascending)
+    and `{name}::value`; read back dense, any flat range."""
+
+    def __init__(self, stored: SafetensorsSource, like: TensorSource):
+        self.stored, self.like = stored, like
+        self.label, self.path = stored.label, stored.path
+        self._names = [n[:-len("::index")] for n in stored.names() if n.endswith("::index")]
+
+    def names(self):
+        return list(self._names)
+
+    def meta(self, name):
+        return self.like.meta(name)
+
+    def read(self, name, start=0, stop=None):
+        meta = self.like.meta(name)
+        end = meta.numel if stop is None else stop
+        index = self.stored.read(f"{name}::index").long()
+        lo, hi = (int(i) for i in torch.searchsorted(index, torch.tensor([start, end])))
+        out = torch.zeros(end - start, dtype=meta.dtype)
+        out[index[lo:hi] - start] = self.stored.read(f"{name}::value")[lo:hi].to(meta.dtype)
+        return out.reshape(meta.shape) if (start == 0 and stop is None) else out
+
+
+def sparsify_shared(ddir: Path, manifest: dict) -> str:
+    """Store the dense shared vector of a finished decoupled part sparse when that is smaller
+    (a TIES trim leaves τ* mostly zero); updates manifest["shared"]. Returns "sparse" or "dense"."""
+    stem = manifest.get("shared", "shared")
+    files = _stem_files(ddir, stem)
+    dense = SafetensorsSource(files, "shared", ddir)
+    names = list(manifest["tensors"])
+    counts, dense_bytes, sparse_bytes = {}, 0, 0
+    for name in names:
+        meta = dense.meta(name)
+        counts[name] = int(torch.count_nonzero(dense.read(name)))
+        idx_bytes = 4 if meta.numel < 2**31 else 8
+        dense_bytes += meta.nbytes
+        sparse_bytes += counts[name] * (idx_bytes + meta.dtype.itemsize)
+    if sparse_bytes >= dense_bytes:
+        return "dense"
+    entries = []
+    for name in names:
+        meta = dense.meta(name)
+        idx_dtype = torch.int32 if meta.numel < 2**31 else torch.int64
+        entries += [(f"{name}::index", TensorMeta((counts[name],), idx_dtype)),
+                    (f"{name}::value", TensorMeta((counts[name],), meta.dtype))]
+    writer = ShardedWriter(ddir, entries, stem=SPARSE_STEM)
+    for name in names:
+        flat = dense.read(name).reshape(-1)
+        index = torch.nonzero(flat).reshape(-1)
+        if index.numel():
+            writer.write(f"{name}::index", index.to(torch.int32 if flat.numel() < 2**31 else torch.int64))
+            writer.write(f"{name}::value", flat[index])
+    writer.close()
+    del dense
+    for f in files:
+        f.unlink()
+    index_file = ddir / f"{stem}.safetensors.index.json"
+    if index_file.exists():
+        index_file.unlink()
+    manifest["shared"] = SPARSE_STEM
+    return "sparse"
 
 
 class TaskSource(TensorSource):
@@ -221,20 +307,29 @@ def extract_task(folder: str | os.PathLike, task: str, output: str | os.PathLike
     if Path(output).absolute() == d.path.absolute():
         raise MergeError(f"--output {output} is the decoupled folder itself; choose another folder")
     names = d.text.names()
-    entries = [(n, TensorMeta(d.text.meta(n).shape, d.text.meta(n).dtype)) for n in names]
+    own = d.llm_names(task)
+    modality = d.modality_source(task)
+    # the LLM under the model's own names, then its encoder/projector tensors unchanged
+    entries = [(own.get(n, n), TensorMeta(d.text.meta(n).shape, d.text.meta(n).dtype)) for n in names]
+    copied = [(n, modality.meta(n)) for n in modality.names()] if modality is not None else []
     out = AtomicFolder(output, overwrite)
     try:
         kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
-        writer = ShardedWriter(out.tmp, entries, **kwargs)
+        writer = ShardedWriter(out.tmp, entries + copied, **kwargs)
         total = sum(m.numel for _, m in entries)
         with tqdm(total=total, desc=f"extract {task}", unit="param", unit_scale=True, disable=not progress,
                   leave=False, dynamic_ncols=True) as bar:
-            for name, meta in entries:
+            for name, (target, meta) in zip(names, entries):
                 for start in range(0, max(meta.numel, 1), BLOCK_ELEMS):
                     stop = min(start + BLOCK_ELEMS, meta.numel)
-                    writer.write(name, d.read(task, name, start, stop), start)
+                    writer.write(target, d.read(task, name, start, stop), start)
                     bar.update(stop - start)
+        for name, _ in copied:
+            writer.write(name, modality.read(name))
         writer.close()
+        # a modality's own config (the multimodal model's), else the merged folder's
+        if modality is not None:
+            copy_aux_files(modality.folder, out.tmp)
         copy_aux_files(d.path, out.tmp)
         (out.tmp / "README.md").write_text(
             f"---\ntags: [merge, modalmerge]\n---\n# Task `{task}` extracted with modalmerge\n\n"

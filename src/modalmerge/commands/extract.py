@@ -23,6 +23,13 @@ def cmd_extract(args) -> int:
         print(f"{'task':<{width}}  {'scalar':>8}  {'mask density':>12}")
         for name, scalar in d.tasks:
             print(f"{name:<{width}}  {scalar:>8.4f}  {100 * d.mask_density(name):>11.2f}%")
+        if "storage" in d.manifest:
+            from ..engine.mmer import storage_lines
+            for name, entry in ((t["name"], t) for t in d.manifest["tasks"]):
+                parts = entry.get("modality")
+                print(f"  {name}: " + (f"encoder/projector in {parts['dir']}" if parts else "text-only task"))
+            print("\n".join(storage_lines(d.manifest["storage"])))
+            return 0
         s = d.storage()
         print(f"storage: merged weights {_human(s['text'])}, shared vector {_human(s['shared'])}, masks "
               f"{_human(s['masks'])}; {len(d.tasks)} standalone models would take {_human(s['standalone'])}")

@@ -23,6 +23,10 @@ class ArchSpec:
     parts: tuple[tuple[str, str], ...] = ()
     layer_pattern: str = r"(?:^|\.)(?:layers|layer|h|blocks|block|resblocks)\.(\d+)\."
     embeddings: tuple[str, ...] = (r"embed", r"wte\.", r"wpe\.", r"lm_head\.", r"word_embeddings", r"shared\.weight")
+    # multimodal layouts: the name segment that marks the LLM's tensors; without it they are the
+    # plain LLM's names (`language_model.model.layers.0.x` / `model.language_model.layers.0.x`
+    # -> `model.layers.0.x`)
+    llm_marker: str = ""
 
 
 GENERIC = ArchSpec("generic")
@@ -37,17 +41,17 @@ SPECS: tuple[ArchSpec, ...] = (
         (r"(model\.)?vision_tower\.", "encoder"),
         (r"(model\.)?multi_modal_projector\.", "projector"),
         (r"(model\.)?language_model\.|lm_head\.", "llm"),
-    )),
+    ), llm_marker="language_model."),
     ArchSpec("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), parts=(
         (r"(model\.)?visual\.merger\.", "projector"),
         (r"(model\.)?visual\.", "encoder"),
         (r"(model\.)?language_model\.|model\.|lm_head\.", "llm"),
-    )),
+    ), llm_marker="language_model."),
     ArchSpec("qwen2_audio", ("qwen2_audio",), parts=(
-        (r"audio_tower\.", "encoder"),
-        (r"multi_modal_projector\.", "projector"),
-        (r"language_model\.", "llm"),
-    )),
+        (r"(model\.)?audio_tower\.", "encoder"),
+        (r"(model\.)?multi_modal_projector\.", "projector"),
+        (r"(model\.)?language_model\.|lm_head\.", "llm"),
+    ), llm_marker="language_model."),
 )
 
 

@@ -12,6 +12,7 @@ from .frank import FRANK
 from .fisher import FISHER
 from .linear import LINEAR
 from .metrics_weighted import METRICS_WEIGHTED
+from .mmer import MMER
 from .model_stock import MODEL_STOCK
 from .slerp import SLERP
 from .tall import TALL
@@ -46,6 +47,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     REGMEAN,
     OTA,
     ADAMERGING,
+    MMER,
 )}
 
 
