@@ -59,7 +59,8 @@ def register_text(bench_subparsers) -> None:
                     "its main hyperparameter chosen on the validation splits. Writes text.json, text.md and "
                     "text.png.")
     p.add_argument("--quick", action="store_true",
-                   help="CI size: 2 tasks (sst2, trec), 320 training examples, small evaluation, short grids")
+                   help="CI size: 2 tasks (sst2, trec), 256 training examples, small evaluation, short grids, the "
+                        "core methods (task_arithmetic, ties, tall, emr, neuromerging, mmer)")
     p.add_argument("--tasks", help="comma-separated sentconv tasks: sst2, sst5, trec, subj, mpqa, mr, cr "
                                    "(default sst2,trec,subj,mpqa,mr)")
     p.add_argument("--data-dir", help="folder with sentconv/ (or the sentconv files) (default $MODALMERGE_DATA or "
@@ -68,12 +69,13 @@ def register_text(bench_subparsers) -> None:
     p.add_argument("--cache", help="fine-tuned models cache (default ~/.cache/modalmerge/bench-text)")
     p.add_argument("--out", default="bench-results", help="folder for text.json, text.md, text.png "
                                                          "(default bench-results)")
-    p.add_argument("--methods", help="comma-separated methods (default every data-free method in the registry)")
+    p.add_argument("--methods", help="comma-separated methods (default every data-free method in the registry; "
+                                        "--quick: the core ones)")
     p.add_argument("--seed", type=int, help="seed of splits, fine-tuning and merges (default 0)")
     p.add_argument("--train-examples", type=int, help="training examples per task (default 2000)")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs (default 1)")
     p.add_argument("--lr", type=float, help="fine-tuning learning rate (default 1e-4)")
-    p.add_argument("--val-examples", type=int, help="validation examples per task (default 400)")
+    p.add_argument("--val-examples", type=int, help="validation examples per task (default 300)")
     p.add_argument("--test-examples", type=int, help="test examples per task (default 1000)")
     p.add_argument("--no-tune", action="store_true", help="defaults only, no validation grid")
     p.add_argument("--threads", type=int, help="torch threads (default: the cores available)")
