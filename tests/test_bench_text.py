@@ -120,7 +120,7 @@ def test_quick_mode_end_to_end(tiny_bert, tmp_path, capsys):
     from modalmerge.cli import main
 
     torch.set_num_threads(1)
-    args = ["bench", "text", "--quick", "--model", str(tiny_bert), "--data-dir", str(DATA),
+    args = ["bench", "text", "--quick", "--results-page", str(tmp_path / "page.md"), "--model", str(tiny_bert), "--data-dir", str(DATA),
             "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--lr", "1e-3",
             "--threads", "1", "--quiet",
             "--methods", "task_arithmetic,ties,tall,emr,neuromerging,consensus,slerp"]
@@ -142,6 +142,9 @@ def test_quick_mode_end_to_end(tiny_bert, tmp_path, capsys):
         assert set(r["accuracy"]) == {"sst2", "trec"} and all(0 <= a <= 1 for a in r["accuracy"].values())
     assert result["data"]["splits"]["trec"]["provenance"]["val"].startswith("seeded (0)")
     assert not any(t["cached"] for t in result["training"].values())
+    page = (tmp_path / "page.md").read_text()
+    assert "seed 0" in page and "NeuroMerging" in page and "| tall | validation |" in page
+    assert methods["ties"]["default"]["distance_from_base"] > 0
     # a second run reads the fine-tuned models from the cache and gives the same individual accuracies
     assert main(args[:-1] + ["task_arithmetic", "--no-tune"]) == 0
     again = json.loads((tmp_path / "out" / "text.json").read_text())

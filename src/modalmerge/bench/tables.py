@@ -93,3 +93,82 @@ def write_png(result: dict, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _norm_of(result: dict, method: str, setting: str) -> float | None:
+    for r in rows(result):
+        if r["method"] == method and r["setting"] == setting:
+            return r["normalised"]
+    return None
+
+
+def checks(result: dict) -> list[str]:
+    """What to verify before believing the table, and the papers' ordering, measured on this run."""
+    out = []
+    ind, base = result["individual"], result["base_with_heads"]
+    gaps = {t: 100 * (ind[t] - base[t]) for t in ind}
+    out.append("individual models vs the base encoder with the same heads: "
+               + ", ".join(f"{t} {g:+.1f}" for t, g in gaps.items()) + " points"
+               + (" (fine-tuning clearly moved every task)" if min(gaps.values()) > 5 else
+                  " (WARNING: some task barely differs from the base)"))
+    dist = {m["method"]: m["default"].get("distance_from_base") for m in result["methods"]}
+    accs = {m["method"]: tuple(round(v, 6) for v in m["default"]["test"].values()) for m in result["methods"]}
+    out.append(f"merges differ: {len(set(accs.values()))} distinct default accuracy vectors over {len(accs)} "
+               "methods; L2 distance of each default merge from the base: "
+               + ", ".join(f"{k} {v:.2f}" for k, v in dist.items() if v is not None)
+               + "; the individual models: " + ", ".join(f"{t} {v:.2f}" for t, v in
+                                                           result.get("individual_distance_from_base", {}).items()))
+    merged_norms = [r["normalised"] for r in rows(result) if r["method"] not in ("individual", "base + heads")]
+    if merged_norms and min(merged_norms) > 0.99:
+        out.append("WARNING: every method is within a point of the individual models: the benchmark is not "
+                   "measuring interference (fine-tune longer or with a higher learning rate)")
+    for setting in ("default", "validation"):
+        n = {m: _norm_of(result, m, setting) for m in ("task_arithmetic", "ties", "neuromerging")}
+        if all(v is not None for v in n.values()):
+            holds = n["neuromerging"] > n["ties"] > n["task_arithmetic"]
+            out.append(f"{setting}: NeuroMerging {100 * n['neuromerging']:.1f} > TIES {100 * n['ties']:.1f} > task "
+                       f"arithmetic {100 * n['task_arithmetic']:.1f} (normalised %): "
+                       + ("holds" if holds else "does NOT hold"))
+        for m in ("tall", "emr", "mmer"):
+            v = _norm_of(result, m, setting)
+            if v is not None:
+                out.append(f"{setting}: {m} per-task models at {100 * v:.1f}% normalised (papers: about 99-100%): "
+                           + ("holds" if v >= 0.985 else "below"))
+    return out
+
+
+def results_page(result: dict, command: str, png: str = "text.png") -> str:
+    """docs/results/text.md: the table, the command, the seed, the checks."""
+    cfg = result["config"]
+    splits = result["data"]["splits"]
+    lines = [
+        "# Text benchmark: merging sentence classifiers fine-tuned from all-MiniLM-L6-v2",
+        "",
+        f"Made by `{command}` (seed {result['seed']}, {result['environment']['threads']} torch threads, torch "
+        f"{result['environment']['torch']}; {result['seconds']:.0f} s in all, of which fine-tuning "
+        f"{sum(t.get('seconds', 0) for t in result['training'].values()):.0f} s when not cached).",
+        "",
+        f"Encoder `{result['model']}` fully fine-tuned per task with mean pooling + a linear head: "
+        f"{cfg['train_examples']} training examples per task, {cfg['epochs']} epoch(s), lr {cfg['lr']}, batch "
+        f"{cfg['batch_size']}, max length {cfg['max_length']}. Encoders merged with `merge_state_dicts`; each task "
+        "keeps its head; decoupled methods (tall, emr, mmer) serve each task with its own reconstructed encoder. "
+        "`default` = the method's no-validation defaults; `validation` = its main hyperparameter chosen on the "
+        "validation splits (average accuracy; TALL's λ per task on that task's split). Test accuracy (%); "
+        "normalised = mean over tasks of merged / individual accuracy.",
+        "",
+        "Splits (used / available; seeded where the data has none): "
+        + "; ".join(f"{t} {s['used']['train']}/{s['available']['train']} train, {s['used']['val']}/"
+                    f"{s['available']['val']} val, {s['used']['test']}/{s['available']['test']} test "
+                    f"(val: {s['provenance']['val']})" for t, s in splits.items()) + ".",
+        "",
+        markdown(result),
+        f"![normalised accuracy per method]({png})",
+        "",
+        "## Checks (computed from this run)",
+        "",
+        *[f"- {c}" for c in checks(result)],
+        "",
+    ]
+    if result.get("skipped"):
+        lines += ["Skipped: " + "; ".join(f"{k}: {v}" for k, v in result["skipped"].items()), ""]
+    return "\n".join(lines)

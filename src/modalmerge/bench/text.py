@@ -347,6 +347,14 @@ class TextBench:
             return {t: decoupled_task_state(merged, sink, t) for t in self.tasks}, seconds
         return result, seconds
 
+    def distance(self, states) -> float:
+        """L2 distance of the merged encoder from the base (mean over tasks for per-task models)."""
+        def one(sd):
+            return float(sum(float((sd[k].float() - v.float()).pow(2).sum()) for k, v in self.base.items()) ** 0.5)
+        if isinstance(next(iter(states.values())), dict):
+            return sum(one(sd) for sd in states.values()) / len(states)
+        return one(states)
+
     def methods(self) -> list[str]:
         from ..methods.registry import METHODS
 
@@ -386,7 +394,8 @@ class TextBench:
         spec = GRIDS.get(name, {})
         out: dict[str, Any] = {"method": name}
         states, secs = self.merge(name, {})
-        default = {"params": {}, "test": self.eval_all(states, "test"), "merge_seconds": round(secs, 3)}
+        default = {"params": {}, "test": self.eval_all(states, "test"), "merge_seconds": round(secs, 3),
+                   "distance_from_base": self.distance(states)}
         out["default"] = default
         if not self.cfg.tune or not (spec.get("grid") or spec.get("per_task")):
             return out
@@ -420,7 +429,8 @@ class TextBench:
             model_params = [{key: per_task_best[t][1]} for t in self.tasks]
             chosen = {key: {t: per_task_best[t][1] for t in self.tasks}}
             states, secs = self.merge(name, {}, model_params=model_params)
-        out["tuned"] = {"params": chosen, "test": self.eval_all(states, "test"), "merge_seconds": round(secs, 3)}
+        out["tuned"] = {"params": chosen, "test": self.eval_all(states, "test"), "merge_seconds": round(secs, 3),
+                        "distance_from_base": self.distance(states)}
         out["grid"] = tried
         return out
 
@@ -462,6 +472,7 @@ class TextBench:
             "tasks": list(self.tasks),
             "training": self.training,
             "individual": individual,
+            "individual_distance_from_base": {t: self.distance(self.finetuned[t]) for t in self.tasks},
             "individual_val": individual_val,
             "base_with_heads": base_heads,
             "methods": results,

@@ -10,7 +10,10 @@ def cmd_text(args) -> int:
     import torch
 
     from ..bench import sentconv
-    from ..bench.tables import markdown, write_json, write_png
+    import shlex
+    import sys
+
+    from ..bench.tables import markdown, results_page, write_json, write_png
     from ..bench.text import TextBenchConfig, run_text_bench
     from ..errors import MergeError
 
@@ -41,6 +44,11 @@ def cmd_text(args) -> int:
         f"Seed {result['seed']}; tasks {', '.join(result['tasks'])}; test accuracy (%), normalised = mean over "
         f"tasks of merged / individual accuracy; {result['seconds']:.0f} s in all.\n\n" + table)
     write_png(result, out / "text.png")
+    if args.results_page:
+        command = "modalmerge " + " ".join(shlex.quote(a) for a in (args.argv or sys.argv[1:]))
+        page = Path(args.results_page)
+        png = os.path.relpath(out / "text.png", page.parent)
+        page.write_text(results_page(result, command, png))
     print(table, end="")
     print(f"seed {result['seed']}; {result['seconds']:.0f} s; wrote {out / 'text.json'}, {out / 'text.md'}, "
           f"{out / 'text.png'}")
@@ -80,4 +88,6 @@ def register_text(bench_subparsers) -> None:
     p.add_argument("--no-tune", action="store_true", help="defaults only, no validation grid")
     p.add_argument("--threads", type=int, help="torch threads (default: the cores available)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.set_defaults(func=cmd_text)
+    p.add_argument("--results-page", metavar="FILE", help="also write a results page (table, command, seed, "
+                                                          "checks of the papers' ordering), e.g. docs/results/text.md")
+    p.set_defaults(func=cmd_text, argv=None)
