@@ -143,7 +143,7 @@ def test_quick_mode_end_to_end(tiny_bert, tmp_path, capsys):
     assert result["data"]["splits"]["trec"]["provenance"]["val"].startswith("seeded (0)")
     assert not any(t["cached"] for t in result["training"].values())
     page = (tmp_path / "page.md").read_text()
-    assert "seed 0" in page and "NeuroMerging" in page and "| tall | validation |" in page
+    assert "seed 0" in page and "`modalmerge bench text --quick" in page and "NeuroMerging" in page and "| tall | validation |" in page
     assert methods["ties"]["default"]["distance_from_base"] > 0
     # a second run reads the fine-tuned models from the cache and gives the same individual accuracies
     assert main(args[:-1] + ["task_arithmetic", "--no-tune"]) == 0

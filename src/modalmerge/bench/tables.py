@@ -48,7 +48,8 @@ def markdown(result: dict) -> str:
     head = ["method", "setting", "params", *tasks, "avg", "norm %", "merge s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
     for r in rows(result):
-        cells = [r["method"], r["setting"], _fmt_params(r["params"]),
+        reference = r["method"] in ("individual", "base + heads")
+        cells = [r["method"], r["setting"], "" if reference else _fmt_params(r["params"]),
                  *[f"{100 * r['accuracy'][t]:.1f}" for t in tasks], f"{100 * r['average']:.1f}",
                  f"{100 * r['normalised']:.1f}",
                  "" if r["merge_seconds"] is None else f"{r['merge_seconds']:.1f}"]

@@ -10,9 +10,6 @@ def cmd_text(args) -> int:
     import torch
 
     from ..bench import sentconv
-    import shlex
-    import sys
-
     from ..bench.tables import markdown, results_page, write_json, write_png
     from ..bench.text import TextBenchConfig, run_text_bench
     from ..errors import MergeError
@@ -45,7 +42,7 @@ def cmd_text(args) -> int:
         f"tasks of merged / individual accuracy; {result['seconds']:.0f} s in all.\n\n" + table)
     write_png(result, out / "text.png")
     if args.results_page:
-        command = "modalmerge " + " ".join(shlex.quote(a) for a in (args.argv or sys.argv[1:]))
+        command = _command_line(args)
         page = Path(args.results_page)
         png = os.path.relpath(out / "text.png", page.parent)
         page.write_text(results_page(result, command, png))
@@ -55,6 +52,19 @@ def cmd_text(args) -> int:
     if result["skipped"]:
         print("skipped: " + "; ".join(f"{k}: {v}" for k, v in result["skipped"].items()))
     return 0
+
+
+def _command_line(args) -> str:
+    """The options this run was given, as a shell command (for the results page)."""
+    import shlex
+
+    parts = ["modalmerge", "bench", "text"]
+    for key, value in vars(args).items():
+        if key in ("func", "command", "bench") or value in (None, False):
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts += [flag] if value is True else [flag, shlex.quote(str(value))]
+    return " ".join(parts)
 
 
 def register_text(bench_subparsers) -> None:
@@ -90,4 +100,4 @@ def register_text(bench_subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--results-page", metavar="FILE", help="also write a results page (table, command, seed, "
                                                           "checks of the papers' ordering), e.g. docs/results/text.md")
-    p.set_defaults(func=cmd_text, argv=None)
+    p.set_defaults(func=cmd_text)
