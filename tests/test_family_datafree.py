@@ -194,7 +194,7 @@ def _trainer_state(folder, step, history):
 
 def test_metrics_from_trainer_state_and_lora(tmp_path):
     from peft import LoraConfig, get_peft_model
-    from conftest import tiny_llama, perturbed
+    from conftest import tiny_llama
 
     base = tiny_llama()
     base.save_pretrained(tmp_path / "base")

@@ -264,7 +264,6 @@ def test_errors(family, tmp_path):
     with pytest.raises(MergeError, match="needs a base"):
         merge(r, tmp_path / "x")
     # a model whose LLM is not the base's: tensor names do not map
-    from conftest import tiny_llama
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=128)

@@ -60,7 +60,6 @@ class Reference:
             b, s = self.g.shape
             lead = x.shape if not torch.is_floating_point(x) else x.shape[:-1]
             if len(lead) != 2 or lead[1] != s:
-                groups = torch.full((1,), TEXT)  # not per token: text weights
                 return self.run(module, attrs, x, TEXT)
             if lead[0] != b:
                 x = x.expand((b,) + tuple(x.shape[1:]))

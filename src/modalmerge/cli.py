@@ -8,6 +8,7 @@ import os
 import sys
 
 from .errors import MergeError
+from .units import human_bytes as _human
 
 
 def _threads(n: int | None) -> None:
@@ -19,14 +20,6 @@ def _threads(n: int | None) -> None:
         except AttributeError:
             n = os.cpu_count() or 1
     torch.set_num_threads(max(1, n))
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
 
 
 def cmd_merge(args) -> int:

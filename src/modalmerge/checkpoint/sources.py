@@ -170,7 +170,7 @@ class PeftSource(TensorSource):
             m = (re.match(r"(.+)\.lora_A((?:\.[^.]+)?)\.weight$", short)
                  or re.match(r"(.+)\.lora_embedding_A((?:\.[^.]+)?)$", short))
             if m:
-                module, suffix = m.group(1), m.group(2)
+                module = m.group(1)
                 embedding = ".lora_embedding_A" in short
                 b_key = key.replace(".lora_embedding_A", ".lora_embedding_B") if embedding else \
                     key.replace(".lora_A", ".lora_B")

@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 from ..errors import MergeError
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
+from ..units import human_bytes as _human
 
 
 def cmd_extract(args) -> int:

@@ -25,7 +25,6 @@ import json
 import random
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 

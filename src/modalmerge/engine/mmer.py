@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ..checkpoint.decoupled import POPCOUNT, sparsify_shared
 from ..checkpoint.output import ShardedWriter, copy_aux_files
 from ..checkpoint.parts import PartView, strip_marker
 from ..ops import unpack_bits
+from ..units import human_bytes as human
 from ..checkpoint.sources import SafetensorsSource, TensorSource, adapter_base_path, open_source
 from ..errors import MergeError
 from .architectures import Describer, spec_for
@@ -267,13 +267,6 @@ def compose(recipe: Recipe, output, *, device: str = "cpu", overwrite: bool = Fa
     report = Executor(composed.plan, device=device, exact_stats=exact_stats, progress=progress).run(sink)
     return report, sink.storage
 
-
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
 
 
 def storage_lines(s: dict[str, Any]) -> list[str]:

@@ -8,7 +8,6 @@ learns them before the merge; the kernel reads them as `group.data["adamerging"]
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from ..errors import MergeError

@@ -14,9 +14,8 @@ from typing import Literal
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
-from .. import ops
 from .base import Merged, Method, Params, TensorGroup
-from .dare import Rescale, linear_merge, rescale_survivors, ties_merge, weighted
+from .dare import Rescale, linear_merge, rescale_survivors, ties_merge
 
 
 class _MagpruneParams(Params):

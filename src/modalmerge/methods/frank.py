@@ -17,7 +17,6 @@ Where every ‖τ_t^(l)‖² is 0 the block keeps the base. The recipe's weights
 import math
 from typing import Any, Literal
 
-import torch
 from pydantic import Field
 
 from .. import ops

@@ -19,7 +19,7 @@ from pydantic import Field, field_validator
 
 from .base import Merged, Method, Params, Statistic, TensorGroup
 from .neuromerging import NEUROMERGING, neuromerging_vector
-from .tall import tall_masks
+from .tall import masked_merge
 from .task_arithmetic import TASK_ARITHMETIC
 from .ties import TIES, ties_vector
 
@@ -89,11 +89,7 @@ def shared_vector(group: TensorGroup, p: MmerParams, stats: dict, taus: torch.Te
 
 def mmer(group: TensorGroup, p: MmerParams, stats: dict) -> Merged:
     taus = group.task_vectors()
-    shared = shared_vector(group, p, stats, taus)
-    masks = tall_masks(taus, shared, group.per_model(p, "lambda"))
-    mean_mask = masks.to(torch.float32).mean(dim=0)
-    return Merged(group.base + mean_mask * shared, shared=shared,
-                  masks={name: masks[t] for t, name in enumerate(group.model_names)})
+    return masked_merge(group, taus, shared_vector(group, p, stats, taus), group.per_model(p, "lambda"))
 
 
 def mmer_statistics(p: MmerParams) -> list[Statistic]:

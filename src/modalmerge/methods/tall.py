@@ -13,7 +13,7 @@ mask); the `decoupled/` part holds τ_MTL and the bit-packed masks, from which
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -53,13 +53,18 @@ def tall_masks(taus: torch.Tensor, shared: torch.Tensor, lambdas: list[float]) -
     return taus.abs() >= lam * (shared.unsqueeze(0) - taus).abs()
 
 
-def tall(group: TensorGroup, p: TallParams, stats: dict) -> Merged:
-    taus = group.task_vectors()
-    shared = shared_vector(group, p, stats, taus)
-    masks = tall_masks(taus, shared, group.per_model(p, "lambda"))
+def masked_merge(group: TensorGroup, taus: torch.Tensor, shared: torch.Tensor, lambdas: list[float]) -> Merged:
+    """TALL masks of `shared` (MMER's decoupling too): text weights θ_0 + m̄ ⊙ shared, the shared
+    vector, and one mask per model."""
+    masks = tall_masks(taus, shared, lambdas)
     mean_mask = masks.to(torch.float32).mean(dim=0)
     return Merged(group.base + mean_mask * shared, shared=shared,
                   masks={name: masks[t] for t, name in enumerate(group.model_names)})
+
+
+def tall(group: TensorGroup, p: TallParams, stats: dict) -> Merged:
+    taus = group.task_vectors()
+    return masked_merge(group, taus, shared_vector(group, p, stats, taus), group.per_model(p, "lambda"))
 
 
 def shared_statistics(p: TallParams) -> list[Statistic]:
