@@ -71,6 +71,10 @@ class ComposedModel:
                       for task in self.tasks for r in self._routed for t in r.params.values()}
         self.scalars = {name: s for name, s in folder.tasks}
         self._state = threading.local()
+        # with unit scalars (MMER, TALL) the mean mask over all tasks is count / N: keep the count
+        # per tensor (1 byte a parameter) instead of unpacking every task's mask on every call
+        self._counts: dict[str, torch.Tensor] | None = {} if all(v == 1.0 for v in self.scalars.values()) \
+            and len(self.tasks) < 256 else None
         self.last_unrouted: set[str] = set()
 
     # -- modalities ------------------------------------------------------------------------
@@ -97,6 +101,14 @@ class ComposedModel:
         return c.mul_(self.scalars[task]) if self.scalars[task] != 1.0 else c
 
     def _mean(self, tasks: list[str], tensor: str) -> torch.Tensor:
+        if self._counts is not None and len(tasks) == len(self.tasks):
+            if tensor not in self._counts:
+                numel = self.shared[tensor].numel()
+                count = torch.zeros(numel, dtype=torch.uint8, device=self.shared[tensor].device)
+                for t in self.tasks:
+                    count += unpack_bits(self.masks[(t, tensor)], (numel,))
+                self._counts[tensor] = count
+            return self._counts[tensor].float().div_(len(tasks))
         total = self._mask(tasks[0], tensor).float()
         for t in tasks[1:]:
             total += self._mask(t, tensor).float()

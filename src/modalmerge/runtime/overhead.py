@@ -118,12 +118,14 @@ def measure(folder: Path, cls, device: str, tokens: int, batch: int, repeats: in
     param_bytes = sum(p.numel() * p.element_size() for p in composed.llm.parameters())
     shared_bytes = sum(t.numel() * t.element_size() for t in composed.shared.values())
     mask_bytes = sum(t.numel() for t in composed.masks.values())
+    count_bytes = sum(t.numel() for t in (composed._counts or {}).values())
     out = {
         "arch": type(composed.llm).__name__, "device": device, "batch": batch, "tokens": tokens,
         "modalities": n, "threads": torch.get_num_threads(),
         "tokens_per_s": {k: batch * tokens / v for k, v in results.items()},
         "slowdown": {k: v / results["plain"] for k, v in results.items()},
-        "resident_bytes": {"model": param_bytes, "tau*": shared_bytes, "masks": mask_bytes},
+        "resident_bytes": {"model": param_bytes, "tau*": shared_bytes, "masks": mask_bytes,
+                           "mask counts": count_bytes},
     }
     if peak_plain is not None:
         out["cuda_peak_bytes"] = {"plain": peak_plain, "routed": peak_routed}
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in r["tokens_per_s"].items():
         print(f"  {k:<13} {v:>12,.0f} tokens/s   x{r['slowdown'][k]:.2f} time of plain")
     mb = {k: v / 2**20 for k, v in r["resident_bytes"].items()}
-    print(f"  resident: model {mb['model']:.1f} MiB, tau* {mb['tau*']:.1f} MiB, masks {mb['masks']:.1f} MiB")
+    print(f"  resident: model {mb['model']:.1f} MiB, tau* {mb['tau*']:.1f} MiB, masks {mb['masks']:.1f} MiB, "
+          f"mask counts {mb['mask counts']:.1f} MiB")
     if "cuda_peak_bytes" in r:
         print(f"  CUDA peak: plain {r['cuda_peak_bytes']['plain'] / 2**20:.1f} MiB, routed "
               f"{r['cuda_peak_bytes']['routed'] / 2**20:.1f} MiB")
