@@ -1,0 +1,1 @@
+"""Benchmarks (`modalmerge bench …`): separate from the tests, each with a quick mode CI runs."""
