@@ -1,8 +1,10 @@
 """Further CLI commands, one module each; each exposes `register(subparsers)`."""
 
-from . import extract, inspect
+from . import bench, demo, extract, inspect
 
 COMMANDS: list = [
     inspect.register,
     extract.register,
+    bench.register,
+    demo.register,
 ]
