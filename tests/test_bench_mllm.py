@@ -19,7 +19,7 @@ def tiny_bert(seed):
     torch.manual_seed(seed)
     cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=32, max_position_embeddings=32)
-    return transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    return transformers.BertModel(cfg).eval()     # with a pooler, as MiniLM has
 
 
 def states(n):
@@ -49,7 +49,9 @@ def test_routed_copy_matches_plain_models():
         model.load_state_dict(sd, strict=False)
         want = model(inputs_embeds=x).last_hidden_state
         router.groups = torch.full((2, 7), g)
-        assert torch.allclose(routed(inputs_embeds=x).last_hidden_state, want, atol=1e-5)
+        got = routed(inputs_embeds=x)
+        assert torch.allclose(got.last_hidden_state, want, atol=1e-5)
+        assert torch.allclose(got.pooler_output, model(inputs_embeds=x).pooler_output, atol=1e-5)
     # mixed groups: not any one of the plain models, but each equal group gives the plain model
     router.groups = torch.tensor([[0, 1, 1, 2, 2, 0, 0]] * 2)
     mixed = routed(inputs_embeds=x).last_hidden_state

@@ -35,6 +35,8 @@ class _Routed(nn.Module):
 
     def _route(self, x: torch.Tensor, out_dim: int, fn) -> torch.Tensor:
         g = self.router.groups
+        if g is not None and x.dim() == 2 and x.shape[0] == g.shape[0]:
+            g = g[:, 0]                  # a pooler reading the first token of each sequence
         if g is None or g.shape != x.shape[:-1]:
             raise MergeError("routed forward: group ids must be set for every token of the batch")
         out = x.new_empty(*x.shape[:-1], out_dim)

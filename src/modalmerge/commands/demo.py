@@ -14,7 +14,7 @@ def demo_config(tiny: bool, seed: int):
     if tiny:
         return mllm.tiny_config(tasks=("image", "table"), methods=("task_arithmetic", "mmer"), forgetting=False,
                                 sst_test=0, seed=seed)
-    cfg = mllm.Config(tasks=("image", "table"), caps=(1000, 200, 400), epochs=2, lr_llm=2e-4,
+    cfg = mllm.Config(tasks=("image", "table"), caps=(1000, 200, 400), epochs=2,
                       methods=("task_arithmetic", "ties", "mmer"), forgetting=False, sst_test=0, mixed_test=200,
                       seed=seed)
     cfg.grids.update({"task_arithmetic": [{"lambda": x} for x in (0.5, 1.0)],
