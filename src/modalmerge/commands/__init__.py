@@ -1,6 +1,6 @@
 """Further CLI commands, one module each; each exposes `register(subparsers)`."""
 
-from . import align, bench, extract, inspect, msmoe
+from . import align, bench, demo, extract, inspect, msmoe
 
 COMMANDS: list = [
     inspect.register,
@@ -8,4 +8,5 @@ COMMANDS: list = [
     align.register,
     msmoe.register,
     bench.register,
+    demo.register,
 ]

@@ -43,7 +43,7 @@ def cmd_speed(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks (speed, text)", description="Benchmarks; each has a --quick mode.")
+    p = sub.add_parser("bench", help="benchmarks (speed, text, mllm)", description="Benchmarks; each has a --quick mode.")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     s = bench.add_parser(
         "speed", help="wall time and peak memory of merges next to an I/O floor",
@@ -66,6 +66,8 @@ def register(sub) -> None:
     s.add_argument("--out", help="write the results (every run) as JSON here")
     s.add_argument("--markdown", help="write the table as Markdown here")
     s.set_defaults(func=cmd_speed)
-    from . import bench_text
+    from .bench_mllm import register_mllm
+    from .bench_text import register_text
 
-    bench_text.register_text(bench)
+    register_text(bench)
+    register_mllm(bench)

