@@ -41,12 +41,12 @@ def cmd_demo(args) -> int:
                       log=lambda s: print(s, file=sys.stderr), progress=not args.no_progress)
     names = result["tasks_run"]
     print()
-    print(f"{'model':<40}" + "".join(f"{n + ' acc':>12}{'retained':>10}" for n in names) + f"{'mixed':>8}")
+    print(f"{'model':<44}" + "".join(f"{n + ' acc':>12}{'retained':>10}" for n in names) + f"{'mixed':>8}")
     for r in result["rows"]:
         if r["kind"] == "individual":
             continue
         cells = "".join(f"{100 * r['acc'][n]:>11.1f}%{100 * r['retention'][n]:>9.1f}%" for n in names)
-        print(f"{r['row'][:39]:<40}{cells}{100 * r.get('mixed_mean', 0):>7.1f}%")
+        print(f"{r['row'][:43]:<44}{cells}{100 * r.get('mixed_mean', 0):>7.1f}%")
     mmer_row = next(r for r in result["rows"] if r["row"] == mllm.LABELS["mmer"])
     print(f"\nMMER keeps {min(mmer_row['retention'].values()) * 100:.1f}% or more of each modality's own model "
           f"with one shared language model plus a 1-bit mask per modality "
