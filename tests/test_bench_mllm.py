@@ -1,7 +1,6 @@
 """The mini-MLLM benchmark: routed fallback, MMER masks, and an end-to-end tiny run + demo."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

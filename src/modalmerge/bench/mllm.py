@@ -564,7 +564,6 @@ def run(cfg: Config, *, cache: Path | None, data_root=None, out: Path | None = N
 
     n_params = sum(v.numel() for v in base.values())
     mib = lambda b: b / 2 ** 20
-    storage = {"llm_fp32": mib(4 * n_params)}
     result: dict = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
                     "tasks": {n: {"answers": tasks[n].answers, "question": tasks[n].question, "note": tasks[n].note,
                                   "sizes": [len(tasks[n].train.y), len(tasks[n].val.y), len(tasks[n].test.y)]}

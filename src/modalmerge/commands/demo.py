@@ -51,7 +51,7 @@ def cmd_demo(args) -> int:
     print(f"\nMMER keeps {min(mmer_row['retention'].values()) * 100:.1f}% or more of each modality's own model "
           f"with one shared language model plus a 1-bit mask per modality "
           f"({mmer_row['storage_mib']:.0f} MiB instead of {len(names)} x {result['rows'][0]['storage_mib']:.0f} MiB).")
-    print(f"'mixed': an image and a table reading in one input, a question about one of them.")
+    print("'mixed': an image and a table reading in one input, a question about one of them.")
     print(f"Plot: {out / 'mllm.png'}   table: {out / 'mllm.md'}   all numbers: {out / 'mllm.json'}")
     print(f"({result['seconds']:.0f} s; the full benchmark: modalmerge bench mllm)")
     return 0

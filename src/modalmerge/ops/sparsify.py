@@ -4,7 +4,6 @@ Nothing here sorts a whole tensor: exact thresholds use `kthvalue` (selection), 
 histogram of float32 bit patterns that a statistics pass accumulates tensor by tensor.
 """
 
-import numpy as np
 import torch
 
 # |x| as float32 bits is monotonic in |x|. Dropping the low 12 of the 23 mantissa bits leaves
