@@ -78,6 +78,8 @@ class Executor:
         if self.device.type == "cpu":
             keep_freed_memory_for_reuse()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modalmerge-read")
+        # per-tensor statistics (exact selections, single-threaded) of two models at a time
+        self._stat_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="modalmerge-stat")
 
     # -- reading ---------------------------------------------------------------------------
     def _read_raw(self, job: Job) -> tuple[torch.Tensor | None, list[torch.Tensor], dict[str, list[torch.Tensor]]]:
@@ -213,9 +215,10 @@ class Executor:
                 params = p.params_for(job.tensor.info)[0]
                 if tensor_statistic is not None:
                     if job.whole:
-                        per_tensor[name] = [tensor_statistic(params, group.info, group.base, group.models[t],
-                                                             group.model_params[t])
-                                            for t in range(group.num_models)]
+                        per_tensor[name] = list(self._stat_pool.map(
+                            lambda t: tensor_statistic(params, group.info, group.base, group.models[t],
+                                                       group.model_params[t]),
+                            range(group.num_models)))
                     elif job.rows[0] == 0:
                         per_tensor[name] = self._tensor_statistics(job.tensor, tensor_statistic)
                     group.tensor_stats = per_tensor[name]
@@ -240,17 +243,16 @@ class Executor:
 
     def _tensor_statistics(self, tensor: TensorPlan, statistic) -> list:
         """A method's per-tensor statistic for a tensor merged in row blocks: each model's whole
-        tensor is read on its own (base + one model in memory), before the first block."""
+        tensor is read on its own (base + two models in memory at a time), before the first block."""
         p = self.plan
         params, model_params = p.params_for(tensor.info)
-        base = p.base.read(tensor.name).float() if p.base is not None else None
-        out = []
-        for t, src in enumerate(p.models):
-            model = src.read(tensor.name).to(device=self.device, dtype=torch.float32)
-            out.append(statistic(params, tensor.info, None if base is None else base.to(self.device),
-                                 model, model_params[t]))
-            del model
-        return out
+        base = p.base.read(tensor.name).float().to(self.device) if p.base is not None else None
+
+        def one(t: int):
+            model = p.models[t].read(tensor.name).to(device=self.device, dtype=torch.float32)
+            return statistic(params, tensor.info, base, model, model_params[t])
+
+        return list(self._stat_pool.map(one, range(len(p.models))))
 
     def _redo_ties(self, sink, stats, jobs: list[Job], totals: dict[str, float], tensor_stats=None) -> None:
         """Chunks decided some exact zero sums with a provisional + before the tensor's total was
@@ -309,6 +311,7 @@ class Executor:
             raise
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
+            self._stat_pool.shutdown(wait=True, cancel_futures=True)
             if scratch is not None:
                 for kind in missing:
                     self.plan.data.pop(kind, None)
