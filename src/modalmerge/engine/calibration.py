@@ -288,6 +288,13 @@ def gram_matrices(model, batches: list[dict]) -> dict[str, torch.Tensor]:
 
     handles = [m.register_forward_pre_hook(hook(f"{name}.weight"))
                for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    forward_with_hooks(model, batches, handles, current)
+    return {name: (g / max(counts[name], 1)).float() for name, g in grams.items()}
+
+
+def forward_with_hooks(model, batches: list[dict], handles: list, current: dict) -> None:
+    """Run every batch through the model with hooks attached, then remove them. The hooks read
+    the batch's attention mask from current["mask"] to skip padding."""
     try:
         with torch.no_grad():
             for batch in batches:
@@ -296,7 +303,6 @@ def gram_matrices(model, batches: list[dict]) -> dict[str, torch.Tensor]:
     finally:
         for h in handles:
             h.remove()
-    return {name: (g / max(counts[name], 1)).float() for name, g in grams.items()}
 
 
 def optimizer_second_moments(path: str, model_label: str, names: list[str], allow_pickle: bool

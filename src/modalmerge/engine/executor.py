@@ -216,9 +216,8 @@ class Executor:
                 if tensor_statistic is not None:
                     if job.whole:
                         per_tensor[name] = list(self._stat_pool.map(
-                            lambda t: tensor_statistic(params, group.info, group.base, group.models[t],
-                                                       group.model_params[t]),
-                            range(group.num_models)))
+                            tensor_statistic, [params] * group.num_models, [group.info] * group.num_models,
+                            [group.base] * group.num_models, list(group.models), group.model_params))
                     elif job.rows[0] == 0:
                         per_tensor[name] = self._tensor_statistics(job.tensor, tensor_statistic)
                     group.tensor_stats = per_tensor[name]

@@ -20,7 +20,7 @@ import torch
 from ..checkpoint.output import AtomicFolder
 from ..errors import MergeError
 from ..methods import msmoe
-from .calibration import load_batches, model_inputs, spec_of
+from .calibration import forward_with_hooks, load_batches, model_inputs, spec_of
 
 REPORT = "msmoe.json"
 
@@ -53,12 +53,12 @@ def find_moe_blocks(model) -> list[MoeBlock]:
 def _router_logits(model, blocks: list[MoeBlock], batches: list[dict]) -> list[torch.Tensor]:
     """Each block's router logits [N, E] over the (unpadded) calibration tokens."""
     logits: list[list[torch.Tensor]] = [[] for _ in blocks]
-    mask: dict[str, Any] = {"m": None}
+    mask: dict[str, Any] = {"mask": None}
 
     def hook(i):
         def fn(module, args, output):
             out = output[0] if isinstance(output, tuple) else output
-            keep = mask["m"]
+            keep = mask["mask"]
             out = out.detach().float()
             if keep is not None and keep.numel() == out.shape[0]:
                 out = out[keep.reshape(-1) > 0]
@@ -66,14 +66,7 @@ def _router_logits(model, blocks: list[MoeBlock], batches: list[dict]) -> list[t
         return fn
 
     handles = [b.router.register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                mask["m"] = batch.get("attention_mask")
-                model(**model_inputs(batch))
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, batches, handles, mask)
     return [torch.cat(x) for x in logits]
 
 

@@ -80,7 +80,7 @@ def drop_and_rescale(group: TensorGroup, deltas: torch.Tensor, densities: list[f
 
 def weighted(group: TensorGroup, deltas: torch.Tensor) -> torch.Tensor:
     """w_t · x_t, stacked."""
-    return deltas * group.weights.reshape((-1,) + (1,) * (deltas.dim() - 1))
+    return deltas * group.weights_like(deltas)
 
 
 def linear_merge(group: TensorGroup, deltas: torch.Tensor, lam: float, normalize: bool) -> Merged:

@@ -28,7 +28,7 @@ class EmrParams(Params):
 
 def weighted_task_vectors(group: TensorGroup) -> torch.Tensor:
     taus = group.task_vectors()
-    return taus * group.weights.reshape((-1,) + (1,) * (taus.dim() - 1))
+    return taus * group.weights_like(taus)
 
 
 def unified(taus: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

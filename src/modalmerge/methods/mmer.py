@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
+from .. import ops
 from .base import Merged, Method, Params, Statistic, TensorGroup
 from .neuromerging import NEUROMERGING, neuromerging_vector
 from .tall import masked_merge
@@ -83,7 +84,7 @@ def shared_vector(group: TensorGroup, p: MmerParams, stats: dict, taus: torch.Te
         return ties_vector(group, bp, stats, deltas=taus.clone()).mul_(bp.lam)
     if p.base_method == "task_arithmetic":
         w = group.weights / group.weights.sum() if bp.normalize else group.weights
-        return (taus * w.reshape((-1,) + (1,) * (taus.dim() - 1))).sum(dim=0).mul_(bp.lam)
+        return ops.weighted_sum(taus, w).mul_(bp.lam)
     return neuromerging_vector(group, bp, stats)  # consumes the models stack (taus is a copy)
 
 
