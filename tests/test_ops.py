@@ -35,6 +35,37 @@ def test_keep_top_fraction_exact():
     assert ops.kth_largest_magnitude(x, 2) == 4.0
 
 
+def test_radix_select_by_hand():
+    # 2.0 and 2.0078125 share the radix select's first-level bin (same top 15 bits), so the
+    # second level must tell them apart; -0.0 and 0.0 are the same magnitude
+    x = torch.tensor([[2.0, -2.0078125, 0.5, -0.0, 8.0, 0.0],
+                      [1.0, 1.0, -1.0, 3.0, 0.25, -3.0]])
+    assert ops.kth_largest_magnitudes(x, [2, 3]) == [2.0078125, 1.0]
+    assert ops.kth_largest_magnitudes(x, [3, 1]) == [2.0, 3.0]
+    assert ops.kth_largest_magnitudes(x, [6, 6]) == [0.0, 0.25]
+    with pytest.raises(ValueError):
+        ops.kth_largest_magnitudes(x, [7, 1])
+
+
+@pytest.mark.parametrize("kind", ["normal", "few_values", "tiny_and_huge", "bf16_differences"])
+def test_radix_select_equals_sorting(kind):
+    g = torch.Generator().manual_seed(3)
+    shape = (4, 5001)
+    if kind == "normal":
+        x = torch.randn(shape, generator=g)
+    elif kind == "few_values":  # most of a row in one bin: the second level gets it all
+        x = torch.randint(-2, 3, shape, generator=g).float()
+    elif kind == "tiny_and_huge":  # subnormals to 1e30 in one row
+        x = torch.randn(shape, generator=g) * 10.0 ** torch.randint(-42, 31, shape, generator=g)
+    else:  # task vectors of bfloat16 checkpoints, as the engine sees them
+        base = torch.randn(shape, generator=g).bfloat16()
+        x = (base.float() + 0.01 * torch.randn(shape, generator=g)).bfloat16().float() - base.float()
+    ks = [1, 17, 2500, 5001]
+    expect = [float(row.abs().sort(descending=True).values[k - 1]) for row, k in zip(x, ks)]
+    assert ops.kth_largest_magnitudes(x, ks) == expect
+    assert [ops.kth_largest_magnitude(row, k) for row, k in zip(x, ks)] == expect
+
+
 def test_histogram_threshold_close_to_exact():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200_000, generator=g) * torch.rand(200_000, generator=g)

@@ -78,7 +78,7 @@ class Executor:
         if self.device.type == "cpu":
             keep_freed_memory_for_reuse()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modalmerge-read")
-        # per-tensor statistics (exact selections, single-threaded) of two models at a time
+        # per-tensor statistics of a tensor merged in row blocks (its whole tensor, read once more), two models at a time
         self._stat_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="modalmerge-stat")
 
     # -- reading ---------------------------------------------------------------------------
@@ -213,12 +213,8 @@ class Executor:
                 name = job.tensor.name
                 group = self._group(job, raw)
                 params = p.params_for(job.tensor.info)[0]
-                if tensor_statistic is not None:
-                    if job.whole:
-                        per_tensor[name] = list(self._stat_pool.map(
-                            tensor_statistic, [params] * group.num_models, [group.info] * group.num_models,
-                            [group.base] * group.num_models, list(group.models), group.model_params))
-                    elif job.rows[0] == 0:
+                if tensor_statistic is not None and not job.whole:
+                    if job.rows[0] == 0:
                         per_tensor[name] = self._tensor_statistics(job.tensor, tensor_statistic)
                     group.tensor_stats = per_tensor[name]
                 self._write(sink, job, p.method.kernel(group, params, stats))

@@ -216,8 +216,9 @@ class Method:
     # whether a large tensor may be cut into row blocks for this method and these params
     chunkable: Callable[[Any, TensorInfo], bool] = field(default=lambda p, info: True)
     # for these params, a statistic of one model's whole tensor (e.g. a per-tensor top-k
-    # threshold), or None; given to the kernel as group.tensor_stats. Lets a tensor-scoped method
-    # still merge large tensors in row blocks. The statistic is called as
+    # threshold), or None; given to the kernel as group.tensor_stats of every row block of a
+    # tensor merged in blocks (a whole tensor's kernel computes it itself). Lets a tensor-scoped
+    # method still merge large tensors in row blocks. The statistic is called as
     # (params, info, base or None, model [whole tensor, float32], model_params) -> value
     tensor_statistic: Callable[[Any], Callable[[Any, TensorInfo, Any, Any, dict[str, Any]], Any] | None] | None = None
     # task-conditional: writes a shared vector and per-task masks besides the merged model

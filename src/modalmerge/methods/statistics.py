@@ -135,6 +135,21 @@ def trim_global(deltas: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
     return deltas
 
 
+def per_tensor_thresholds(deltas: torch.Tensor, densities: list[float], min_keep: int = 0) -> list[float]:
+    """Each task vector's k-th largest magnitude in this tensor, k = int(density · numel) but at
+    least `min_keep`: 0.0 where everything is kept, +inf where nothing is."""
+    n = deltas[0].numel()
+    ks = [min(max(int(d * n), min_keep), n) for d in densities]
+    selected = [t for t, k in enumerate(ks) if 0 < k < n]
+    thresholds = [0.0 if k >= n else float("inf") for k in ks]
+    if selected:
+        values = ops.kth_largest_magnitudes(deltas[selected], [ks[t] for t in selected])
+        for t, v in zip(selected, values):
+            thresholds[t] = v
+    return thresholds
+
+
 def trim_per_tensor(deltas: torch.Tensor, densities: list[float], min_keep: int = 0) -> torch.Tensor:
-    """Keep each task vector's top int(density · numel) magnitudes (at least `min_keep`) within this tensor."""
-    return torch.stack([ops.keep_top_fraction(d, k, min_keep) for d, k in zip(deltas, densities)])
+    """Keep each task vector's top int(density · numel) magnitudes (at least `min_keep`) within
+    this tensor, ties at the edge kept (in place)."""
+    return trim_global(deltas, per_tensor_thresholds(deltas, densities, min_keep))

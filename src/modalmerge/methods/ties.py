@@ -7,7 +7,7 @@ from pydantic import Field
 
 from .. import ops
 from .base import Merged, Method, Params, TensorGroup
-from .statistics import TaskMagnitudes, trim_global, trim_per_tensor
+from .statistics import TaskMagnitudes, per_tensor_thresholds, trim_global, trim_per_tensor
 
 
 class TiesParams(Params):
@@ -78,9 +78,7 @@ def tensor_threshold(p: TiesParams, info, base, model, model_params) -> float:
     density = model_params.get("density", p.density)
     if density >= 1:
         return 0.0
-    delta = model - base
-    k = min(max(int(density * delta.numel()), p.keep_min), delta.numel())
-    return ops.kth_largest_magnitude(delta, k) if k > 0 else float("inf")
+    return per_tensor_thresholds((model - base).reshape(1, -1), [density], p.keep_min)[0]
 
 
 def ties_statistics(p: TiesParams) -> list:

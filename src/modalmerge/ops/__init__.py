@@ -4,6 +4,7 @@ from .election import disjoint_merge, elect_and_merge, elect_sign, tie_positions
 from .sparsify import (
     keep_top_fraction,
     kth_largest_magnitude,
+    kth_largest_magnitudes,
     magnitude_histogram,
     mass_below,
     threshold_from_histogram,
@@ -20,6 +21,7 @@ __all__ = [
     "tie_positions",
     "keep_top_fraction",
     "kth_largest_magnitude",
+    "kth_largest_magnitudes",
     "magnitude_histogram",
     "threshold_from_histogram",
     "trim_magnitude_",
