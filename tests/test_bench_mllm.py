@@ -1,4 +1,4 @@
-"""The mini-MLLM benchmark: routed fallback, MMER masks, and an end-to-end tiny run + demo."""
+"""The mini-MLLM benchmark: MMER masks, mixed inputs through the runtime, and an end-to-end tiny run + demo."""
 
 import json
 
@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from modalmerge.bench import mllm
-from modalmerge.bench.mllm_routed import RoutedLinear, Router, routed_copy
 from modalmerge.cli import main
 
 transformers = pytest.importorskip("transformers")
@@ -26,42 +25,6 @@ def states(n):
             for s in range(n)]
 
 
-def test_routed_linear_maps_each_token_by_its_group():
-    router = Router()
-    w, b = torch.randn(3, 4, 5), torch.randn(3, 4)
-    lin = RoutedLinear(router, {"weight": w, "bias": b})
-    x = torch.randn(2, 6, 5)
-    router.groups = torch.tensor([[0, 1, 2, 0, 1, 2], [2, 2, 0, 0, 1, 1]])
-    y = lin(x)
-    for i in range(2):
-        for j in range(6):
-            g = int(router.groups[i, j])
-            assert torch.allclose(y[i, j], F.linear(x[i, j], w[g], b[g]), atol=1e-6)
-
-
-def test_routed_copy_matches_plain_models():
-    model = tiny_bert(0)
-    sds = states(3)
-    x = torch.randn(2, 7, 16)
-    routed, router = routed_copy(model, sds)
-    for g, sd in enumerate(sds):
-        model.load_state_dict(sd, strict=False)
-        want = model(inputs_embeds=x).last_hidden_state
-        router.groups = torch.full((2, 7), g)
-        got = routed(inputs_embeds=x)
-        assert torch.allclose(got.last_hidden_state, want, atol=1e-5)
-        assert torch.allclose(got.pooler_output, model(inputs_embeds=x).pooler_output, atol=1e-5)
-    # mixed groups: not any one of the plain models, but each equal group gives the plain model
-    router.groups = torch.tensor([[0, 1, 1, 2, 2, 0, 0]] * 2)
-    mixed = routed(inputs_embeds=x).last_hidden_state
-    model.load_state_dict(sds[0], strict=False)
-    assert not torch.allclose(mixed, model(inputs_embeds=x).last_hidden_state, atol=1e-3)
-    same, router2 = routed_copy(model, [sds[0]] * 3)
-    router2.groups = router.groups
-    assert torch.allclose(same(inputs_embeds=x).last_hidden_state, model(inputs_embeds=x).last_hidden_state,
-                          atol=1e-5)
-
-
 def dense_ties_mean(taus, density):
     """Reference TIES (global per-task trim, elected sign, disjoint mean), λ = 1."""
     flat = [torch.cat([t[k].reshape(-1) for k in sorted(t)]) for t in taus]
@@ -76,13 +39,13 @@ def dense_ties_mean(taus, density):
     return (s * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
-def test_mmer_adapter_is_spec7():
+def test_bench_mmer_merge_is_spec7():
     sds = states(3)
     base, models = sds[0], {"a": sds[1], "b": sds[2]}
     for m in models.values():      # make the fine-tunes close to the base, as fine-tunes are
         for k in m:
             m[k] = base[k] + 0.1 * (m[k] - base[k])
-    d = mllm.mmer_adapter(models, base, density=0.2)
+    d = mllm.run_merge("mmer", {}, models, base, seed=0)
     keys = sorted(base)
     taus = [{k: models[t][k] - base[k] for k in keys} for t in models]
     want = dense_ties_mean(taus, 0.2)
@@ -97,6 +60,35 @@ def test_mmer_adapter_is_spec7():
     text = d.text()
     k = keys[3]
     assert torch.allclose(text[k], base[k] + (d.masks["a"][k].float() + d.masks["b"][k].float()) / 2 * d.shared[k])
+
+
+def test_mixed_inputs_go_through_the_runtime(tmp_path):
+    # the bench's composed folder, served by modalmerge.runtime: group ids put [CLS] and the
+    # question on the text weights and each block on its own task's; a prompt whose blocks are
+    # all one task, with text_mask="present", is exactly that task's materialised model
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=64)
+    base_llm = transformers.BertModel(cfg).eval()
+    base = mllm.llm_state(base_llm)
+    g = torch.Generator().manual_seed(1)
+    llms = {t: {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()} for t in ("a", "b")}
+    for sd in llms.values():  # frozen in the bench's fine-tuning: text tokens and answers use them as stored
+        sd["embeddings.word_embeddings.weight"] = base["embeddings.word_embeddings.weight"].clone()
+    composed = mllm.Composer(base_llm, llms, tmp_path).compose("mmer", {}, ["a", "b"], seed=0)
+    prompter = mllm.Prompter(mllm.tokenizer())
+    blocks = [torch.randn(3, 2, 16), torch.randn(3, 4, 16)]
+    x, ids = mllm.routed_inputs(composed, prompter, blocks, ["b", "a"], "what is it")
+    a, b = composed.task_index("a"), composed.task_index("b")
+    n_q = len(prompter.question_ids("what is it")) + 1
+    assert ids[0].tolist() == [-1] + [b] * 2 + [a] * 4 + [-1] * n_q and x.shape[:2] == ids.shape
+    decoupled = mllm.run_merge("mmer", {}, llms, base, seed=0)
+    with torch.no_grad():
+        got = mllm.routed_logits(composed, prompter, blocks, ["a", "a"], "what is it", text_mask="present")
+        reference = transformers.BertModel(cfg).eval()
+        reference.load_state_dict(decoupled.task("a"), strict=False)
+        want = mllm.logits_of(reference, prompter, blocks, [1, 1], "what is it")
+    assert torch.allclose(got, want, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -125,7 +117,10 @@ def test_bench_mllm_tiny_end_to_end(tmp_path, capsys):
     again = json.loads((out / "mllm.json").read_text())
     assert all(log.get("cached") for log in again["training"].values())
     assert again["rows"][0]["acc"] == result["rows"][0]["acc"]
-    assert "MMER from:" in capsys.readouterr().out
+    assert "modalmerge.runtime" in capsys.readouterr().out
+    rt = result["runtime"]
+    assert rt["tokens"] > 0 and set(rt["tokens_per_s"]) == {"plain", "routed", "routed, m̄ present"}
+    assert rt["resident_mib"]["masks"] > 0 and "through modalmerge.runtime" in (out / "mllm.md").read_text()
 
 
 @pytest.mark.slow

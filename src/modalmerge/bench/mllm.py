@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import mllm_data as data
-from .mllm_routed import routed_copy
 
 DISTRACTORS = 1000     # other vocabulary words each training answer competes with
 SCALE = 20.0           # cosine-logit temperature of the answer scoring (fixed, not trained)
@@ -185,15 +185,35 @@ class Prompter:
         return torch.cat(parts, dim=1), torch.tensor(groups).unsqueeze(0).expand(b, -1)
 
 
-def logits_of(llm: nn.Module, prompter: Prompter, blocks, block_groups, question, vocab_ids=None, router=None):
+def logits_of(llm: nn.Module, prompter: Prompter, blocks, block_groups, question, vocab_ids=None):
     """Cosine logits of the [CLS] output against the word embeddings (all, or `vocab_ids`)."""
     emb = llm.embeddings.word_embeddings
-    x, groups = prompter.build(emb, blocks, block_groups, question)
-    if router is not None:
-        router.groups = groups
-    h = llm(inputs_embeds=x).last_hidden_state[:, 0]
-    w = emb.weight if vocab_ids is None else emb.weight[vocab_ids]
-    return SCALE * F.normalize(h, dim=-1) @ F.normalize(w, dim=-1).T
+    x, _ = prompter.build(emb, blocks, block_groups, question)
+    return answer_logits(llm, llm(inputs_embeds=x).last_hidden_state[:, 0], vocab_ids)
+
+
+def answer_logits(llm: nn.Module, cls_out: torch.Tensor, vocab_ids=None) -> torch.Tensor:
+    w = llm.embeddings.word_embeddings.weight
+    w = w if vocab_ids is None else w[vocab_ids]
+    return SCALE * F.normalize(cls_out, dim=-1) @ F.normalize(w, dim=-1).T
+
+
+def routed_inputs(composed, prompter: Prompter, blocks, which: list[str], question: str):
+    """inputs_embeds and [batch, seq] group ids for the runtime: -1 (modalmerge.runtime.TEXT) for
+    the text tokens, the task's index for each block's soft tokens."""
+    from ..runtime import TEXT
+
+    ids = [composed.task_index(t) for t in which]
+    x, groups = prompter.build(composed.llm.embeddings.word_embeddings, blocks, [i + 1 for i in ids], question)
+    return x, torch.where(groups == 0, TEXT, groups - 1)
+
+
+def routed_logits(composed, prompter: Prompter, blocks, which: list[str], question: str, vocab_ids=None,
+                  text_mask: str = "all") -> torch.Tensor:
+    x, group_ids = routed_inputs(composed, prompter, blocks, which, question)
+    with composed.route(group_ids, text_mask=text_mask):
+        h = composed.llm(inputs_embeds=x).last_hidden_state[:, 0]
+    return answer_logits(composed.llm, h, vocab_ids)
 
 
 # ---------------------------------------------------------------- fine-tuning
@@ -302,34 +322,39 @@ class Evaluator:
             correct += int((pred == s.y[i:i + self.batch]).sum())
         return correct / len(s.y)
 
-    @torch.no_grad()
-    def mixed_accuracy(self, asked: str, other: str, n: int, seed: int, weights=None,
-                       groups: dict[str, dict] | None = None, text: dict | None = None) -> float:
-        """Two modalities in one input (asked first or second, half each), a question about `asked`.
-        `weights`: one plain model. `groups`+`text`: the routed fallback (mllm_routed.py), each
-        modality's tokens on its own weights, text tokens on `text`."""
+    def mixed_batches(self, asked: str, other: str, n: int, seed: int):
+        """Two modalities in one input (asked first or second, half each), a question about
+        `asked`: yields (blocks, which task each block is, labels) batch by batch."""
         ta, tb = self.tasks[asked], self.tasks[other]
         g = np.random.default_rng(seed)
         ia = g.permutation(len(ta.test.y))[:n]
         ib = g.integers(0, len(tb.test.y), size=len(ia))
-        if groups is None:
-            llm, router, ga, gb = self.load(weights), None, 1, 1
-        else:
-            names = list(groups)
-            llm, router = routed_copy(self.work, [text] + [groups[k] for k in names],
-                                      plain={"embeddings.word_embeddings.weight":
-                                             text["embeddings.word_embeddings.weight"]})
-            ga, gb = 1 + names.index(asked), 1 + names.index(other)
-        answers = self.prompter.answer_ids(ta.answers)
-        correct = 0
         for i in range(0, len(ia), self.batch):
             a = self.projs[asked](ta.test.x[ia[i:i + self.batch]])
             b = self.projs[other](tb.test.x[ib[i:i + self.batch]])
             first = (i // self.batch) % 2 == 0
-            blocks, bg = ([a, b], [ga, gb]) if first else ([b, a], [gb, ga])
-            pred = logits_of(llm, self.prompter, blocks, bg, ta.question, answers, router=router).argmax(-1)
-            correct += int((pred == ta.test.y[ia[i:i + self.batch]]).sum())
-        return correct / len(ia)
+            blocks, which = ([a, b], [asked, other]) if first else ([b, a], [other, asked])
+            yield blocks, which, ta.test.y[ia[i:i + self.batch]]
+
+    @torch.no_grad()
+    def mixed_accuracy(self, asked: str, other: str, n: int, seed: int, weights=None, composed=None,
+                       text_mask: str = "all") -> float:
+        """Accuracy on mixed inputs (see mixed_batches) of one plain model (`weights`), or of a
+        composed model served by the library's routed runtime (`composed`, a
+        modalmerge.runtime.ComposedModel): each modality's tokens on θ_0 + m_i ⊙ τ*, text tokens on
+        θ_0 + m̄ ⊙ τ* (m̄ over all tasks, or over the two present with text_mask="present")."""
+        answers = self.prompter.answer_ids(self.tasks[asked].answers)
+        question = self.tasks[asked].question
+        llm = self.load(weights) if composed is None else composed.llm
+        correct = total = 0
+        for blocks, which, y in self.mixed_batches(asked, other, n, seed):
+            if composed is None:
+                logits = logits_of(llm, self.prompter, blocks, [1] * len(blocks), question, answers)
+            else:
+                logits = routed_logits(composed, self.prompter, blocks, which, question, answers, text_mask)
+            correct += int((logits.argmax(-1) == y).sum())
+            total += len(y)
+        return correct / total
 
 
 class TextProbe:
@@ -403,34 +428,13 @@ def decoupled_from_sink(base: dict, sink, source: str) -> Decoupled:
     return Decoupled(base, shared, masks, scalars, source)
 
 
-def mmer_available() -> bool:
-    from ..methods.registry import METHODS
-
-    return "mmer" in METHODS
-
-
-def mmer_adapter(models: dict[str, dict], base: dict, density=0.2, lam=1.0, mask_lambda=1.0) -> Decoupled:
-    """ADAPTER for MMER (spec 7) until the library's `mmer` method is there: τ* = the library's
-    TIES (trim k, elected signs, disjoint MEAN, λ); m_i = 1{|τ_i| ≥ λ_i·|τ* − τ_i|} with the
-    untrimmed τ_i; modality i served by θ_0 + m_i ⊙ τ*."""
-    from ..api import merge_state_dicts
-
-    merged = merge_state_dicts("ties", models, base, {"density": density, "lambda": lam, "aggregate": "mean"})
-    shared = {k: merged[k].float() - base[k] for k in base}
-    masks = {t: {k: (sd[k] - base[k]).abs() >= mask_lambda * (shared[k] - (sd[k] - base[k])).abs()
-                 for k in base} for t, sd in models.items()}
-    return Decoupled(base, shared, masks, {t: 1.0 for t in models}, "adapter (TIES mean + spec-7 masks)")
-
-
 def run_merge(method: str, params, models: dict[str, dict], base: dict, seed: int):
     """A plain merged state dict, or a Decoupled for tall / emr / mmer."""
     from ..api import merge_state_dicts
 
     if method == "mmer":
-        if mmer_available():
-            _, sink = merge_state_dicts("mmer", models, base, params or {}, seed=seed, return_decoupled=True)
-            return decoupled_from_sink(base, sink, "modalmerge method 'mmer'")
-        return mmer_adapter(models, base, **(params or {}))
+        _, sink = merge_state_dicts("mmer", models, base, params or {}, seed=seed, return_decoupled=True)
+        return decoupled_from_sink(base, sink, "modalmerge method 'mmer'")
     if method == "tall":
         lambdas = params                 # one λ per model, in the order of `models`
         _, sink = merge_state_dicts("tall", models, base, {"shared": "sum"}, seed=seed, return_decoupled=True,
@@ -440,6 +444,72 @@ def run_merge(method: str, params, models: dict[str, dict], base: dict, seed: in
         _, sink = merge_state_dicts("emr", models, base, {}, seed=seed, return_decoupled=True)
         return decoupled_from_sink(base, sink, "modalmerge method 'emr'")
     return {k: v.float() for k, v in merge_state_dicts(method, models, base, params, seed=seed).items()}
+
+
+class Composer:
+    """Decoupled merges as a user serves them: the base and each fine-tuned language model saved
+    once as Hugging Face folders, merged by `modalmerge.merge` into a composed folder, loaded by
+    `modalmerge.runtime.load_composed` (mixed inputs then go through its routed forward)."""
+
+    def __init__(self, base_llm: nn.Module, llms: dict[str, dict], root: Path):
+        self.root = root
+        self.folders = {}
+        for name, state in [("base", llm_state(base_llm))] + list(llms.items()):
+            self.folders[name] = root / "inputs" / name
+            base_llm.save_pretrained(self.folders[name], state_dict=dict(state))  # it empties the dict given
+
+    def compose(self, method: str, chosen, names: list[str], seed: int):
+        from ..api import merge
+        from ..runtime import load_composed
+
+        models = [{"path": str(self.folders[n]), "name": n} for n in names]
+        params = dict(chosen or {})
+        if method == "tall":  # one λ per model, chosen per task; the shared vector as run_merge
+            lambdas = params.pop("lambda")
+            for m in models:
+                m["params"] = {"lambda": lambdas[m["name"]]}
+            params = {"shared": "sum"}
+        out = self.root / f"composed-{method}"
+        merge({"method": method, "base": str(self.folders["base"]), "models": models, "params": params,
+               "seed": seed}, out, overwrite=True)
+        from transformers import BertModel
+
+        return load_composed(out, BertModel)
+
+
+def runtime_cost(composed, ev: "Evaluator", pairs, n: int, seed: int, repeats: int = 3) -> dict:
+    """Tokens/s of the routed forward against the plain model on the same mixed inputs, and what
+    serving holds in memory."""
+    inputs = []
+    with torch.no_grad():
+        for a, b in pairs:
+            for blocks, which, _ in ev.mixed_batches(a, b, n, seed):
+                inputs.append(routed_inputs(composed, ev.prompter, blocks, which, ev.tasks[a].question))
+    tokens = sum(x.shape[0] * x.shape[1] for x, _ in inputs)
+
+    def plain():
+        for x, _ in inputs:
+            composed.llm(inputs_embeds=x)
+
+    def routed(text_mask):
+        for x, ids in inputs:
+            with composed.route(ids, text_mask=text_mask):
+                composed.llm(inputs_embeds=x)
+
+    times = {}
+    with torch.no_grad():
+        for name, fn in [("plain", plain), ("routed", lambda: routed("all")),
+                         ("routed, m̄ present", lambda: routed("present"))]:
+            runs = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                runs.append(time.perf_counter() - t0)
+            times[name] = float(np.median(runs))
+    return {"tokens": tokens, "threads": torch.get_num_threads(), "repeats": repeats,
+            "tokens_per_s": {k: tokens / v for k, v in times.items()},
+            "x_plain": {k: v / times["plain"] for k, v in times.items()},
+            "resident_mib": {k: v / 2 ** 20 for k, v in composed.resident_bytes().items()}}
 
 
 def weights_for(merged, task: str) -> dict:
@@ -569,9 +639,7 @@ def run(cfg: Config, *, cache: Path | None, data_root=None, out: Path | None = N
                                   "sizes": [len(tasks[n].train.y), len(tasks[n].val.y), len(tasks[n].test.y)]}
                               for n in tasks},
                     "training": train_logs, "llm_parameters": n_params, "rows": [], "mixed_pairs": [],
-                    "mmer_source": "modalmerge method 'mmer'" if mmer_available() else
-                    "adapter (TIES mean + spec-7 masks) in bench/mllm.py",
-                    "routed": "fallback: per-group materialised weights (bench/mllm_routed.py)"}
+                    "routed": "modalmerge.runtime (load_composed + route) on folders written by modalmerge.merge"}
     pairs = [(a, b) for a in names for b in names if a != b]
     result["mixed_pairs"] = [f"{a}+{b}" for a, b in pairs]
 
@@ -589,6 +657,8 @@ def run(cfg: Config, *, cache: Path | None, data_root=None, out: Path | None = N
         return row
 
     mixed_n = cfg.mixed_test
+    scratch = tempfile.TemporaryDirectory(prefix="modalmerge-bench-mllm-")
+    composer = Composer(base_llm, {n: llms[n] for n in names}, Path(scratch.name))
     for step in bar:
         bar.set_postfix_str(step)
         if step == "individual":
@@ -614,25 +684,28 @@ def run(cfg: Config, *, cache: Path | None, data_root=None, out: Path | None = N
             merged, chosen, trials = select(step, cfg, models, base, val, {n: n for n in names})
             sel_s = time.perf_counter() - t0
             if isinstance(merged, Decoupled):
-                text = merged.text()
+                # mixed inputs: the same merge written to a folder and served by the routed runtime
+                composed = composer.compose(step, chosen, names, cfg.seed)
                 row = evaluate_row(
-                    LABELS[step], "decoupled", merged.task, text,
-                    lambda a, b: ev.mixed_accuracy(a, b, mixed_n, cfg.seed, groups={n: merged.task(n) for n in names},
-                                                   text=text),
+                    LABELS[step], "decoupled", merged.task, merged.text(),
+                    lambda a, b: ev.mixed_accuracy(a, b, mixed_n, cfg.seed, composed=composed),
                     {"params": chosen, "trials": trials, "source": merged.source, "select_seconds": sel_s,
                      "storage_mib": mib(8 * n_params + len(names) * n_params / 8)})
                 row["mask_density"] = {n: merged.density(n) for n in names}
                 if step == "mmer":
                     # the spec's option: the text tokens' mean mask over the modalities present
                     row["mixed_present"] = {
-                        f"{a}+{b}": ev.mixed_accuracy(a, b, mixed_n, cfg.seed, groups={n: merged.task(n) for n in names},
-                                                      text=merged.text([a, b])) for a, b in pairs}
+                        f"{a}+{b}": ev.mixed_accuracy(a, b, mixed_n, cfg.seed, composed=composed, text_mask="present")
+                        for a, b in pairs}
+                    if pairs:
+                        result["runtime"] = runtime_cost(composed, ev, pairs, mixed_n, cfg.seed)
             else:
                 evaluate_row(LABELS[step], "merged", lambda t: merged, merged,
                              lambda a, b: ev.mixed_accuracy(a, b, mixed_n, cfg.seed, weights=merged),
                              {"params": chosen, "trials": trials, "select_seconds": sel_s,
                               "storage_mib": mib(4 * n_params)})
     bar.close()
+    scratch.cleanup()
 
     ref = next(r for r in result["rows"] if r["kind"] == "reference")
     base_row = next(r for r in result["rows"] if r["kind"] == "base")
@@ -702,6 +775,13 @@ def markdown(result: dict) -> str:
                 [dens, mixed, text, f"{r.get('storage_mib', 0):.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     out = "\n".join(lines) + "\n"
+    rt = result.get("runtime")
+    if rt:
+        speed = ", ".join(f"{k} {v:,.0f} tokens/s ({rt['x_plain'][k]:.2f}× the plain time)"
+                          for k, v in rt["tokens_per_s"].items())
+        held = ", ".join(f"{k} {v:.1f} MiB" for k, v in rt["resident_mib"].items())
+        out += (f"\nMMER's mixed inputs through modalmerge.runtime ({rt['tokens']:,} tokens, "
+                f"{rt['threads']} threads, median of {rt['repeats']}): {speed}. Held for serving: {held}.\n")
     f = result.get("forgetting")
     if f:
         out += (f"\nForgetting: old task `{f['old_task']}`, new task `{f['new_task']}`\n\n"

@@ -36,7 +36,7 @@ def cmd_mllm(args) -> int:
     result = mllm.run(cfg, cache=cache, data_root=args.data_dir, out=out, missing_ok=args.quick or args.tiny,
                       log=lambda s: print(s, file=sys.stderr), progress=not args.no_progress)
     print(mllm.markdown(result), end="")
-    print(f"\nseed {cfg.seed}; MMER from: {result['mmer_source']}; mixed inputs: {result['routed']}")
+    print(f"\nseed {cfg.seed}; mixed inputs of decoupled merges: {result['routed']}")
     print(f"{result['seconds']:.0f} s; wrote {out / 'mllm.json'}, {out / 'mllm.md'}, {out / 'mllm.png'}")
     return 0
 

@@ -80,17 +80,28 @@ class Executor:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modalmerge-read")
         # per-tensor statistics of a tensor merged in row blocks (its whole tensor, read once more), two models at a time
         self._stat_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="modalmerge-stat")
+        # outputs are cast and written in a thread while the next job computes (one in flight)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modalmerge-write")
+        self._pending = None
 
     # -- reading ---------------------------------------------------------------------------
-    def _read_raw(self, job: Job) -> tuple[torch.Tensor | None, list[torch.Tensor], dict[str, list[torch.Tensor]]]:
-        """The job's raw inputs (storage dtype): base, models, data-aware statistics."""
+    def _read_raw(self, job: Job) -> tuple[torch.Tensor | None, list[torch.Tensor], dict[str, list[torch.Tensor]], bool]:
+        """The job's raw inputs (storage dtype): base, models, data-aware statistics, and whether
+        some weight may be NaN/Inf.
+
+        The finiteness screen runs here, in the reading thread, on the storage dtype: a sum is
+        NaN/Inf when any element is (or, rarely, when it overflows), and costs far less than
+        isfinite().all(); only a non-finite sum makes the job pay for the element-wise check.
+        """
         p = self.plan
         name = job.tensor.name
         whole = job.whole
         def one(src):
             return src.read(name) if whole else src.read(name, job.start, job.stop)
         base = one(p.base) if p.base is not None else None
-        return base, [one(m) for m in p.models], self._read_data(job)
+        models = [one(m) for m in p.models]
+        suspect = not all(bool(torch.isfinite(t.sum())) for t in ([base] if base is not None else []) + models)
+        return base, models, self._read_data(job), suspect
 
     def _read_data(self, job: Job) -> dict[str, list[torch.Tensor]]:
         """Per-model statistics of a data-aware method for this job: a statistic shaped like the
@@ -106,7 +117,7 @@ class Executor:
         return out
 
     def _group(self, job: Job, raw, sample: tuple[int, int] | None = None, scheduled: bool = True) -> TensorGroup:
-        base_raw, model_raw, data_raw = raw
+        base_raw, model_raw, data_raw, suspect = raw
         p = self.plan
         shape = job.shape
 
@@ -125,7 +136,8 @@ class Executor:
         if base_raw is not None:
             base = torch.empty(out_shape, dtype=torch.float32, device=self.device)
             base.copy_(prep(base_raw).reshape(out_shape))
-        self._check_finite(job, base, models)
+        if suspect:
+            self._check_finite(job, base, models)
         weight = 1.0
         if sample is not None:
             weight = (job.stop - job.start) / max(models.shape[1], 1)
@@ -144,10 +156,7 @@ class Executor:
         )
 
     def _check_finite(self, job: Job, base, models) -> None:
-        # a sum is NaN/Inf when any element is, and costs far less than isfinite().all();
-        # only a non-finite sum pays for the element-wise check
-        if bool(torch.isfinite(models.sum())) and (base is None or bool(torch.isfinite(base.sum()))):
-            return
+        """Name the model whose tensor holds NaN/Inf (after a non-finite sum of the raw inputs)."""
         if base is not None and not bool(torch.isfinite(base).all()):
             raise MergeError(f"model {who(self.plan.base)}: tensor {job.tensor.name!r} contains NaN or Inf; "
                              "fix or exclude the tensor (`exclude` in the recipe)")
@@ -231,6 +240,7 @@ class Executor:
                     per_tensor.pop(name, None)
                 del group, raw
                 bar.update(job.stop - job.start)
+        self._drain()
         for t in p.tensors:
             if not t.merge:
                 value = p.copy_source.read(t.name)
@@ -261,10 +271,21 @@ class Executor:
             self._write(sink, job, self.plan.method.kernel(group, self.plan.params_for(job.tensor.info)[0], stats))
 
     def _write(self, sink, job: Job, merged) -> None:
+        if tuple(merged.tensor.shape) != job.shape:
+            raise AssertionError(f"{self.plan.method.name} returned shape {tuple(merged.tensor.shape)} for "
+                                 f"{job.tensor.name} {job.shape}")
+        self._drain()
+        self._pending = self._writer.submit(self._emit, sink, job, merged)
+
+    def _drain(self) -> None:
+        """Wait for the write in flight (and raise its error, if any)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _emit(self, sink, job: Job, merged) -> None:
         t = job.tensor
         out = merged.tensor
-        if tuple(out.shape) != job.shape:
-            raise AssertionError(f"{self.plan.method.name} returned shape {tuple(out.shape)} for {t.name} {job.shape}")
         if not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
             raise MergeError(f"method {self.plan.method.name} produced NaN/Inf in tensor {t.name!r}; "
                              "check its parameters (a zero divisor?) or exclude the tensor")
@@ -302,9 +323,11 @@ class Executor:
             report.statistics = {k: getattr(v, "summary", lambda: None)() for k, v in stats.items()}
             return report
         except BaseException:
+            self._writer.shutdown(wait=True, cancel_futures=True)  # no write may land after the abort
             sink.abort()
             raise
         finally:
+            self._writer.shutdown(wait=True, cancel_futures=True)
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._stat_pool.shutdown(wait=True, cancel_futures=True)
             if scratch is not None:

@@ -143,7 +143,8 @@ def per_tensor_thresholds(deltas: torch.Tensor, densities: list[float], min_keep
     selected = [t for t, k in enumerate(ks) if 0 < k < n]
     thresholds = [0.0 if k >= n else float("inf") for k in ks]
     if selected:
-        values = ops.kth_largest_magnitudes(deltas[selected], [ks[t] for t in selected])
+        rows = deltas if len(selected) == len(ks) else deltas[selected]  # no copy when all are selected
+        values = ops.kth_largest_magnitudes(rows, [ks[t] for t in selected])
         for t, v in zip(selected, values):
             thresholds[t] = v
     return thresholds

@@ -77,6 +77,14 @@ class ComposedModel:
             and len(self.tasks) < 256 else None
         self.last_unrouted: set[str] = set()
 
+    def resident_bytes(self) -> dict[str, int]:
+        """What serving holds: the LLM's parameters, τ*, the packed masks and (once built) the
+        per-tensor mask counts."""
+        return {"model": sum(p.numel() * p.element_size() for p in self.llm.parameters()),
+                "tau*": sum(t.numel() * t.element_size() for t in self.shared.values()),
+                "masks": sum(t.numel() * t.element_size() for t in self.masks.values()),
+                "mask counts": sum(t.numel() * t.element_size() for t in (self._counts or {}).values())}
+
     # -- modalities ------------------------------------------------------------------------
     def task_index(self, task: str) -> int:
         return self.folder.check_task(task)

@@ -115,17 +115,12 @@ def measure(folder: Path, cls, device: str, tokens: int, batch: int, repeats: in
     peak_routed = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
     results["routed+cache"] = routed_cached_passes()
     results["one-modality"] = _time(routed(one, text_mask="present"), repeats, device)
-    param_bytes = sum(p.numel() * p.element_size() for p in composed.llm.parameters())
-    shared_bytes = sum(t.numel() * t.element_size() for t in composed.shared.values())
-    mask_bytes = sum(t.numel() for t in composed.masks.values())
-    count_bytes = sum(t.numel() for t in (composed._counts or {}).values())
     out = {
         "arch": type(composed.llm).__name__, "device": device, "batch": batch, "tokens": tokens,
         "modalities": n, "threads": torch.get_num_threads(),
         "tokens_per_s": {k: batch * tokens / v for k, v in results.items()},
         "slowdown": {k: v / results["plain"] for k, v in results.items()},
-        "resident_bytes": {"model": param_bytes, "tau*": shared_bytes, "masks": mask_bytes,
-                           "mask counts": count_bytes},
+        "resident_bytes": composed.resident_bytes(),
     }
     if peak_plain is not None:
         out["cuda_peak_bytes"] = {"plain": peak_plain, "routed": peak_routed}
