@@ -7,7 +7,8 @@ model entry's own `calibration:`, e.g. each fine-tune's task data):
     calibration: {file: data.jsonl, loader: text, max_examples: 256, max_length: 64}
 
 A callable returns an iterable of batches: dicts of tensors given to the model as keyword
-arguments (`labels`, when present, is kept out of the forward and used as y), or plain
+arguments (`labels`, when present, is kept out of the forward and used as y; so is
+`visual_mask`, FRANK's marking of visual tokens), or plain
 `input_ids` tensors. A `.txt` file has one example per line; a `.jsonl` file one object per
 line with `text` (loader `text`, tokenised by the model folder's tokenizer) or `input_ids`
 (loader `tokens`), and optionally `label`.
@@ -21,6 +22,11 @@ the merge itself stays streaming. Kinds:
 - gram: per nn.Linear, G = XᵀX / n of its inputs (float64 accumulation), keyed by its weight.
 - exp_avg_sq: the optimiser's second moments of each parameter (the model entry's `optimizer_state`).
 - adamerging: coefficients learned by entropy minimisation; one value per model and tensor.
+- visual_attention (FRANK's `a: fit`): the vision model's per-decoder-layer share of its text
+  tokens' attention on visual tokens, [1, L] under every merged tensor's name (zeros for the
+  reasoning models, which need no data). Visual tokens are a batch's boolean `visual_mask`
+  [batch, seq] (kept out of the forward, like `labels`) or the input_ids equal to the config's
+  image/video token id (LLaVA-style); see visual_attention_profile.
 """
 
 from __future__ import annotations
@@ -36,7 +42,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ..checkpoint.sources import TensorSource, open_source
 from ..errors import MergeError
 
-KINDS = ("fisher", "gram", "exp_avg_sq", "adamerging")
+KINDS = ("fisher", "gram", "exp_avg_sq", "adamerging", "visual_attention")
+
+# batch keys that are not model inputs
+NOT_INPUTS = ("labels", "visual_mask")
 
 
 class CalibrationSpec(BaseModel):
@@ -187,13 +196,14 @@ def split_examples(batch: dict) -> list[dict]:
 
 
 def model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != "labels"}
+    return {k: v for k, v in batch.items() if k not in NOT_INPUTS}
 
 
 # -- models ----------------------------------------------------------------------------------
 
-def load_model(src: TensorSource, where: str):
-    """A transformers model of the class its config names, in float32, in eval mode."""
+def load_model(src: TensorSource, where: str, attn_implementation: str | None = None):
+    """A transformers model of the class its config names, in float32, in eval mode
+    (`attn_implementation="eager"` where attention weights are read: sdpa returns none)."""
     folder = src.folder
     if folder is None or not (folder / "config.json").exists():
         raise MergeError(f"model {src.label!r}: running calibration data needs a Hugging Face model folder with "
@@ -205,7 +215,8 @@ def load_model(src: TensorSource, where: str):
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
         cls = transformers.AutoModel
-    model = cls.from_pretrained(str(folder), dtype=torch.float32)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = cls.from_pretrained(str(folder), dtype=torch.float32, **extra)
     return model.eval()
 
 
@@ -305,6 +316,100 @@ def forward_with_hooks(model, batches: list[dict], handles: list, current: dict)
             h.remove()
 
 
+# image/video placeholder ids of LLaVA-style configs: input_ids hold one per visual feature
+VISUAL_TOKEN_KEYS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+
+
+def visual_token_ids(model) -> list[int]:
+    """The token ids the model's config names as image (or video) placeholders."""
+    ids = {getattr(model.config, k, None) for k in VISUAL_TOKEN_KEYS}
+    return sorted(int(i) for i in ids if isinstance(i, int) and not isinstance(i, bool))
+
+
+def visual_mask_of(batch: dict, token_ids: list[int], where: str) -> torch.Tensor:
+    """[batch, seq] bool: the batch's `visual_mask`, else its input_ids that are visual token ids."""
+    if "visual_mask" in batch:
+        mask = batch["visual_mask"]
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            raise MergeError(f"{where}: a calibration batch's visual_mask must be a [batch, seq] boolean tensor, got "
+                             f"{list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}; "
+                             "fix the calibration callable")
+        return mask.bool()
+    ids = batch.get("input_ids")
+    if ids is None or not token_ids:
+        raise MergeError(f"{where}: cannot tell which calibration tokens are visual: give each batch a boolean "
+                         "`visual_mask` [batch, seq] (from a calibration callable), or input_ids with the image "
+                         "tokens of a model whose config names one (image_token_id / image_token_index)")
+    return torch.isin(ids, torch.tensor(token_ids, dtype=ids.dtype))
+
+
+def visual_attention_profile(model, batches: list[dict], where: str = "calibration") -> torch.Tensor:
+    """s_l per decoder layer l: the mean over examples of the attention mass that text queries
+    put on visual keys, averaged over heads and the example's text query positions.
+
+    Text queries are the non-visual, non-padding positions after the example's last visual
+    token (under a causal mask, the ones that see all of it); examples without visual tokens
+    or without text after them are skipped. The model must return attention weights
+    (eager attention; see load_model)."""
+    token_ids = visual_token_ids(model)
+    total: torch.Tensor | None = None
+    used, visual_seen = 0, False
+    with torch.no_grad():
+        for batch in batches:
+            visual = visual_mask_of(batch, token_ids, where)
+            out = model(**model_inputs(batch), output_attentions=True)
+            att = getattr(out, "attentions", None)
+            if not att:
+                raise MergeError(f"{where}: the model returned no attention weights with output_attentions=True; "
+                                 "fitting FRANK's `a` needs a transformers model with eager attention")
+            if tuple(visual.shape) != tuple(att[0].shape[:1] + att[0].shape[-1:]):
+                raise MergeError(f"{where}: the batch's visual tokens are marked over {list(visual.shape)} positions "
+                                 f"but the model attends over [batch, seq] = {[att[0].shape[0], att[0].shape[-1]]}; "
+                                 "give visual_mask one flag per input position")
+            valid = batch.get("attention_mask")
+            valid = valid.bool() if isinstance(valid, torch.Tensor) and valid.shape == visual.shape \
+                else torch.ones_like(visual)
+            if total is None:
+                total = torch.zeros(len(att), dtype=torch.float64)
+            for b in range(visual.shape[0]):
+                keys = visual[b] & valid[b]
+                if not bool(keys.any()):
+                    continue
+                visual_seen = True
+                queries = valid[b] & ~visual[b]
+                queries[: int(keys.nonzero().max()) + 1] = False
+                if not bool(queries.any()):
+                    continue
+                maps = torch.stack([a[b] for a in att]).double()          # [L, heads, seq, seq]
+                total += maps[:, :, queries][..., keys].sum(dim=-1).mean(dim=(1, 2))
+                used += 1
+    if not visual_seen:
+        raise MergeError(f"{where}: the calibration data has no visual tokens (no visual_mask entry set, no image "
+                         f"token id {token_ids or '(the config names none)'} in input_ids); give batches with "
+                         "images, or give FRANK's `a` as a number")
+    if used == 0:
+        raise MergeError(f"{where}: no calibration example has text tokens after its visual tokens, so there is no "
+                         "text-to-visual attention to measure; put the prompt text after the image")
+    return total / used
+
+
+def visual_attention_statistics(plan) -> list[dict[str, torch.Tensor]]:
+    """FRANK's `a: fit` data: the vision model's visual_attention_profile as a [1, L] row under every
+    merged tensor's name; the reasoning models, which need no data, get zeros in the same places."""
+    from ..methods.frank import vision_index
+
+    v = vision_index(plan.params, plan.model_params)
+    src = plan.models[v]
+    where = f"model {src.label!r}"
+    model = load_model(src, where, attn_implementation="eager")
+    profile = visual_attention_profile(model, load_batches(calibration_of(plan, v), src.folder, where), where)
+    del model
+    row = profile.reshape(1, -1).float()
+    # one tensor each: safetensors refuses to save tensors that share memory
+    return [{t.name: (row if i == v else torch.zeros_like(row)).clone() for t in plan.merged}
+            for i in range(len(plan.models))]
+
+
 def optimizer_second_moments(path: str, model_label: str, names: list[str], allow_pickle: bool
                              ) -> dict[str, torch.Tensor]:
     """exp_avg_sq per parameter: a safetensors file keyed like the parameters, or (with
@@ -355,14 +460,33 @@ def calibration_of(plan, t: int) -> CalibrationSpec:
 
 
 def _check(plan, kinds) -> None:
+    for kind in kinds:
+        if kind == "visual_attention":
+            _check_vision_data(plan)
     for t, entry in enumerate(plan.recipe.models):
         for kind in kinds:
+            if kind == "visual_attention":
+                continue
             if kind == "exp_avg_sq":
                 if entry.optimizer_state is None:
                     raise MergeError(f"model {entry.label!r}: method {plan.method.name} needs the optimiser's second "
                                      "moments; add `optimizer_state: path/exp_avg_sq.safetensors` to its entry")
             else:
                 calibration_of(plan, t)
+
+
+def _check_vision_data(plan) -> None:
+    """FRANK's `a: fit`: only the vision model runs data."""
+    from ..methods.frank import vision_index
+
+    v = vision_index(plan.params, plan.model_params)
+    entry = plan.recipe.models[v]
+    if entry.calibration is None and plan.recipe.calibration is None:
+        raise MergeError(f"model {entry.label!r}: frank with `a: fit` fits its vision prior from this (vision) model's "
+                         "attention to visual tokens and needs calibration data: add `calibration: {callable: "
+                         "pkg.module:function}` (batches with image tokens or a visual_mask) to the recipe or to "
+                         "this model's entry, or give `a` as a number")
+    calibration_of(plan, v)
 
 
 def gather(plan, kinds: list[str], folder: str, *, allow_pickle: bool = False, progress: bool = False
@@ -380,6 +504,8 @@ def gather(plan, kinds: list[str], folder: str, *, allow_pickle: bool = False, p
             per_model = learn_coefficients(plan, [load_batches(calibration_of(plan, t), src.folder,
                                                                f"model {src.label!r}")
                                                   for t, src in enumerate(plan.models)], progress)
+        elif kind == "visual_attention":
+            per_model = visual_attention_statistics(plan)
         else:
             per_model = []
             for t, src in enumerate(plan.models):
@@ -439,6 +565,12 @@ def estimate(plan) -> dict[str, Any]:
             out[kind] = {"stored_bytes_per_model": len(plan.merged) * 4,
                          "peak_bytes": params * 4 * 3 + merged * 4 * n,
                          "note": "not streaming: all task vectors are held while coefficients are learned"}
+        elif kind == "visual_attention":
+            # the vision model alone, forward passes only; a [1, layers] row per merged tensor
+            out[kind] = {"stored_bytes_per_model": len(plan.merged) * max(plan.num_layers, 1) * 4,
+                         "peak_bytes": params * 4,
+                         "note": "vision model only, eager attention; each batch also holds every layer's "
+                                 "attention maps (layers x batch x heads x seq^2 x 4 bytes)"}
     out["peak_bytes"] = max(v["peak_bytes"] for v in out.values())
     out["stored_bytes"] = sum(v["stored_bytes_per_model"] for k, v in out.items() if isinstance(v, dict)) * n
     return out
