@@ -316,3 +316,17 @@ def test_dry_run_shows_the_data_pass_memory(family, tmp_path, capsys):
     path.write_text(yaml.safe_dump(_recipe(family, calibration=None)))
     assert main(["merge", str(path), "--dry-run"]) == 1
     assert "`a: fit`" in capsys.readouterr().err
+
+
+def test_merge_prints_the_fitted_decay(family, tmp_path, capsys):
+    from modalmerge.cli import _statistics_lines, main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_recipe(family)))
+    assert main(["merge", str(path), "--output", str(tmp_path / "out"), "--no-progress"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("frank: "))
+    assert "a_from fit" in line and "intercept" in line
+    # long lists stay in the API's report; scalars, words and short lists are printed
+    assert _statistics_lines({"frank": {"a": 0.25, "a_from": "fit", "visual_attention": [0.1] * 20},
+                              "emr": {"lambdas": [1.5, 0.75]}, "storage": {"total": 3}}) == \
+        ["frank: a 0.25, a_from fit", "emr: lambdas [1.5, 0.75]"]

@@ -82,9 +82,33 @@ def cmd_merge(args) -> int:
                           progress=not args.no_progress, allow_pickle=args.allow_pickle).run(sink)
     print(f"merged {report.merged_tensors} tensors ({report.merged_parameters:,} parameters), copied "
           f"{report.copied_tensors}, in {report.seconds['total']:.1f} s -> {args.output}")
+    for line in _statistics_lines(report.statistics):
+        print(line)
     if composed is not None:
         print("\n".join(storage_lines(storage)))
     return 0
+
+
+def _statistics_lines(statistics: dict) -> list[str]:
+    """What the statistics passes found that a user chooses by (FRANK's fitted a, EMR's
+    rescalers): numbers, words and short lists; the rest stays in the Python API's report."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return str(v)
+
+    lines = []
+    for name, summary in statistics.items():
+        if not isinstance(summary, dict) or name == "storage":
+            continue
+        shown = [f"{k} {fmt(v)}" for k, v in summary.items()
+                 if isinstance(v, (int, float, str)) or (isinstance(v, (list, tuple)) and len(v) <= 8
+                                                        and all(isinstance(x, (int, float)) for x in v))]
+        if shown:
+            lines.append(f"{name}: " + ", ".join(shown))
+    return lines
 
 
 def _cmd_continual(args) -> int:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal, get_args, get_origin
+from types import UnionType
+from typing import Any, Callable, ClassVar, Literal, Union, get_args, get_origin
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -255,10 +256,16 @@ class Method:
         """(name, type, default, description) for `modalmerge methods`."""
         rows = []
         for key, f in self.params.model_fields.items():
-            ann = f.annotation
-            if get_origin(ann) is Literal:
-                type_name = "|".join(str(a) for a in get_args(ann))
-            else:
-                type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-            rows.append((f.alias or key, type_name, f.default, f.description or ""))
+            rows.append((f.alias or key, _type_name(f.annotation), f.default, f.description or ""))
         return rows
+
+
+def _type_name(ann) -> str:
+    """float, a|b for a Literal, float|fit for a Union of the two."""
+    if get_origin(ann) is Literal:
+        return "|".join(str(a) for a in get_args(ann))
+    if get_args(ann) and get_origin(ann) in (Union, UnionType):
+        return "|".join(_type_name(a) for a in get_args(ann))
+    if ann is type(None):
+        return "None"
+    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
