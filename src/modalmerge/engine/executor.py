@@ -26,6 +26,12 @@ from .plan import Plan, TensorPlan, who
 # of a global threshold near 2e-4 (binomial standard error sqrt(p(1-p)/n)).
 SAMPLE_TARGET = 1 << 22
 SAMPLE_MIN = 1 << 16
+# fused (compiled) kernels, for methods that have them: on merges of at least this many input
+# elements (models x merged parameters), where compiling once (tens of seconds, then cached on
+# disk) is repaid, and on blocks of at least FUSED_MIN_BLOCK elements; MODALMERGE_COMPILE=1
+# uses them on any merge, =0 never (ops/fused.py)
+FUSED_MIN_INPUT_ELEMS = 1 << 31
+FUSED_MIN_BLOCK = 1 << 12
 
 
 @dataclass
@@ -83,6 +89,17 @@ class Executor:
         # outputs are cast and written in a thread while the next job computes (one in flight)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modalmerge-write")
         self._pending = None
+        self.fused = self._use_fused()
+
+    def _use_fused(self) -> bool:
+        from ..ops import fused
+
+        p = self.plan
+        if p.method.fused is None or not p.method.fused(p.params) or self.device.type != "cpu" or not fused.usable():
+            return False
+        if fused.mode() == "1":
+            return True
+        return sum(t.meta.numel for t in p.merged) * len(p.models) >= FUSED_MIN_INPUT_ELEMS
 
     # -- reading ---------------------------------------------------------------------------
     def _read_raw(self, job: Job) -> tuple[torch.Tensor | None, list[torch.Tensor], dict[str, list[torch.Tensor]], bool]:
@@ -127,6 +144,13 @@ class Executor:
             return t
 
         n_models = len(model_raw)
+        if self.fused and sample is None and scheduled and not suspect and not data_raw \
+                and job.stop - job.start >= FUSED_MIN_BLOCK:
+            # the kernel reads the raw inputs; shapes only (meta) until it asks for the stack
+            return self._make_group(job, scheduled, 1.0, None, {},
+                                    base=None if base_raw is None else torch.empty(shape, device="meta"),
+                                    models=torch.empty((n_models,) + shape, device="meta"),
+                                    raw_base=base_raw, raw_models=model_raw)
         first = prep(model_raw[0])
         out_shape = tuple(first.shape) if sample is not None else shape
         models = torch.empty((n_models,) + out_shape, dtype=torch.float32, device=self.device)
@@ -146,13 +170,17 @@ class Executor:
             if tuple(values[0].shape) in (shape, (job.stop - job.start,)) and values[0].numel() == job.stop - job.start:
                 values = [prep(v).reshape(out_shape) for v in values]
             data[kind] = torch.stack([v.to(device=self.device, dtype=torch.float32) for v in values])
+        return self._make_group(job, scheduled, weight, sample, data, base=base, models=models)
+
+    def _make_group(self, job: Job, scheduled: bool, weight: float, sample, data, **inputs) -> TensorGroup:
+        p = self.plan
         # per-layer schedules resolved for the kernels; statistics passes see the first values
         model_params = p.params_for(job.tensor.info)[1] if scheduled else p.model_params
         return TensorGroup(
-            info=job.tensor.info, base=base, models=models, model_names=p.model_names,
+            info=job.tensor.info, model_names=p.model_names,
             weights=torch.tensor(p.weights, dtype=torch.float32, device=self.device),
             model_params=model_params, row_start=job.rows[0], seed=p.recipe.seed,
-            sample_weight=weight, is_sample=sample is not None, data=data,
+            sample_weight=weight, is_sample=sample is not None, data=data, **inputs,
         )
 
     def _check_finite(self, job: Job, base, models) -> None:

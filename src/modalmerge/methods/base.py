@@ -65,6 +65,11 @@ class TensorGroup:
     # before the merge, by kind ("fisher", "gram", ...), each stacked [T, ...] float32; a tensor
     # shaped like this one is cut to the same chunk, any other shape is given whole
     data: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the block's inputs as stored (e.g. bfloat16), for methods with fused kernels
+    # (Method.fused): the engine then leaves `base` and `models` on the meta device (shapes
+    # only) until a kernel asks for them with materialize()
+    raw_base: torch.Tensor | None = None
+    raw_models: list[torch.Tensor] | None = None
 
     def __post_init__(self):
         self._provisional: set[str] = set()
@@ -74,6 +79,20 @@ class TensorGroup:
     @property
     def name(self) -> str:
         return self.info.name
+
+    @property
+    def fused_inputs(self) -> bool:
+        """The float32 stack was not built: a fused kernel reads raw_base / raw_models."""
+        return self.raw_models is not None and self.models.is_meta
+
+    def materialize(self) -> None:
+        """Build the float32 base and models stack from the raw inputs (an eager fallback)."""
+        if not self.fused_inputs:
+            return
+        shape = self.chunk_shape
+        self.models = torch.stack([m.reshape(shape).to(torch.float32) for m in self.raw_models])
+        if self.raw_base is not None:
+            self.base = self.raw_base.reshape(shape).to(torch.float32, copy=True)  # never the caller's tensor
 
     @property
     def is_whole(self) -> bool:
@@ -222,6 +241,9 @@ class Method:
     # method still merge large tensors in row blocks. The statistic is called as
     # (params, info, base or None, model [whole tensor, float32], model_params) -> value
     tensor_statistic: Callable[[Any], Callable[[Any, TensorInfo, Any, Any, dict[str, Any]], Any] | None] | None = None
+    # for these params, whether the kernel can work from the raw inputs with fused (compiled)
+    # kernels (ops.fused): the engine then skips building the float32 stack on large merges
+    fused: Callable[[Any], bool] | None = None
     # task-conditional: writes a shared vector and per-task masks besides the merged model
     decoupled: bool = False
     # per-task scalars of a decoupled method, from its statistics (default: 1 each)

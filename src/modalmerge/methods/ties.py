@@ -69,7 +69,44 @@ def ties_vector(group: TensorGroup, p: TiesParams, stats: dict, deltas: torch.Te
 
 
 def ties(group: TensorGroup, p: TiesParams, stats: dict) -> Merged:
+    if group.fused_inputs:
+        merged = fused_ties_vector(group, p, stats)
+        if merged is not None:
+            base = group.raw_base.reshape(group.chunk_shape)
+            return Merged(torch.add(base.to(torch.float32), merged.reshape(group.chunk_shape), alpha=p.lam))
+        group.materialize()
     return Merged(torch.add(group.base, ties_vector(group, p, stats), alpha=p.lam))
+
+
+def fused_ties_vector(group: TensorGroup, p: TiesParams, stats: dict) -> torch.Tensor | None:
+    """ties_vector from the raw inputs with the fused kernels (ops.fused), where the thresholds
+    are known before the block is read (global scope, or a tensor merged in row blocks); None
+    where they are not (a whole tensor's own top-k) or nothing can be compiled here."""
+    densities = group.per_model(p, "density")
+    if all(d >= 1 for d in densities):
+        thresholds = [0.0] * group.num_models
+    elif p.scope == "global":
+        thresholds = stats["magnitudes"].thresholds
+    elif group.tensor_stats is not None:
+        thresholds = group.tensor_stats
+    else:
+        return None
+    if group.raw_base is None:
+        return None
+    base = group.raw_base.reshape(-1)
+    models = [m.reshape(-1) for m in group.raw_models]
+    thr = torch.tensor(thresholds, dtype=torch.float32)
+    partials = dict(group.tie_partials)
+    try:
+        total = ops.fused.trimmed_total(base, models, thr, group.weights)
+        tie = 1.0 if p.tie == "positive" else group.tie_sign(total, "elect")
+        merged = ops.fused.disjoint_merge(base, models, thr, group.weights, total, tie, p.aggregate)
+    except ops.fused.FusedUnavailable:
+        group.tie_partials = partials  # the eager kernel counts this block's total again
+        return None
+    if p.tie != "positive":
+        group.settle_ties(total, merged, "elect")
+    return merged
 
 
 def tensor_threshold(p: TiesParams, info, base, model, model_params) -> float:
@@ -90,5 +127,6 @@ TIES = Method(
     summary="Trim each task vector, elect signs by mass, average the agreeing values.",
     statistics=ties_statistics,
     tensor_statistic=lambda p: tensor_threshold if p.scope == "tensor" else None,
+    fused=lambda p: True,
     mergekit_names=("ties",),
 )

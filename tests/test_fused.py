@@ -1,0 +1,114 @@
+"""The fused (compiled) kernels of TIES and task arithmetic against the eager ones.
+
+Compiling takes a while the first time, so one module-level fixture builds the inputs and the
+kernels are compiled once for the whole file.
+"""
+
+import pytest
+import torch
+
+from modalmerge import ops
+from modalmerge.api import merge_state_dicts
+from modalmerge.engine import executor
+
+
+def _models(seed=0, shape=(96, 80), n=3, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    base = {"w": torch.randn(shape, generator=g).to(dtype), "v": torch.randn(shape[0] * 50, generator=g).to(dtype)}
+    models = []
+    for t in range(n):
+        m = {k: (v.float() + 0.05 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in base.items()}
+        if t == 1:  # exact zero sums: model 1 cancels model 0 on a patch, so the tie rule matters
+            d0 = models[0]["w"].float() - base["w"].float()
+            m["w"][:8] = (base["w"][:8].float() - d0[:8]).to(dtype)
+        models.append(m)
+    return base, models
+
+
+def _merge(method, base, models, monkeypatch, compiled: bool, **kw):
+    monkeypatch.setenv("MODALMERGE_COMPILE", "1" if compiled else "0")
+    monkeypatch.setattr(executor, "FUSED_MIN_BLOCK", 64)
+    return merge_state_dicts(method, models, base=base, **kw)
+
+
+CASES = [
+    ("ties", {"density": 0.3}),
+    ("ties", {"density": 0.3, "aggregate": "sum", "lambda": 0.7}),
+    ("ties", {"density": 0.5, "aggregate": "max"}),
+    ("ties", {"density": 1.0}),
+    ("ties", {"density": 0.3, "tie": "positive"}),
+    ("ties", {"density": 0.3, "scope": "tensor"}),
+    ("task_arithmetic", {"lambda": 0.6}),
+]
+
+
+@pytest.mark.parametrize("method,params", CASES)
+def test_fused_equals_eager(method, params, monkeypatch):
+    base, models = _models(dtype=torch.float32 if params.get("density") == 1.0 else torch.bfloat16)
+    before = [{k: v.clone() for k, v in sd.items()} for sd in [base] + models]
+    kw = dict(params=params, weights=[1.0, 0.5, 2.0])
+    eager = _merge(method, base, models, monkeypatch, False, **kw)
+    fused = _merge(method, base, models, monkeypatch, True, **kw)
+    for sd, kept in zip([base] + models, before):  # the caller's tensors are never written to
+        assert all(torch.equal(sd[k], kept[k]) for k in sd)
+    for name in base:
+        assert fused[name].dtype == eager[name].dtype
+        assert torch.allclose(fused[name].float(), eager[name].float(), atol=1e-6, rtol=0), name
+    # in row blocks the fused kernels give the same bits as on the whole tensor
+    chunked = _merge(method, base, models, monkeypatch, True, chunk_elems=96 * 16, **kw)
+    for name in base:
+        assert torch.equal(chunked[name], fused[name]), name
+
+
+def test_fused_ties_uses_the_tensor_total_for_exact_ties(monkeypatch):
+    # sums that are exactly 0 take the sign of the tensor's total, also when the fused kernel
+    # sees the tensor in row blocks (the engine re-runs blocks decided by a provisional sign)
+    shape = (64, 64)
+    base = {"w": torch.zeros(shape)}
+    a, b = torch.zeros(shape), torch.zeros(shape)
+    a[0, 0], b[0, 0] = 1.0, -1.0
+    a[40:, :] = -0.5
+    models = [{"w": a}, {"w": b}]
+    for chunk in (None, 64 * 8):
+        kw = dict(params={"density": 1.0}, **({"chunk_elems": chunk} if chunk else {}))
+        out = _merge("ties", base, models, monkeypatch, True, **kw)
+        assert out["w"][0, 0] == -1.0
+        assert torch.equal(out["w"], _merge("ties", base, models, monkeypatch, False, **kw)["w"])
+
+
+def test_fused_kernels_do_not_depend_on_the_thread_count(monkeypatch):
+    base, models = _models(seed=2, shape=(256, 64))
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(_merge("ties", base, models, monkeypatch, True, params={"density": 0.2}))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in base)
+
+
+def test_without_a_compiler_the_eager_kernels_run(monkeypatch):
+    base, models = _models(seed=3)
+
+    def unavailable(fn, *args):
+        raise ops.fused.FusedUnavailable("no compiler")
+
+    eager = _merge("ties", base, models, monkeypatch, False, params={"density": 0.3}, chunk_elems=96 * 16)
+    monkeypatch.setattr(ops.fused, "_run", unavailable)
+    fallback = _merge("ties", base, models, monkeypatch, True, params={"density": 0.3}, chunk_elems=96 * 16)
+    assert all(torch.equal(fallback[k], eager[k]) for k in base)
+    ta = _merge("task_arithmetic", base, models, monkeypatch, True, params={"lambda": 0.5})
+    monkeypatch.setenv("MODALMERGE_COMPILE", "0")
+    assert all(torch.equal(ta[k], merge_state_dicts("task_arithmetic", models, base=base,
+                                                     params={"lambda": 0.5})[k]) for k in base)
+
+
+def test_compile_mode_switch(monkeypatch):
+    monkeypatch.setenv("MODALMERGE_COMPILE", "0")
+    assert ops.fused.mode() == "0" and not ops.fused.usable()
+    with pytest.raises(ops.fused.FusedUnavailable):
+        ops.fused.weighted_delta_sum(torch.zeros(4), [torch.ones(4)], torch.ones(1))
+    monkeypatch.setenv("MODALMERGE_COMPILE", "whatever")
+    assert ops.fused.mode() == "auto"
