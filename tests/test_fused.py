@@ -38,6 +38,7 @@ CASES = [
     ("ties", {"density": 1.0}),
     ("ties", {"density": 0.3, "tie": "positive"}),
     ("ties", {"density": 0.3, "scope": "tensor"}),
+    ("ties", {"density": 0.0001, "scope": "tensor", "keep_min": 3}),
     ("task_arithmetic", {"lambda": 0.6}),
 ]
 

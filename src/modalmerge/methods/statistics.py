@@ -135,16 +135,21 @@ def trim_global(deltas: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
     return deltas
 
 
-def per_tensor_thresholds(deltas: torch.Tensor, densities: list[float], min_keep: int = 0) -> list[float]:
+def per_tensor_thresholds(deltas: torch.Tensor, densities: list[float], min_keep: int = 0,
+                          select=None) -> list[float]:
     """Each task vector's k-th largest magnitude in this tensor, k = int(density · numel) but at
-    least `min_keep`: 0.0 where everything is kept, +inf where nothing is."""
+    least `min_keep`: 0.0 where everything is kept, +inf where nothing is. `select(rows, ks)`
+    replaces the selection on `deltas` (then only deltas[0].numel() is used)."""
     n = deltas[0].numel()
     ks = [min(max(int(d * n), min_keep), n) for d in densities]
     selected = [t for t, k in enumerate(ks) if 0 < k < n]
     thresholds = [0.0 if k >= n else float("inf") for k in ks]
     if selected:
-        rows = deltas if len(selected) == len(ks) else deltas[selected]  # no copy when all are selected
-        values = ops.kth_largest_magnitudes(rows, [ks[t] for t in selected])
+        if select is not None:
+            values = select(selected, [ks[t] for t in selected])
+        else:
+            rows = deltas if len(selected) == len(ks) else deltas[selected]  # no copy when all are selected
+            values = ops.kth_largest_magnitudes(rows, [ks[t] for t in selected])
         for t, v in zip(selected, values):
             thresholds[t] = v
     return thresholds

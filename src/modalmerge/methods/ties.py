@@ -89,15 +89,19 @@ def fused_ties_vector(group: TensorGroup, p: TiesParams, stats: dict) -> torch.T
         thresholds = stats["magnitudes"].thresholds
     elif group.tensor_stats is not None:
         thresholds = group.tensor_stats
+    elif group.is_whole:
+        thresholds = None  # this tensor's own top-k, selected below from the raw inputs
     else:
         return None
     if group.raw_base is None:
         return None
     base = group.raw_base.reshape(-1)
     models = [m.reshape(-1) for m in group.raw_models]
-    thr = torch.tensor(thresholds, dtype=torch.float32)
     partials = dict(group.tie_partials)
     try:
+        if thresholds is None:
+            thresholds = fused_tensor_thresholds(base, models, densities, p.keep_min)
+        thr = torch.tensor(thresholds, dtype=torch.float32)
         total = ops.fused.trimmed_total(base, models, thr, group.weights)
         tie = 1.0 if p.tie == "positive" else group.tie_sign(total, "elect")
         merged = ops.fused.disjoint_merge(base, models, thr, group.weights, total, tie, p.aggregate)
@@ -116,6 +120,22 @@ def tensor_threshold(p: TiesParams, info, base, model, model_params) -> float:
     if density >= 1:
         return 0.0
     return per_tensor_thresholds((model - base).reshape(1, -1), [density], p.keep_min)[0]
+
+
+def fused_tensor_thresholds(base: torch.Tensor, models: list[torch.Tensor], densities: list[float],
+                            keep_min: int) -> list[float]:
+    """scope: tensor on a whole tensor from the raw inputs: radix select with the first-level
+    keys from one fused pass; the boundary bin's values recomputed from the raw inputs."""
+    keys = ops.fused.magnitude_keys(base, models)
+
+    def low_bits(t: int, high: int) -> torch.Tensor:
+        inside = keys[t] == high
+        return (models[t][inside].float() - base[inside].float()).abs().view(torch.int32) & 0xFFFF
+
+    def select(rows: list[int], ks: list[int]) -> list[float]:
+        return ops.sparsify.radix_select([keys[t] for t in rows], ks, lambda i, high: low_bits(rows[i], high))
+
+    return per_tensor_thresholds(base.reshape(1, -1), densities, keep_min, select=select)
 
 
 def ties_statistics(p: TiesParams) -> list:

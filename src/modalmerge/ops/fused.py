@@ -112,6 +112,11 @@ def _weighted_delta_sum(base, weights, *models):
     return out
 
 
+def _magnitude_keys(base, *models):
+    b = base.float()
+    return tuple(((m.float() - b).abs().view(torch.int32) >> 16).to(torch.int16) for m in models)
+
+
 _DISJOINT = {"mean": _disjoint_mean, "sum": _disjoint_sum, "max": _disjoint_max}
 
 
@@ -130,6 +135,12 @@ def disjoint_merge(base: torch.Tensor, models: list[torch.Tensor], thresholds: t
     with γ; as ops.elect_sign + ops.disjoint_merge on the stack."""
     tie = torch.tensor(tie_sign, dtype=torch.float32, device=total.device)
     return _run(_DISJOINT[aggregate], base, thresholds, weights, total, tie, *models)
+
+
+def magnitude_keys(base: torch.Tensor, models: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Per model, the top 15 bits of |θ_t − θ_0|'s float32 pattern as int16: the first-level
+    keys of ops.sparsify.radix_select, from the raw inputs in one pass."""
+    return _run(_magnitude_keys, base, *models)
 
 
 def weighted_delta_sum(base: torch.Tensor, models: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:

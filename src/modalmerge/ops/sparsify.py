@@ -63,11 +63,17 @@ def kth_largest_magnitudes(x: torch.Tensor, ks: Sequence[int]) -> list[float]:
         if not 1 <= k <= n:
             raise ValueError(f"k={k} outside 1..{n}")
     keys = _radix_keys(rows)
+    return radix_select(keys, ks, lambda t, high: rows[t].view(torch.int32)[keys[t] == high] & 0xFFFF)
+
+
+def radix_select(keys: torch.Tensor | Sequence[torch.Tensor], ks: Sequence[int], boundary_low_bits) -> list[float]:
+    """The radix select of kth_largest_magnitudes on given first-level keys (the top 15 bits of
+    each |x| as int16, one row per task): `boundary_low_bits(t, b)` returns the low 16 bits (as
+    integers) of row t's |x| in bin b."""
     out = []
-    for row, row_keys, k in zip(rows, keys, ks):
-        high, rest = _boundary(torch.bincount(row_keys, minlength=_RADIX_BINS), k)
-        low_bits = row.view(torch.int32)[row_keys == high] & 0xFFFF
-        low, _ = _boundary(torch.bincount(low_bits, minlength=1 << 16), rest)
+    for t, k in enumerate(ks):
+        high, rest = _boundary(torch.bincount(keys[t], minlength=_RADIX_BINS), k)
+        low, _ = _boundary(torch.bincount(boundary_low_bits(t, high), minlength=1 << 16), rest)
         bits = torch.tensor([(high << 16) | low], dtype=torch.int32)
         out.append(float(bits.view(torch.float32)))
     return out
