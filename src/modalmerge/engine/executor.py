@@ -26,6 +26,9 @@ from .plan import Plan, TensorPlan, who
 # of a global threshold near 2e-4 (binomial standard error sqrt(p(1-p)/n)).
 SAMPLE_TARGET = 1 << 22
 SAMPLE_MIN = 1 << 16
+# a sample is read as contiguous segments of this many elements, evenly spread over each job,
+# so a statistics pass reads about 1/stride of the inputs, not all of them
+SAMPLE_SEGMENT = 1 << 10
 # fused (compiled) kernels, for methods that have them: on merges of at least this many input
 # elements (models x merged parameters), where compiling once (tens of seconds, then cached on
 # disk) is repaid, and on blocks of at least FUSED_MIN_BLOCK elements; MODALMERGE_COMPILE=1
@@ -120,6 +123,23 @@ class Executor:
         suspect = not all(bool(torch.isfinite(t.sum())) for t in ([base] if base is not None else []) + models)
         return base, models, self._read_data(job), suspect
 
+    def _read_sample(self, job: Job, stride: int):
+        """A seeded sample of the job's elements, read as SAMPLE_SEGMENT-long segments (about one
+        in `stride` of them, at least one), in the layout of _read_raw."""
+        p = self.plan
+        name, n, seg = job.tensor.name, job.stop - job.start, SAMPLE_SEGMENT
+        segments = -(-n // seg)
+        count = max(1, segments // stride)
+        shift = (hash_name(name) + job.rows[0]) % 1000 / 1000  # where in its stretch each segment sits
+        starts = [job.start + int((i + shift) * segments / count) * seg for i in range(count)]
+
+        def one(src):
+            return torch.cat([src.read(name, a, min(a + seg, job.stop)) for a in starts])
+        base = one(p.base) if p.base is not None else None
+        models = [one(m) for m in p.models]
+        suspect = not all(bool(torch.isfinite(t.sum())) for t in ([base] if base is not None else []) + models)
+        return base, models, {}, suspect
+
     def _read_data(self, job: Job) -> dict[str, list[torch.Tensor]]:
         """Per-model statistics of a data-aware method for this job: a statistic shaped like the
         tensor is cut like it; another shape (a Gram matrix, a scalar) is read whole."""
@@ -193,15 +213,17 @@ class Executor:
             raise MergeError(f"model {who(self.plan.models[bad])}: tensor {job.tensor.name!r} contains NaN "
                              "or Inf; fix or exclude the tensor (`exclude` in the recipe)")
 
-    def _prefetched(self, jobs: list[Job]) -> Iterator[tuple[Job, Any]]:
-        """Yield (job, raw inputs) with the next job's reads already under way in a thread."""
+    def _prefetched(self, jobs: list[Job], read=None) -> Iterator[tuple[Job, Any]]:
+        """Yield (job, read(job)) — by default its raw inputs — with the next job's reads
+        already under way in a thread."""
         if not jobs:
             return
-        future = self._pool.submit(self._read_raw, jobs[0])
+        read = read or self._read_raw
+        future = self._pool.submit(read, jobs[0])
         for i, job in enumerate(jobs):
             raw = future.result()
             if i + 1 < len(jobs):
-                future = self._pool.submit(self._read_raw, jobs[i + 1])
+                future = self._pool.submit(read, jobs[i + 1])
             yield job, raw
 
     def _bar(self, total: int, desc: str):
@@ -223,13 +245,18 @@ class Executor:
             stat = queue.pop(0)
             jobs = self.jobs()
             with self._bar(sum(j.stop - j.start for j in jobs), f"statistics ({stat.name})") as bar:
-                for job, raw in self._prefetched(jobs):
-                    sample = None
-                    n = job.stop - job.start
-                    if stat.sampled and stride > 1 and n > SAMPLE_MIN:
-                        sample = ((hash_name(job.tensor.name) + job.rows[0]) % stride, stride)
+                sampled = stat.sampled and stride > 1
+
+                def read(job: Job):
+                    if sampled and job.stop - job.start > SAMPLE_MIN:
+                        if p.data:  # per-element statistics must be sampled alike: strided, from the whole job
+                            return self._read_raw(job), ((hash_name(job.tensor.name) + job.rows[0]) % stride, stride)
+                        return self._read_sample(job, stride), (0, 1)
+                    return self._read_raw(job), None
+
+                for job, (raw, sample) in self._prefetched(jobs, read):
                     stat.observe(self._group(job, raw, sample, scheduled=False), p.params, results)
-                    bar.update(n)
+                    bar.update(job.stop - job.start)
             results[stat.name] = stat.result(p.params, results)
             if self.exact_stats:
                 follow = stat.refinement(results[stat.name])
