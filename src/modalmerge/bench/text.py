@@ -356,8 +356,8 @@ class TextBench:
             hit = _load(folder) if folder.is_dir() else None
             refit = hit is not None and hit[3] is None and need_moments
             if hit is None or refit:
-                why = " again: its cached model has no optimiser second moments, which ota needs" if refit else ""
-                self.log(f"fine-tuning {t}{why} on {len(d.train)} examples ({cfg.epochs} epoch(s), lr {cfg.lr})")
+                why = " (again: its cached model has no optimiser second moments, which ota needs)" if refit else ""
+                self.log(f"fine-tuning {t} on {len(d.train)} examples ({cfg.epochs} epoch(s), lr {cfg.lr}){why}")
                 s = time.perf_counter()
                 self.encoder.load_state_dict(self.base)
                 moments: dict[str, torch.Tensor] = {}

@@ -327,8 +327,8 @@ def checkpoint_markdown(section: dict) -> str:
         lines.append(f"| {r['label']} | {p} | {_weights(r['weights'])} | {100 * r['val']:.1f} | "
                      f"{100 * r['test']:.1f} | {secs} |")
     c = section["chosen_on_validation"]
+    diff = section["last_checkpoint_max_abs_difference_from_individual"]
     lines += ["", f"Chosen on validation: {c['label']} (p = {c['params']['p']:g}), test {100 * c['test']:.1f}; "
-                  f"{t}'s model in the table: test {100 * section['individual_test']:.1f} (the last checkpoint's largest "
-                  f"weight difference from it: {section['last_checkpoint_max_abs_difference_from_individual']:.3g}).",
-              ""]
+                  f"{t}'s model in the table: test {100 * section['individual_test']:.1f} (the last checkpoint's "
+                  f"largest weight difference from it: {diff:.3g}).", ""]
     return "\n".join(lines)
