@@ -6,6 +6,9 @@ streaming engine); each task keeps its own head. Decoupled methods (TALL, EMR, M
 task with its own reconstructed encoder. Every method is evaluated at its no-validation default
 and with its main hyperparameter chosen on the validation splits; test accuracy is reported.
 Fine-tuned models are cached, so a re-run only merges and evaluates.
+
+Methods that need more than the fine-tuned models (calibration statistics, the optimiser's second
+moments, continual merging, checkpoints of one run) get what they need from bench/text_methods.py.
 """
 
 from __future__ import annotations
@@ -45,12 +48,20 @@ GRIDS: dict[str, dict[str, Any]] = {
     "emr": {},
     "neuromerging": {"grid": {"lambda1": [0.0, 1.0], "lambda2": [1.0, 1.5, 2.0, 3.0]}},
     "mmer": {"per_task": {"lambda": [0.6, 0.8, 1.0, 1.2]}},
+    # data-aware (statistics from each task's own training texts) and continual merging
+    "fisher": {"grid": {"normalize_fisher": [False, True]}},
+    "regmean": {"grid": {"alpha": [0.1, 0.5, 0.9, 0.95]}},
+    "ota": {"grid": {"density": [0.1, 0.2, 0.5, 1.0]}},
+    "opcm": {"grid": {"alpha": [0.3, 0.5, 0.7, 0.9]}},
+    "adamerging": {},  # unsupervised; its defaults are the paper's
 }
 # Tried after the table above, at their defaults, when the registry has them and they accept the inputs.
 DEFAULT_TASKS = sentconv.DEFAULT_TASKS
 QUICK_TASKS = ["sst2", "trec"]
 # quick mode (CI, ~2 minutes with fine-tuning on 2 cores): the methods the papers' ordering is about
 QUICK_METHODS = ["task_arithmetic", "ties", "tall", "emr", "neuromerging", "mmer"]
+# quick mode's "default" row of a method whose defaults cost minutes (said in the row's params)
+QUICK_DEFAULTS: dict[str, dict[str, Any]] = {"adamerging": {"steps": 50}}
 
 
 @dataclass
@@ -71,11 +82,13 @@ class TextBenchConfig:
     tune: bool = True
     quick: bool = False
     threads: int | None = None
+    calibration_examples: int = 256     # per task, from its training texts (fisher, regmean, adamerging)
+    checkpoints: int = 5                # saved along one run, for metrics_weighted
 
     @classmethod
     def quick_preset(cls, **overrides) -> "TextBenchConfig":
         base = dict(tasks=list(QUICK_TASKS), train_examples=256, val_examples=64, test_examples=128,
-                    lr=1e-4, quick=True)
+                    lr=1e-4, quick=True, calibration_examples=32)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -157,19 +170,39 @@ def accuracy(model: Classifier, data: list) -> float:
     return right / total if total else 0.0
 
 
-def fine_tune(encoder, tokenizer, train: list, num_labels: int, cfg: TextBenchConfig, seed: int) -> Classifier:
-    """Full fine-tuning of encoder + head: AdamW, linear warm-up (6%) and decay, dropout on."""
+@torch.inference_mode()
+def mean_loss(model: Classifier, data: list) -> float:
+    """Mean cross-entropy over the examples."""
+    model.eval()
+    total, n = 0.0, 0
+    for ids, mask, y in data:
+        total += float(torch.nn.functional.cross_entropy(model(ids, mask), y, reduction="sum"))
+        n += len(y)
+    return total / n if n else 0.0
+
+
+def training_steps(n_examples: int, cfg: TextBenchConfig) -> int:
+    return max(1, (n_examples + cfg.batch_size - 1) // cfg.batch_size * cfg.epochs)
+
+
+def fine_tune(encoder, tokenizer, train: list, num_labels: int, cfg: TextBenchConfig, seed: int, *,
+              moments: dict[str, torch.Tensor] | None = None,
+              on_step: Callable[[int, Classifier], None] | None = None) -> Classifier:
+    """Full fine-tuning of encoder + head: AdamW, linear warm-up (6%) and decay, dropout on.
+
+    `moments`, when given, is filled with AdamW's exp_avg_sq of each encoder parameter (for OTA);
+    `on_step(step, model)` is called after every optimiser step (for checkpoints of the run)."""
     torch.manual_seed(seed)
     model = Classifier(encoder, num_labels)
     shuffled = list(train)
     random.Random(seed).shuffle(shuffled)
-    steps_per_epoch = (len(shuffled) + cfg.batch_size - 1) // cfg.batch_size
-    total = max(1, steps_per_epoch * cfg.epochs)
+    total = training_steps(len(shuffled), cfg)
     warm = max(1, int(0.06 * total))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
     model.train()
+    step = 0
     for epoch in range(cfg.epochs):
         order = list(shuffled)
         random.Random(seed * 1000 + epoch).shuffle(order)
@@ -179,6 +212,14 @@ def fine_tune(encoder, tokenizer, train: list, num_labels: int, cfg: TextBenchCo
             loss.backward()
             opt.step()
             sched.step()
+            step += 1
+            if on_step is not None:
+                on_step(step, model)
+    if moments is not None:
+        # a parameter that never had a gradient (the pooler: the head mean-pools) has no optimiser
+        # state; its second moment is 0, as Adam's would be
+        moments.update({n: opt.state[q]["exp_avg_sq"].detach().clone() if q in opt.state else torch.zeros_like(q)
+                        for n, q in model.encoder.named_parameters()})
     model.eval()
     return model
 
@@ -205,13 +246,21 @@ def cache_key(model_id: str, task: str, train: list, cfg: TextBenchConfig, seed:
     return f"{task}-{hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]}"
 
 
-def _save(folder: Path, model: Classifier, meta: dict) -> None:
+# AdamW's second moments of the encoder's parameters at the end of fine-tuning (OTA's input). Entries
+# cached before they were kept lack this file: they are fine-tuned again (same seed, so the same
+# model on the same machine) only when a method that needs the moments is run; the key stays v1.
+MOMENTS_FILE = "optimizer_exp_avg_sq.safetensors"
+
+
+def _save(folder: Path, model: Classifier, meta: dict, moments: dict[str, torch.Tensor] | None = None) -> None:
     from safetensors.torch import save_file
 
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, str(tmp / "encoder.safetensors"))
     save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(tmp / "head.safetensors"))
+    if moments:
+        save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / MOMENTS_FILE))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     if folder.exists():
         import shutil
@@ -219,12 +268,14 @@ def _save(folder: Path, model: Classifier, meta: dict) -> None:
     tmp.rename(folder)
 
 
-def _load(folder: Path) -> tuple[dict, dict, dict] | None:
+def _load(folder: Path) -> tuple[dict, dict, dict, dict | None] | None:
+    """(encoder, head, meta, second moments or None) of a cache entry, or None."""
     from safetensors.torch import load_file
 
     try:
+        moments = load_file(str(folder / MOMENTS_FILE)) if (folder / MOMENTS_FILE).is_file() else None
         return (load_file(str(folder / "encoder.safetensors")), load_file(str(folder / "head.safetensors")),
-                json.loads((folder / "meta.json").read_text()))
+                json.loads((folder / "meta.json").read_text()), moments)
     except (OSError, ValueError, KeyError):
         return None
 
@@ -260,6 +311,10 @@ class TextBench:
         self.model_path = cfg.model or default_model_path()
         self.cache = Path(cfg.cache) if cfg.cache else default_cache()
         self.evals = 0
+        # data-aware methods' per-model statistics, computed once per run, with their cost and summary
+        self._statistics: dict[tuple[str, str], list[dict[str, torch.Tensor]]] = {}
+        self.data_seconds: dict[str, float] = {}
+        self.data_info: dict[str, list[dict]] = {}
 
     # data ------------------------------------------------------------------------------------
     def load_data(self) -> None:
@@ -285,38 +340,59 @@ class TextBench:
         t0 = time.perf_counter()
         self.encoder, self.tokenizer = load_encoder(self.model_path)
         self.base = {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
-        model_id = _model_identity(self.model_path)
+        self.model_id = _model_identity(self.model_path)
         self.val = {t: batches(self.tokenizer, d.val, cfg.max_length, 128, sort=True) for t, d in self.tasks.items()}
         self.test = {t: batches(self.tokenizer, d.test, cfg.max_length, 128, sort=True) for t, d in self.tasks.items()}
         self.finetuned: dict[str, dict[str, torch.Tensor]] = {}
         self.heads: dict[str, dict[str, torch.Tensor]] = {}
+        self.moments: dict[str, dict[str, torch.Tensor] | None] = {}
+        self.folders: dict[str, Path] = {}
         self.training: dict[str, dict] = {}
-        for i, (t, d) in enumerate(self.tasks.items()):
-            seed = cfg.seed * 100 + i
-            key = cache_key(model_id, t, d.train, cfg, seed)
-            folder = self.cache / key
+        need_moments = self.needs_moments()
+        for t, d in self.tasks.items():
+            seed = self.task_seed(t)
+            folder = self.cache / cache_key(self.model_id, t, d.train, cfg, seed)
+            self.folders[t] = folder
             hit = _load(folder) if folder.is_dir() else None
-            if hit is None:
-                self.log(f"fine-tuning {t} on {len(d.train)} examples ({cfg.epochs} epoch(s), lr {cfg.lr})")
+            refit = hit is not None and hit[3] is None and need_moments
+            if hit is None or refit:
+                why = " (again: its cached model has no optimiser second moments, which ota needs)" if refit else ""
+                self.log(f"fine-tuning {t} on {len(d.train)} examples ({cfg.epochs} epoch(s), lr {cfg.lr}){why}")
                 s = time.perf_counter()
                 self.encoder.load_state_dict(self.base)
-                model = fine_tune(self.encoder, self.tokenizer, d.train, d.num_labels, cfg, seed)
+                moments: dict[str, torch.Tensor] = {}
+                model = fine_tune(self.encoder, self.tokenizer, d.train, d.num_labels, cfg, seed, moments=moments)
                 meta = {"task": t, "seconds": round(time.perf_counter() - s, 1), "seed": seed,
                         "train_examples": len(d.train), "epochs": cfg.epochs, "lr": cfg.lr, "model": self.model_path}
-                _save(folder, model, meta)
                 enc = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
                 head = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
+                if refit:
+                    # the moments must belong to the encoder that is merged: the entry is replaced whole;
+                    # say how far the new fine-tune is from the one it replaces (0 when reproducible)
+                    diff = max(float((enc[k] - v).abs().max()) for k, v in hit[0].items())
+                    meta["replaced_cached_model"] = {"reason": "no optimiser second moments",
+                                                     "max_abs_weight_difference": diff}
+                    self.log(f"{t}: largest weight difference from the cached fine-tune it replaces: {diff:.3g}")
+                _save(folder, model, meta, moments)
                 meta["cached"] = False
             else:
-                enc, head, meta = hit
+                enc, head, meta, moments = hit
                 meta["cached"] = True
                 self.log(f"{t}: fine-tuned model from the cache ({folder})")
-            self.finetuned[t], self.heads[t], self.training[t] = enc, head, meta
+            self.finetuned[t], self.heads[t], self.moments[t], self.training[t] = enc, head, moments, meta
         self.encoder.load_state_dict(self.base)
         self.classifiers = {t: Classifier(self.encoder, self.tasks[t].num_labels) for t in self.tasks}
         for t, c in self.classifiers.items():
             c.head.load_state_dict(self.heads[t])
         self.prepare_seconds = time.perf_counter() - t0
+
+    def task_seed(self, task: str) -> int:
+        return self.cfg.seed * 100 + list(self.tasks).index(task)
+
+    def needs_moments(self) -> bool:
+        from ..methods.registry import METHODS
+
+        return any("exp_avg_sq" in METHODS[m].data(METHODS[m].parse_params({})) for m in self.methods())
 
     def _eval(self, state: dict[str, torch.Tensor], task: str, split: str) -> float:
         self.encoder.load_state_dict(state)
@@ -329,23 +405,50 @@ class TextBench:
         return {t: self._eval(states[t] if per_task else states, t, split) for t in self.tasks}
 
     # merging ---------------------------------------------------------------------------------
-    def merge(self, method: str, params: dict, model_params: list[dict] | None = None):
-        """(states for evaluation, seconds): one state dict, or {task: state} for a decoupled method."""
+    def merge(self, method: str, params: dict, model_params: list[dict] | None = None,
+              order: list[str] | None = None):
+        """(states for evaluation, seconds): one state dict, or {task: state} for a decoupled method.
+
+        A data-aware method gets its per-model statistics (computed once, not counted in the
+        seconds); a sequential one (OPCM) adds the models one at a time in `order` (default: the
+        tasks' order)."""
         from ..api import merge_state_dicts
         from ..methods.registry import get_method
+        from . import text_methods
 
         m = get_method(method)
+        if m.sequential:
+            return text_methods.continual(self, method, params, order or list(self.tasks))
+        data = {kind: self.statistics(kind, method, params) for kind in m.data(m.parse_params(params))}
         decoupled = m.decoupled
         t0 = time.perf_counter()
         # a method that takes no base (SLERP) merges the fine-tuned models alone
         base = None if m.base == "forbidden" else self.base
         result = merge_state_dicts(method, dict(self.finetuned), base=base, params=params,
-                                   model_params=model_params, seed=self.cfg.seed, return_decoupled=decoupled)
+                                   model_params=model_params, seed=self.cfg.seed, return_decoupled=decoupled,
+                                   data=data or None)
         seconds = time.perf_counter() - t0
         if decoupled:
             merged, sink = result
             return {t: decoupled_task_state(merged, sink, t) for t in self.tasks}, seconds
         return result, seconds
+
+    def statistics(self, kind: str, method: str, params: dict) -> list[dict[str, torch.Tensor]]:
+        """Per-model statistics of one kind, in the tasks' order, computed once per run (AdaMerging's
+        coefficients once per setting); their cost goes to self.data_seconds[method]."""
+        from . import text_methods
+
+        key = (kind, json.dumps(params, sort_keys=True) if kind == "adamerging" else "")
+        if key not in self._statistics:
+            t0 = time.perf_counter()
+            stats, info = text_methods.statistics(self, kind, method, params)
+            self.data_seconds[method] = self.data_seconds.get(method, 0.0) + time.perf_counter() - t0
+            if info not in self.data_info.setdefault(method, []):
+                self.data_info[method].append(info)
+            if kind == "exp_avg_sq":  # kept by the fine-tunes already: nothing to compute again
+                return stats
+            self._statistics[key] = stats
+        return self._statistics[key]
 
     def distance(self, states) -> float:
         """L2 distance of the merged encoder from the base (mean over tasks for per-task models)."""
@@ -393,8 +496,9 @@ class TextBench:
         """Default row, and the validation-chosen row, of one method."""
         spec = GRIDS.get(name, {})
         out: dict[str, Any] = {"method": name}
-        states, secs = self.merge(name, {})
-        default = {"params": {}, "test": self.eval_all(states, "test"), "merge_seconds": round(secs, 3),
+        params = dict(QUICK_DEFAULTS.get(name, {})) if self.cfg.quick else {}
+        states, secs = self.merge(name, params)
+        default = {"params": params, "test": self.eval_all(states, "test"), "merge_seconds": round(secs, 3),
                    "distance_from_base": self.distance(states)}
         out["default"] = default
         if not self.cfg.tune or not (spec.get("grid") or spec.get("per_task")):
@@ -434,6 +538,24 @@ class TextBench:
         out["grid"] = tried
         return out
 
+    def run_method_all(self, name: str) -> dict:
+        """run_method, plus what only some methods have: the seconds spent on statistics, and for a
+        sequential method the same merge with the tasks added in the reverse order."""
+        from ..methods.registry import METHODS
+
+        out = self.run_method(name)
+        if METHODS[name].sequential:
+            order = list(reversed(self.tasks))
+            states, secs = self.merge(name, {}, order=order)
+            out["default"]["order"] = list(self.tasks)
+            out["reversed_order"] = {"order": order, "params": {}, "test": self.eval_all(states, "test"),
+                                     "merge_seconds": round(secs, 3), "distance_from_base": self.distance(states)}
+        if name in self.data_seconds:
+            out["statistics_seconds"] = round(self.data_seconds[name], 1)
+            out["statistics"] = self.data_info[name]
+        self._statistics.clear()  # another method does not use them: free the memory
+        return out
+
     def run(self) -> dict:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
@@ -446,10 +568,24 @@ class TextBench:
         base_heads = self.eval_all(self.base, "test")
         results = []
         skipped = {}
+        checkpoint_averaging = None
         for name in self.methods():
             s = time.perf_counter()
+            if name == "metrics_weighted":
+                # checkpoints of one run, not a merge of the tasks' models: its own section
+                from . import text_methods
+
+                try:
+                    checkpoint_averaging = text_methods.checkpoint_study(self)
+                except MergeError as e:
+                    skipped[name] = str(e)
+                    self.log(f"{name}: skipped ({e})")
+                    continue
+                self.log(text_methods.checkpoint_markdown(checkpoint_averaging)
+                         + f"[{time.perf_counter() - s:.0f} s]")
+                continue
             try:
-                r = self.run_method(name)
+                r = self.run_method_all(name)
             except MergeError as e:
                 skipped[name] = str(e)
                 self.log(f"{name}: skipped ({e})")
@@ -476,6 +612,7 @@ class TextBench:
             "individual_val": individual_val,
             "base_with_heads": base_heads,
             "methods": results,
+            **({"checkpoint_averaging": checkpoint_averaging} if checkpoint_averaging is not None else {}),
             "skipped": skipped,
             "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                             "python": platform.python_version(), "machine": platform.machine()},
