@@ -241,9 +241,10 @@ class Method:
     # method still merge large tensors in row blocks. The statistic is called as
     # (params, info, base or None, model [whole tensor, float32], model_params) -> value
     tensor_statistic: Callable[[Any], Callable[[Any, TensorInfo, Any, Any, dict[str, Any]], Any] | None] | None = None
-    # for these params, whether the kernel can work from the raw inputs with fused (compiled)
-    # kernels (ops.fused): the engine then skips building the float32 stack on large merges
-    fused: Callable[[Any], bool] | None = None
+    # for these params, the merge size (models x merged parameters) from which the kernel's
+    # fused (compiled) kernels repay their per-process compile cost, or None: it has none. The
+    # engine then hands it the raw inputs (TensorGroup.raw_models) instead of a float32 stack
+    fused: Callable[[Any], int | None] | None = None
     # task-conditional: writes a shared vector and per-task masks besides the merged model
     decoupled: bool = False
     # per-task scalars of a decoupled method, from its statistics (default: 1 each)

@@ -147,6 +147,8 @@ TIES = Method(
     summary="Trim each task vector, elect signs by mass, average the agreeing values.",
     statistics=ties_statistics,
     tensor_statistic=lambda p: tensor_threshold if p.scope == "tensor" else None,
-    fused=lambda p: True,
+    # measured on 468M parameters x 8 models: 17.8 s eager, 10.7 s fused, plus ~5 s to trace
+    # and load the compiled code once per process
+    fused=lambda p: 1 << 31,
     mergekit_names=("ties",),
 )
