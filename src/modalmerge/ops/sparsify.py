@@ -70,13 +70,30 @@ def radix_select(keys: torch.Tensor | Sequence[torch.Tensor], ks: Sequence[int],
     """The radix select of kth_largest_magnitudes on given first-level keys (the top 15 bits of
     each |x| as int16, one row per task): `boundary_low_bits(t, b)` returns the low 16 bits (as
     integers) of row t's |x| in bin b."""
-    out = []
-    for t, k in enumerate(ks):
-        high, rest = _boundary(torch.bincount(keys[t], minlength=_RADIX_BINS), k)
+    def one(t: int) -> float:
+        high, rest = _boundary(torch.bincount(keys[t], minlength=_RADIX_BINS), ks[t])
         low, _ = _boundary(torch.bincount(boundary_low_bits(t, high), minlength=1 << 16), rest)
         bits = torch.tensor([(high << 16) | low], dtype=torch.int32)
-        out.append(float(bits.view(torch.float32)))
-    return out
+        return float(bits.view(torch.float32))
+
+    if len(ks) == 1 or keys[0].numel() < _PARALLEL_MIN:
+        return [one(t) for t in range(len(ks))]
+    # bincount and boolean indexing run on one thread: rows go to a small pool instead
+    return list(_row_pool().map(one, range(len(ks))))
+
+
+_PARALLEL_MIN = 1 << 18
+_pool = None
+
+
+def _row_pool():
+    global _pool
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(max_workers=max(1, min(4, torch.get_num_threads())),
+                                   thread_name_prefix="modalmerge-select")
+    return _pool
 
 
 def _boundary(counts: torch.Tensor, k: int) -> tuple[int, int]:
