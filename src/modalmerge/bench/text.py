@@ -78,7 +78,7 @@ class TextBenchConfig:
     max_length: int = 64
     val_examples: int | None = 300      # per task, for choosing hyperparameters
     test_examples: int | None = 1000    # per task
-    methods: list[str] | None = None    # default: every data-free method in the registry
+    methods: list[str] | None = None    # default: every method in the registry
     tune: bool = True
     quick: bool = False
     threads: int | None = None
