@@ -1,0 +1,45 @@
+"""Time the same merge several times in one process (the first call pays torch.compile's
+tracing of the fused kernels; later ones show the steady speed).
+
+    MODALMERGE_COMPILE=1 PYTHONPATH=src python scripts/merge_repeat.py ties --cache ~/.cache/modalmerge/bench/llama-h1024-l24-v32000-i4096-bf16-v1
+"""
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import modalmerge
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("method")
+    ap.add_argument("--params", default="{}", help="method parameters as JSON")
+    ap.add_argument("--cache", required=True, help="a `modalmerge bench speed` checkpoint folder (base, ft0, ...)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cache = Path(args.cache).expanduser()
+    models = sorted(p for p in cache.iterdir() if p.name.startswith("ft"))
+    recipe = {"method": args.method, "base": str(cache / "base"), "models": [str(m) for m in models],
+              "params": json.loads(args.params)}
+    out = Path(tempfile.mkdtemp(prefix="modalmerge-repeat-")) / "out"
+    try:
+        for i in range(args.repeats):
+            shutil.rmtree(out, ignore_errors=True)
+            t0 = time.perf_counter()
+            report = modalmerge.merge(recipe, output=out)
+            print(f"run {i + 1}: {time.perf_counter() - t0:.2f} s "
+                  f"(statistics {report.seconds['statistics']:.2f} s, apply {report.seconds['apply']:.2f} s)")
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
