@@ -332,6 +332,15 @@ def _shapes(case):
     return {n: tuple(v.shape) for n, v in CASES[case]().state_dict().items()}
 
 
+def test_inconsistent_shapes_are_a_merge_error():
+    llama = {"model_type": "llama", "num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 32}
+    shapes = _shapes("llama-gqa-untied")
+    down = next(n for n in shapes if n.endswith("layers.0.mlp.down_proj.weight"))
+    shapes[down] = (shapes[down][0], shapes[down][1] + 8)  # one more hidden unit than gate/up have
+    with pytest.raises(MergeError, match=r"cannot align tensor '.*down_proj.weight'.*config.json"):
+        spec_for(shapes, llama)
+
+
 def test_residual_spec_errors():
     bert = {"model_type": "bert", "num_attention_heads": 4, "hidden_size": 32}
     # a head the spec does not know, reading a hidden-size space: refused, unless the residual stream stays

@@ -85,7 +85,10 @@ class PermSpec:
             return
         n = shapes[name][axis] // block
         if self.sizes.setdefault(perm, n) != n:
-            raise AssertionError(f"{perm}: {name} axis {axis} has {n} units, not {self.sizes[perm]}")
+            others = ", ".join(sorted({t for t, _, _ in self.axes.get(perm, [])})[:2])
+            raise MergeError(f"cannot align tensor {name!r}: its axis {axis} has {n} units where {others} "
+                             f"(permuted together with it) have {self.sizes[perm]}; the checkpoint does not follow "
+                             "its config's layout — check config.json against the weights")
         if any(a == axis for _, a, _ in self.by_name.get(name, ())):
             raise AssertionError(f"{name} axis {axis} is claimed by two permutations")
         self.axes.setdefault(perm, []).append((name, axis, block))
