@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from modalmerge.bench import mllm
 from modalmerge.cli import main

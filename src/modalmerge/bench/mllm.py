@@ -390,7 +390,7 @@ class TextProbe:
 @dataclass
 class Decoupled:
     """A task-conditional merge as served: task t uses θ_0 + c_t·m_t ⊙ shared; text tokens use
-    θ_0 + mean_t(c_t·m_t) ⊙ shared (over all tasks, or over the tasks given)."""
+    θ_0 + mean_t(c_t·m_t) ⊙ shared over all tasks (mixed inputs go through modalmerge.runtime)."""
 
     base: dict
     shared: dict
@@ -404,8 +404,8 @@ class Decoupled:
             out[k] = self.base[k] + self.scalars[t] * self.masks[t][k].float() * s
         return out
 
-    def text(self, tasks: list[str] | None = None) -> dict:
-        tasks = tasks or list(self.masks)
+    def text(self) -> dict:
+        tasks = list(self.masks)
         out = dict(self.base)
         for k, s in self.shared.items():
             c = sum(self.scalars[t] * self.masks[t][k].float() for t in tasks) / len(tasks)

@@ -571,24 +571,21 @@ class TextBench:
         checkpoint_averaging = None
         for name in self.methods():
             s = time.perf_counter()
-            if name == "metrics_weighted":
-                # checkpoints of one run, not a merge of the tasks' models: its own section
-                from . import text_methods
-
-                try:
-                    checkpoint_averaging = text_methods.checkpoint_study(self)
-                except MergeError as e:
-                    skipped[name] = str(e)
-                    self.log(f"{name}: skipped ({e})")
-                    continue
-                self.log(text_methods.checkpoint_markdown(checkpoint_averaging)
-                         + f"[{time.perf_counter() - s:.0f} s]")
-                continue
             try:
-                r = self.run_method_all(name)
+                if name == "metrics_weighted":
+                    # checkpoints of one run, not a merge of the tasks' models: its own section
+                    from . import text_methods
+
+                    checkpoint_averaging = text_methods.checkpoint_study(self)
+                else:
+                    r = self.run_method_all(name)
             except MergeError as e:
                 skipped[name] = str(e)
                 self.log(f"{name}: skipped ({e})")
+                continue
+            if name == "metrics_weighted":
+                self.log(text_methods.checkpoint_markdown(checkpoint_averaging)
+                         + f"[{time.perf_counter() - s:.0f} s]")
                 continue
             r["seconds_total"] = round(time.perf_counter() - s, 1)
             results.append(r)

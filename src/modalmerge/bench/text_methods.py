@@ -7,9 +7,8 @@
   Fisher merging (Matena & Raffel).
 - adamerging: coefficients fitted by entropy minimisation on the same unlabeled texts, each task's
   predictions made by its own head on the merged encoder, as in the AdaMerging paper.
-  engine/adamerging_fit.learn_coefficients runs one Hugging Face model loaded from the base folder,
-  so it cannot use per-task heads; the loop below is the same (Adam on λ, clamped to [0, 1], one
-  batch per task and step, prediction_entropy) with each task's head.
+  The library's fitting loop (engine/adamerging_fit.fit_coefficients: Adam on λ, clamped to
+  [0, 1], one batch per task and step, prediction_entropy), with each task's head.
 - ota: AdamW's second moments kept when fine-tuning (bench/text.py's cache).
 - opcm: the library's continual merging: a merge folder started with the first task's model, then
   api.continual_merge adds the others one at a time, in the order given.
@@ -105,7 +104,7 @@ def statistics(bench: "TextBench", kind: str, method: str, params: dict) -> tupl
 def adamerging_coefficients(bench: "TextBench", params: dict) -> tuple[list[dict[str, torch.Tensor]], dict]:
     """Per task, {tensor: λ (1 value)} minimising the entropy of every task's head on the merged
     encoder over that task's unlabeled calibration texts."""
-    from ..engine.adamerging_fit import prediction_entropy
+    from ..engine.adamerging_fit import fit_coefficients, prediction_entropy
     from ..methods.registry import get_method
 
     p = get_method("adamerging").parse_params(params)
@@ -115,37 +114,26 @@ def adamerging_coefficients(bench: "TextBench", params: dict) -> tuple[list[dict
     # per tensor, the task vectors stacked [T, ...]: one tensordot per tensor and step
     taus = {n: torch.stack([bench.finetuned[t][n].float() - base[n] for t in tasks]) for n in names}
     data = [calibration_batches(bench, t) for t in tasks]
-    shape = (len(tasks),) if p.granularity == "task" else (len(tasks), len(names))
-    lam = torch.full(shape, p.init, dtype=torch.float32, requires_grad=True)
-    opt = torch.optim.Adam([lam], lr=p.lr)
-    bench.log(f"adamerging: fitting {lam.numel()} coefficients ({p.steps} steps, {p.granularity})")
+    count = len(tasks) * (1 if p.granularity == "task" else len(names))
+    bench.log(f"adamerging: fitting {count} coefficients ({p.steps} steps, {p.granularity})")
+
+    def task_entropy(i: int, step: int, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        # the library's fitting loop, with each task's own head on the merged encoder
+        batch = data[i][step % len(data[i])]
+        logits = torch.func.functional_call(bench.classifiers[tasks[i]], {"encoder." + n: v for n, v in params.items()},
+                                            args=(batch["input_ids"], batch["attention_mask"]), strict=False)
+        return prediction_entropy(logits)
+
     frozen = [q for c in bench.classifiers.values() for q in c.parameters() if q.requires_grad]
     for q in frozen:
         q.requires_grad_(False)
-    losses = []
     try:
         for c in bench.classifiers.values():
             c.eval()
-        for step in range(p.steps):
-            merged = {"encoder." + n: base[n] + torch.tensordot(lam if p.granularity == "task" else lam[:, j],
-                                                                 taus[n], dims=1)
-                      for j, n in enumerate(names)}
-            loss = 0.0
-            for i, t in enumerate(tasks):
-                batch = data[i][step % len(data[i])]
-                logits = torch.func.functional_call(bench.classifiers[t], merged,
-                                                    args=(batch["input_ids"], batch["attention_mask"]), strict=False)
-                loss = loss + prediction_entropy(logits)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                lam.clamp_(0.0, 1.0)
-            losses.append(loss.item() / len(tasks))
+        lam, losses = fit_coefficients(base, taus, p, task_entropy)
     finally:
         for q in frozen:
             q.requires_grad_(True)
-    lam = lam.detach()
     out = [{n: (lam[i] if p.granularity == "task" else lam[i, j]).reshape(1).clone() for j, n in enumerate(names)}
            for i in range(len(tasks))]
     per_task = lam if p.granularity == "task" else lam.mean(dim=1)

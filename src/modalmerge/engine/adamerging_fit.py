@@ -23,6 +23,35 @@ def prediction_entropy(logits: torch.Tensor, attention_mask: torch.Tensor | None
     return ent.mean()
 
 
+def fit_coefficients(base: dict[str, torch.Tensor], taus: dict[str, torch.Tensor], p, task_entropy,
+                     progress: bool = False) -> tuple[torch.Tensor, list[float]]:
+    """AdaMerging's λ: Adam (lr p.lr, p.steps steps, init p.init) on the summed prediction
+    entropy of every model's calibration data, clamped to [0, 1] after each step.
+
+    `base` maps tensor names to θ_0 and `taus` to the stacked task vectors [T, ...];
+    `task_entropy(t, step, params)` is the entropy of model t's batch for this step on the merged
+    parameters `params` (by tensor name). Returns λ ([T], or [T, tensors] layer-wise, in the
+    order of `base`) and the mean entropy per step.
+    """
+    names = list(base)
+    n_models = next(iter(taus.values())).shape[0]
+    shape = (n_models,) if p.granularity == "task" else (n_models, len(names))
+    lam = torch.full(shape, p.init, dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.Adam([lam], lr=p.lr)
+    losses = []
+    for step in tqdm(range(p.steps), desc="adamerging", disable=not progress, leave=False):
+        params = {n: base[n] + torch.tensordot(lam if p.granularity == "task" else lam[:, j], taus[n], dims=1)
+                  for j, n in enumerate(names)}
+        loss = sum(task_entropy(t, step, params) for t in range(n_models))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            lam.clamp_(0.0, 1.0)
+        losses.append(loss.item() / n_models)
+    return lam.detach(), losses
+
+
 def learn_coefficients(plan, batches: list[list[dict]], progress: bool = False) -> list[dict[str, torch.Tensor]]:
     """Per model, {tensor name: λ (1 value)} for every merged tensor."""
     p = plan.params
@@ -35,27 +64,15 @@ def learn_coefficients(plan, batches: list[list[dict]], progress: bool = False) 
     own = set(model.state_dict())
     fitted = [n for n in names if n in own]  # tensors the model's forward uses
     base = {n: plan.base.read(n).float() for n in fitted}
-    taus = [{n: src.read(n).float() - base[n] for n in fitted} for src in plan.models]
+    taus = {n: torch.stack([src.read(n).float() - base[n] for src in plan.models]) for n in fitted}
     n_models = len(plan.models)
-    shape = (n_models,) if p.granularity == "task" else (n_models, len(fitted))
-    lam = torch.full(shape, p.init, dtype=torch.float32, requires_grad=True)
-    opt = torch.optim.Adam([lam], lr=p.lr)
-    for step in tqdm(range(p.steps), desc="adamerging", disable=not progress, leave=False):
-        params = {}
-        for j, n in enumerate(fitted):
-            coef = lam if p.granularity == "task" else lam[:, j]
-            params[n] = base[n] + sum(coef[t] * taus[t][n] for t in range(n_models))
-        loss = 0.0
-        for t in range(n_models):
-            batch = batches[t][step % len(batches[t])]
-            out = torch.func.functional_call(model, params, args=(), kwargs=model_inputs(batch), strict=False)
-            loss = loss + prediction_entropy(out.logits, batch.get("attention_mask"))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            lam.clamp_(0.0, 1.0)
-    lam = lam.detach()
+
+    def task_entropy(t: int, step: int, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = batches[t][step % len(batches[t])]
+        out = torch.func.functional_call(model, params, args=(), kwargs=model_inputs(batch), strict=False)
+        return prediction_entropy(out.logits, batch.get("attention_mask"))
+
+    lam, _ = fit_coefficients(base, taus, p, task_entropy, progress)
     out = []
     for t in range(n_models):
         col = {n: (lam[t] if p.granularity == "task" else lam[t, fitted.index(n)]).reshape(1).clone()

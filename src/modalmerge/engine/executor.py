@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..errors import MergeError
 from ..methods.base import TensorGroup
-from ..ops import pack_bits
+from ..ops import fused, pack_bits
 from .plan import Plan, TensorPlan, who
 
 # statistics passes over a sample look at about one element in k (k chosen so the whole sample
@@ -93,11 +93,9 @@ class Executor:
         # outputs are cast and written in a thread while the next job computes (one in flight)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modalmerge-write")
         self._pending = None
-        self.fused = self._use_fused()
+        self.use_fused = self._use_fused()
 
     def _use_fused(self) -> bool:
-        from ..ops import fused
-
         p = self.plan
         worth = p.method.fused(p.params) if p.method.fused is not None else None
         if worth is None or self.device.type != "cpu" or not fused.usable():
@@ -115,31 +113,30 @@ class Executor:
         NaN/Inf when any element is (or, rarely, when it overflows), and costs far less than
         isfinite().all(); only a non-finite sum makes the job pay for the element-wise check.
         """
-        p = self.plan
         name = job.tensor.name
         whole = job.whole
-        def one(src):
-            return src.read(name) if whole else src.read(name, job.start, job.stop)
-        base = one(p.base) if p.base is not None else None
-        models = [one(m) for m in p.models]
-        suspect = not all(bool(torch.isfinite(t.sum())) for t in ([base] if base is not None else []) + models)
+        base, models, suspect = self._read_inputs(
+            lambda src: src.read(name) if whole else src.read(name, job.start, job.stop))
         return base, models, self._read_data(job), suspect
+
+    def _read_inputs(self, one) -> tuple[torch.Tensor | None, list[torch.Tensor], bool]:
+        """one(source) for the base and every model, and the finiteness screen of _read_raw."""
+        base = one(self.plan.base) if self.plan.base is not None else None
+        models = [one(m) for m in self.plan.models]
+        suspect = not all(bool(torch.isfinite(t.sum())) for t in ([base] if base is not None else []) + models)
+        return base, models, suspect
 
     def _read_sample(self, job: Job, stride: int):
         """A seeded sample of the job's elements, read as SAMPLE_SEGMENT-long segments (about one
         in `stride` of them, at least one), in the layout of _read_raw."""
-        p = self.plan
         name, n, seg = job.tensor.name, job.stop - job.start, SAMPLE_SEGMENT
         segments = -(-n // seg)
         count = max(1, segments // stride)
         shift = (hash_name(name) + job.rows[0]) % 1000 / 1000  # where in its stretch each segment sits
         starts = [job.start + int((i + shift) * segments / count) * seg for i in range(count)]
 
-        def one(src):
-            return torch.cat([src.read(name, a, min(a + seg, job.stop)) for a in starts])
-        base = one(p.base) if p.base is not None else None
-        models = [one(m) for m in p.models]
-        suspect = not all(bool(torch.isfinite(t.sum())) for t in ([base] if base is not None else []) + models)
+        base, models, suspect = self._read_inputs(
+            lambda src: torch.cat([src.read(name, a, min(a + seg, job.stop)) for a in starts]))
         return base, models, {}, suspect
 
     def _read_data(self, job: Job) -> dict[str, list[torch.Tensor]]:
@@ -157,7 +154,6 @@ class Executor:
 
     def _group(self, job: Job, raw, sample: tuple[int, int] | None = None, scheduled: bool = True) -> TensorGroup:
         base_raw, model_raw, data_raw, suspect = raw
-        p = self.plan
         shape = job.shape
 
         def prep(t: torch.Tensor) -> torch.Tensor:
@@ -166,7 +162,7 @@ class Executor:
             return t
 
         n_models = len(model_raw)
-        if self.fused and sample is None and scheduled and not suspect and not data_raw \
+        if self.use_fused and sample is None and scheduled and not suspect and not data_raw \
                 and job.stop - job.start >= FUSED_MIN_BLOCK:
             # the kernel reads the raw inputs; shapes only (meta) until it asks for the stack
             return self._make_group(job, scheduled, 1.0, None, {},
@@ -380,7 +376,7 @@ class Executor:
             report.statistics = {k: getattr(v, "summary", lambda: None)() for k, v in stats.items()}
             return report
         except BaseException:
-            self._writer.shutdown(wait=True, cancel_futures=True)  # no write may land after the abort
+            self._writer.shutdown(wait=True)  # the one write in flight lands before the abort, never after
             sink.abort()
             raise
         finally:

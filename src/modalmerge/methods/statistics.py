@@ -136,27 +136,29 @@ def trim_global(deltas: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
     return deltas
 
 
-def per_tensor_thresholds(deltas: torch.Tensor, densities: list[float], min_keep: int = 0,
-                          select=None) -> list[float]:
-    """Each task vector's k-th largest magnitude in this tensor, k = int(density · numel) but at
-    least `min_keep`: 0.0 where everything is kept, +inf where nothing is. `select(rows, ks)`
-    replaces the selection on `deltas` (then only deltas[0].numel() is used)."""
-    n = deltas[0].numel()
-    ks = [min(max(int(d * n), min_keep), n) for d in densities]
-    selected = [t for t, k in enumerate(ks) if 0 < k < n]
-    thresholds = [0.0 if k >= n else float("inf") for k in ks]
+def per_tensor_thresholds(numel: int, densities: list[float], min_keep: int, select) -> list[float]:
+    """Each task vector's k-th largest magnitude in a tensor of `numel` elements, k =
+    int(density · numel) but at least `min_keep`: 0.0 where everything is kept, +inf where
+    nothing is. `select(tasks, ks)` returns the k-th largest |τ_t| of each task asked for."""
+    ks = [min(max(int(d * numel), min_keep), numel) for d in densities]
+    selected = [t for t, k in enumerate(ks) if 0 < k < numel]
+    thresholds = [0.0 if k >= numel else float("inf") for k in ks]
     if selected:
-        if select is not None:
-            values = select(selected, [ks[t] for t in selected])
-        else:
-            rows = deltas if len(selected) == len(ks) else deltas[selected]  # no copy when all are selected
-            values = ops.kth_largest_magnitudes(rows, [ks[t] for t in selected])
-        for t, v in zip(selected, values):
+        for t, v in zip(selected, select(selected, [ks[t] for t in selected])):
             thresholds[t] = v
     return thresholds
+
+
+def top_k_thresholds(deltas: torch.Tensor, densities: list[float], min_keep: int = 0) -> list[float]:
+    """per_tensor_thresholds of the stacked task vectors `deltas` [T, ...]."""
+    def select(tasks: list[int], ks: list[int]) -> list[float]:
+        rows = deltas if len(tasks) == len(deltas) else deltas[tasks]  # no copy when all are selected
+        return ops.kth_largest_magnitudes(rows, ks)
+
+    return per_tensor_thresholds(deltas[0].numel(), densities, min_keep, select)
 
 
 def trim_per_tensor(deltas: torch.Tensor, densities: list[float], min_keep: int = 0) -> torch.Tensor:
     """Keep each task vector's top int(density · numel) magnitudes (at least `min_keep`) within
     this tensor, ties at the edge kept (in place)."""
-    return trim_global(deltas, per_tensor_thresholds(deltas, densities, min_keep))
+    return trim_global(deltas, top_k_thresholds(deltas, densities, min_keep))

@@ -7,7 +7,7 @@ from pydantic import Field
 
 from .. import ops
 from .base import Merged, Method, Params, TensorGroup
-from .statistics import TaskMagnitudes, per_tensor_thresholds, trim_global, trim_per_tensor
+from .statistics import TaskMagnitudes, per_tensor_thresholds, top_k_thresholds, trim_global, trim_per_tensor
 
 
 class TiesParams(Params):
@@ -79,9 +79,9 @@ def ties(group: TensorGroup, p: TiesParams, stats: dict) -> Merged:
 
 
 def fused_ties_vector(group: TensorGroup, p: TiesParams, stats: dict) -> torch.Tensor | None:
-    """ties_vector from the raw inputs with the fused kernels (ops.fused), where the thresholds
-    are known before the block is read (global scope, or a tensor merged in row blocks); None
-    where they are not (a whole tensor's own top-k) or nothing can be compiled here."""
+    """ties_vector from the raw inputs with the fused kernels (ops.fused): thresholds from the
+    statistics pass (global scope), the engine's per-tensor pass (a tensor merged in row blocks)
+    or selected here (a whole tensor's own top-k); None where nothing can be compiled here."""
     densities = group.per_model(p, "density")
     if all(d >= 1 for d in densities):
         thresholds = [0.0] * group.num_models
@@ -119,7 +119,7 @@ def tensor_threshold(p: TiesParams, info, base, model, model_params) -> float:
     density = model_params.get("density", p.density)
     if density >= 1:
         return 0.0
-    return per_tensor_thresholds((model - base).reshape(1, -1), [density], p.keep_min)[0]
+    return top_k_thresholds((model - base).reshape(1, -1), [density], p.keep_min)[0]
 
 
 def fused_tensor_thresholds(base: torch.Tensor, models: list[torch.Tensor], densities: list[float],
@@ -132,10 +132,10 @@ def fused_tensor_thresholds(base: torch.Tensor, models: list[torch.Tensor], dens
         inside = keys[t] == high
         return (models[t][inside].float() - base[inside].float()).abs().view(torch.int32) & 0xFFFF
 
-    def select(rows: list[int], ks: list[int]) -> list[float]:
-        return ops.sparsify.radix_select([keys[t] for t in rows], ks, lambda i, high: low_bits(rows[i], high))
+    def select(tasks: list[int], ks: list[int]) -> list[float]:
+        return ops.sparsify.radix_select([keys[t] for t in tasks], ks, lambda i, high: low_bits(tasks[i], high))
 
-    return per_tensor_thresholds(base.reshape(1, -1), densities, keep_min, select=select)
+    return per_tensor_thresholds(base.numel(), densities, keep_min, select)
 
 
 def ties_statistics(p: TiesParams) -> list:
