@@ -61,6 +61,26 @@ def test_fused_equals_eager(method, params, monkeypatch):
         assert torch.equal(chunked[name], fused[name]), name
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_tensor_thresholds_equal_sorting(dtype, monkeypatch):
+    from modalmerge.methods.ties import fused_tensor_thresholds
+
+    monkeypatch.setenv("MODALMERGE_COMPILE", "1")
+    g = torch.Generator().manual_seed(5)
+    n = 20_000
+    base = torch.randn(n, generator=g).to(dtype)
+    # small deltas (bfloat16: differences that are bfloat16 values, the first level decides),
+    # and deltas larger than the weights (many differences with low bits: the second level)
+    models = [(base.float() + s * torch.randn(n, generator=g)).to(dtype) for s in (0.01, 0.05, 3.0)]
+    deltas = [(m.float() - base.float()).abs() for m in models]
+    with_low_bits = [float(((d.view(torch.int32) & 0xFFFF) != 0).float().mean()) for d in deltas]
+    if dtype == torch.bfloat16:
+        assert with_low_bits[0] < 0.01 and with_low_bits[2] > 0.2
+    densities = [0.2, 0.01, 0.5]
+    expect = [float(d.sort(descending=True).values[int(k * n) - 1]) for d, k in zip(deltas, densities)]
+    assert fused_tensor_thresholds(base, models, densities, 0) == expect
+
+
 def test_fused_ties_uses_the_tensor_total_for_exact_ties(monkeypatch):
     # sums that are exactly 0 take the sign of the tensor's total, also when the fused kernel
     # sees the tensor in row blocks (the engine re-runs blocks decided by a provisional sign)

@@ -88,8 +88,6 @@ class Executor:
         if self.device.type == "cpu":
             keep_freed_memory_for_reuse()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modalmerge-read")
-        # per-tensor statistics of a tensor merged in row blocks (its whole tensor, read once more), two models at a time
-        self._stat_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="modalmerge-stat")
         # outputs are cast and written in a thread while the next job computes (one in flight)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modalmerge-write")
         self._pending = None
@@ -301,16 +299,17 @@ class Executor:
 
     def _tensor_statistics(self, tensor: TensorPlan, statistic) -> list:
         """A method's per-tensor statistic for a tensor merged in row blocks: each model's whole
-        tensor is read on its own (base + two models in memory at a time), before the first block."""
+        tensor is read once more, before the first block, two models at a time besides the base
+        (raw storage dtype; the statistic converts)."""
         p = self.plan
         params, model_params = p.params_for(tensor.info)
-        base = p.base.read(tensor.name).float().to(self.device) if p.base is not None else None
-
-        def one(t: int):
-            model = p.models[t].read(tensor.name).to(device=self.device, dtype=torch.float32)
-            return statistic(params, tensor.info, base, model, model_params[t])
-
-        return list(self._stat_pool.map(one, range(len(p.models))))
+        base = p.base.read(tensor.name).to(self.device) if p.base is not None else None
+        values = []
+        for first in range(0, len(p.models), 2):
+            pair = [m.read(tensor.name).to(self.device) for m in p.models[first:first + 2]]
+            values += statistic(params, tensor.info, base, pair, model_params[first:first + 2], self.use_fused)
+            del pair
+        return values
 
     def _redo_ties(self, sink, stats, jobs: list[Job], totals: dict[str, float], tensor_stats=None) -> None:
         """Chunks decided some exact zero sums with a provisional + before the tensor's total was
@@ -382,7 +381,6 @@ class Executor:
         finally:
             self._writer.shutdown(wait=True, cancel_futures=True)
             self._pool.shutdown(wait=True, cancel_futures=True)
-            self._stat_pool.shutdown(wait=True, cancel_futures=True)
             if scratch is not None:
                 for kind in missing:
                     self.plan.data.pop(kind, None)

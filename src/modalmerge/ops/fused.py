@@ -46,12 +46,24 @@ def _run(fn, *args) -> torch.Tensor:
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn, dynamic=True)
     try:
-        return _compiled[fn](*args)
+        with _inductor_settings():
+            return _compiled[fn](*args)
     except Exception as e:  # noqa: BLE001 - any compiler failure means: use the eager kernel
         _broken = True
         warnings.warn(f"modalmerge: compiled kernels unavailable ({type(e).__name__}: {str(e)[:200]}); "
                       "using eager torch (set MODALMERGE_COMPILE=0 to skip the attempt)", RuntimeWarning)
         raise FusedUnavailable(str(e)) from e
+
+
+def _inductor_settings():
+    """Inductor settings for our kernels only (a patch, not the process-wide config): trust the
+    CPU's own flags for the vector ISA instead of building and loading a probe library per ISA
+    in child processes, and skip precompiling headers. Measured (median of 3 processes): the
+    first kernel of a process takes 3.5 s instead of 4.6 s. Should the compiler still reject
+    the ISA, that is a compile error, handled as any other (eager fallback)."""
+    from torch._inductor import config
+
+    return config.patch({"cpp.vec_isa_ok": True, "cpp_cache_precompile_headers": False})
 
 
 # -- the kernels, written per element; T (the number of models) is unrolled when traced ------
@@ -114,7 +126,11 @@ def _weighted_delta_sum(base, weights, *models):
 
 def _magnitude_keys(base, *models):
     b = base.float()
-    return tuple(((m.float() - b).abs().view(torch.int32) >> 16).to(torch.int16) for m in models)
+    keys = []
+    for m in models:
+        bits = (m.float() - b).abs().view(torch.int32)
+        keys.append(((bits >> 16) << 1) | ((bits & 0xFFFF) != 0).to(torch.int32))
+    return tuple(keys)
 
 
 _DISJOINT = {"mean": _disjoint_mean, "sum": _disjoint_sum, "max": _disjoint_max}
@@ -138,8 +154,9 @@ def disjoint_merge(base: torch.Tensor, models: list[torch.Tensor], thresholds: t
 
 
 def magnitude_keys(base: torch.Tensor, models: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Per model, the top 15 bits of |θ_t − θ_0|'s float32 pattern as int16: the first-level
-    keys of ops.sparsify.radix_select, from the raw inputs in one pass."""
+    """Per model, the flagged first-level keys of ops.sparsify.radix_select (int32: the top 15
+    bits of |θ_t − θ_0|'s float32 pattern, shifted left, and 1 where its low 16 bits are not
+    all zero), from the raw inputs in one pass."""
     return _run(_magnitude_keys, base, *models)
 
 

@@ -66,20 +66,38 @@ def kth_largest_magnitudes(x: torch.Tensor, ks: Sequence[int]) -> list[float]:
     return radix_select(keys, ks, lambda t, high: rows[t].view(torch.int32)[keys[t] == high] & 0xFFFF)
 
 
-def radix_select(keys: torch.Tensor | Sequence[torch.Tensor], ks: Sequence[int], boundary_low_bits) -> list[float]:
-    """The radix select of kth_largest_magnitudes on given first-level keys (the top 15 bits of
-    each |x| as int16, one row per task): `boundary_low_bits(t, b)` returns the low 16 bits (as
-    integers) of row t's |x| in bin b."""
+def radix_select(keys: torch.Tensor | Sequence[torch.Tensor], ks: Sequence[int], boundary_low_bits,
+                 flagged: bool = False) -> list[float]:
+    """The radix select of kth_largest_magnitudes on given first-level keys, one row per task:
+    the top 15 bits of each |x| as int16, or with `flagged` as int32 `top15 << 1 | (low 16 bits
+    != 0)`. `boundary_low_bits(t, b)` returns the low 16 bits (as integers) of row t's |x| in
+    bin b.
+
+    Flagged keys let most rows skip the second level: the bin's values with zero low bits all
+    equal the bin's edge (b << 16) and sort below the rest of the bin, so when the k-th value
+    falls among them it is that edge. Task vectors of bfloat16 checkpoints are such values
+    almost everywhere (a difference of two nearby bfloat16 values is one).
+    """
     def one(t: int) -> float:
-        high, rest = _boundary(torch.bincount(keys[t], minlength=_RADIX_BINS), ks[t])
+        counts = torch.bincount(keys[t], minlength=_RADIX_BINS << int(flagged))
+        if flagged:
+            split = counts.view(_RADIX_BINS, 2)  # [bin, (values with zero low bits, the others)]
+            high, rest = _boundary(split.sum(1), ks[t])
+            if rest > int(split[high, 1]):
+                return _float_of(high << 16)
+        else:
+            high, rest = _boundary(counts, ks[t])
         low, _ = _boundary(torch.bincount(boundary_low_bits(t, high), minlength=1 << 16), rest)
-        bits = torch.tensor([(high << 16) | low], dtype=torch.int32)
-        return float(bits.view(torch.float32))
+        return _float_of((high << 16) | low)
 
     if len(ks) == 1 or keys[0].numel() < _PARALLEL_MIN:
         return [one(t) for t in range(len(ks))]
     # bincount and boolean indexing run on one thread: rows go to a small pool instead
     return list(_row_pool().map(one, range(len(ks))))
+
+
+def _float_of(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
 
 
 _PARALLEL_MIN = 1 << 18
@@ -147,7 +165,7 @@ def magnitude_histogram(x: torch.Tensor, weight: float | torch.Tensor = 1.0) -> 
 
 
 def _bin_edge(b: int) -> float:
-    return float(torch.tensor([b << _HIST_SHIFT], dtype=torch.int32).view(torch.float32))
+    return _float_of(b << _HIST_SHIFT)
 
 
 def threshold_from_histogram(counts: torch.Tensor, density: float) -> float:
