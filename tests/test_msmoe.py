@@ -188,10 +188,14 @@ def test_recipe_merge_writes_what_the_msmoe_command_writes(moe_folder, tmp_path,
     for out in ("cli", "api"):
         sd = load_sd(tmp_path / out)
         assert set(sd) == set(want_sd) and all(torch.equal(sd[k], want_sd[k]) for k in sd)
-        assert json.loads((tmp_path / out / "msmoe.json").read_text()) == want_report
+        got = json.loads((tmp_path / out / "msmoe.json").read_text())
+        # the held-out KL comes from forward passes, whose float sums depend on the thread count
+        # (`merge` sets it, `msmoe` does not): equal to rounding
+        assert got["agreement"].pop("mean_kl") == pytest.approx(want_report["agreement"]["mean_kl"], rel=1e-4, abs=1e-9)
+        assert got == {**want_report, "agreement": {k: v for k, v in want_report["agreement"].items() if k != "mean_kl"}}
         assert (tmp_path / out / "config.json").read_text() == (tmp_path / "cmd" / "config.json").read_text()
         assert "method: msmoe" in (tmp_path / out / "README.md").read_text()
-    assert report.statistics["msmoe"] == want_report and [x["kept"] for x in want_report["layers"]] == [3, 3]
+    assert report.statistics["msmoe"]["layers"] == want_report["layers"] and [x["kept"] for x in want_report["layers"]] == [3, 3]
     assert report.merged_tensors == 4 and report.merged_parameters == want_report["expert_parameters"]["before"]
     # the merge did merge: 3 distinct experts per layer, the router untouched (transformers saves
     # Mixtral's experts one by one, w1/w3/w2)
@@ -252,6 +256,7 @@ def _dense(folder):
     ("two models", "takes at most 1 model"),
     ("base", "takes no base model: remove `base`"),
     ("dense", "msmoe found no MoE block"),
+    ("no config", "from its config.json, which is not there"),
     ("too many experts", "num_experts 5 is more than the 4 experts of model.layers.0.mlp"),
     ("no calibration", "needs calibration data"),
     ("include", "remove `include` and `exclude`"),
@@ -267,6 +272,10 @@ def test_recipe_errors(moe_folder, tmp_path, case, match):
         recipe["base"] = str(moe_folder)
     elif case == "dense":
         recipe["models"] = [str(_dense(tmp_path / "dense"))]
+    elif case == "no config":
+        (tmp_path / "bare").mkdir()
+        (tmp_path / "bare" / "model.safetensors").write_bytes((moe_folder / "model.safetensors").read_bytes())
+        recipe["models"] = [str(tmp_path / "bare")]
     elif case == "too many experts":
         recipe["params"] = {"num_experts": 5}
     elif case == "no calibration":

@@ -154,6 +154,9 @@ def layout(src: TensorSource) -> list[dict[str, Any]]:
     device: no weights are read): name, experts, top_k, parameters per expert."""
     from transformers import AutoConfig
 
+    if src.folder is None or not (src.folder / "config.json").exists():
+        raise MergeError(f"{_who(src)}: msmoe builds the model with transformers from its config.json, which is "
+                         "not there; give a Hugging Face model folder")
     cls = model_class(src)
     try:
         config = AutoConfig.from_pretrained(str(src.folder))
