@@ -167,3 +167,9 @@ def test_quick_mode_end_to_end(tmp_path):
     assert again["training"]["cached"] and again["original"] == {**r["original"],
                                                                  "eval_seconds": again["original"]["eval_seconds"]}
     assert [x["perplexity"] for x in again["rows"]] == [x["perplexity"] for x in r["rows"]]
+    # a damaged cache entry is a one-line error naming the folder
+    entry = tmp_path / "cache" / r["cache_key"]
+    (entry / "config.json").write_text("{not json")
+    with pytest.raises(MergeError, match="cached model in .* cannot be read"):
+        moe.run_moe_bench(moe.MoeBenchConfig.quick_preset(data_dir=str(DATA), cache=str(tmp_path / "cache")),
+                          log=lambda s: None)

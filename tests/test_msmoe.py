@@ -308,3 +308,26 @@ def test_msmoe_is_not_a_state_dict_method():
     sd = {"w": torch.ones(2, 2)}
     with pytest.raises(MergeError, match="loads and runs a whole model folder"):
         merge_state_dicts("msmoe", [sd])
+
+
+def test_benchmark_ablations_by_hand():
+    """merge_experts without alignment and/or with uniform weights (the benchmark's baselines)."""
+    gate_up, down = random_experts(e=4)
+    freq = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    assignment = [3, 2, 2, 3]  # groups {1, 2} and {0, 3}
+    gu, dn = msmoe.merge_experts(gate_up, down, freq, assignment, align=False, weighting="uniform")
+    assert torch.allclose(gu[0], (gate_up[0] + gate_up[3]) / 2) and torch.equal(gu[0], gu[3])
+    assert torch.allclose(dn[1], (down[1] + down[2]) / 2) and torch.equal(dn[1], dn[2])
+    gu, dn = msmoe.merge_experts(gate_up, down, freq, assignment, align=False)
+    assert torch.allclose(gu[1], (0.2 * gate_up[1] + 0.3 * gate_up[2]) / 0.5)
+    assert torch.allclose(dn[3], (0.1 * down[0] + 0.4 * down[3]) / 0.5)
+    gu, dn = msmoe.merge_experts(gate_up, down, freq, assignment, weighting="uniform")
+    a, b = msmoe.permute_expert(gate_up[0], down[0], msmoe.align_permutation(gate_up, down, 3, 0))
+    assert torch.allclose(gu[0], (a + gate_up[3]) / 2, atol=1e-6) and torch.allclose(dn[3], (b + down[3]) / 2, atol=1e-6)
+
+
+def test_msmoe_has_no_tensor_kernel():
+    from modalmerge.methods.registry import get_method
+
+    with pytest.raises(MergeError, match="not tensor by tensor"):
+        get_method("msmoe").kernel(None, msmoe.MsmoeParams(), {})

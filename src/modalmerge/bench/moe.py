@@ -283,8 +283,12 @@ def _load_cached(folder: Path):
 
     if not (folder / "train.json").is_file():
         return None
-    model = MixtralForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    return model, json.loads((folder / "train.json").read_text())
+    try:
+        model = MixtralForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+        return model, json.loads((folder / "train.json").read_text())
+    except (OSError, ValueError) as e:
+        raise MergeError(f"bench moe: the cached model in {folder} cannot be read ({str(e).splitlines()[0]}); "
+                         "remove that folder (it is trained again) or use --no-cache") from None
 
 
 def _save_cached(folder: Path, model, meta: dict[str, Any]) -> None:
