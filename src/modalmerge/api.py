@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from .engine.executor import Executor, Report
 from .engine.plan import DEFAULT_CHUNK_ELEMS, Plan, build_plan, open_models
 from .engine.recipe import Recipe, load_recipe, parse_recipe
 from .engine.sinks import DictSink, FolderSink
+from .errors import MergeError
 
 
 def _recipe(recipe: str | os.PathLike | dict | Recipe) -> Recipe:
@@ -46,6 +48,14 @@ def merge(recipe: str | os.PathLike | dict | Recipe, output: str | os.PathLike, 
         report.statistics["storage"] = storage
         return report
     p = plan(r, allow_pickle=allow_pickle, chunk_elems=chunk_elems)
+    if p.method.whole_model:  # M-SMoE: the one model loaded whole, run on calibration data
+        from .engine.moe import run
+
+        start = time.perf_counter()
+        report = run(p, output, overwrite=overwrite, tool_version=__version__)
+        ep = report["expert_parameters"]
+        return Report(seconds={"total": time.perf_counter() - start}, merged_tensors=2 * len(report["layers"]),
+                      copied_tensors=0, merged_parameters=ep["before"], statistics={"msmoe": report})
     if p.method.sequential:  # OPCM: models one at a time, state kept in output/continual/
         from .engine.continual import run_sequential
         run_sequential(p, output, overwrite=overwrite, progress=progress)
@@ -88,6 +98,9 @@ def merge_state_dicts(method: str, models: list[dict[str, torch.Tensor]] | dict[
     })
     base_src, model_srcs = open_models(recipe, preloaded=preloaded)
     p = build_plan(recipe, base_src, model_srcs, chunk_elems)
+    if p.method.whole_model:
+        raise MergeError(f"method {method} loads and runs a whole model folder on calibration data, which a state "
+                         "dict cannot give: use modalmerge.merge(recipe, output) with the model's folder")
     for kind, per_model in (data or {}).items():
         p.data[kind] = [StateDictSource(sd, f"{kind} of {n}") for n, sd in zip(named, per_model)]
     sink = DictSink(p)

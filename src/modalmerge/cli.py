@@ -47,6 +47,11 @@ def cmd_merge(args) -> int:
         plan = build_plan(recipe, base, models)
     if args.dry_run:
         s = plan.summary()
+        if s.get("whole_model"):
+            from .commands.msmoe import dry_run_lines
+
+            print("\n".join(dry_run_lines(s, args.output)))
+            return 0
         print(f"method      {s['method']}  {json.dumps(s['params'])}")
         print(f"base        {s['base']}")
         print(f"models      {', '.join(s['models'])}")
@@ -65,6 +70,13 @@ def cmd_merge(args) -> int:
         return 0
     if not args.output:
         raise MergeError("merge needs --output DIR (or --dry-run to only print the plan)")
+    if plan.method.whole_model:
+        from .commands.msmoe import report_lines
+        from .engine.moe import run
+
+        print("\n".join(report_lines(run(plan, args.output, overwrite=args.overwrite, tool_version=__version__),
+                                      args.output)))
+        return 0
     if plan.method.sequential:
         from .engine.continual import run_sequential
         run_sequential(plan, args.output, overwrite=args.overwrite, progress=not args.no_progress)
@@ -131,7 +143,7 @@ def cmd_methods(args) -> int:
 
     if args.json:
         out = {name: {"summary": m.summary, "base": m.base, "min_models": m.min_models,
-                      "max_models": m.max_models, "decoupled": m.decoupled,
+                      "max_models": m.max_models, "decoupled": m.decoupled, "whole_model": m.whole_model,
                       "params": [{"name": n, "type": t, "default": d, "help": h}
                                  for n, t, d, h in m.parameter_table()]}
                for name, m in METHODS.items()}
@@ -142,7 +154,8 @@ def cmd_methods(args) -> int:
         needs = {"required": "needs a base", "optional": "base optional", "forbidden": "no base"}[m.base]
         count = f"{m.min_models}+" if m.max_models is None else (
             f"{m.min_models}" if m.min_models == m.max_models else f"{m.min_models}-{m.max_models}")
-        print(f"    {needs}; {count} models" + ("; writes per-task masks" if m.decoupled else ""))
+        print(f"    {needs}; {count} models" + ("; writes per-task masks" if m.decoupled else "")
+              + ("; loads the model whole (not streaming)" if m.whole_model else ""))
         for n, t, d, h in m.parameter_table():
             print(f"    {n:<20} {t:<28} default {d!r:<10} {h}")
     return 0

@@ -1,5 +1,5 @@
 """`modalmerge bench …`: benchmarks, each with a --quick mode that CI runs. `bench speed` times
-merges against an I/O floor; `bench text` and `bench mllm` register from their own modules."""
+merges against an I/O floor; `bench text`, `bench mllm` and `bench moe` register from their own modules."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def cmd_speed(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks (speed, text, mllm)", description="Benchmarks; each has a --quick mode.")
+    p = sub.add_parser("bench", help="benchmarks (speed, text, mllm, moe)", description="Benchmarks; each has a --quick mode.")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     s = bench.add_parser(
         "speed", help="wall time and peak memory of merges next to an I/O floor",
@@ -67,7 +67,9 @@ def register(sub) -> None:
     s.add_argument("--markdown", help="write the table as Markdown here")
     s.set_defaults(func=cmd_speed)
     from .bench_mllm import register_mllm
+    from .bench_moe import register_moe
     from .bench_text import register_text
 
     register_text(bench)
     register_mllm(bench)
+    register_moe(bench)

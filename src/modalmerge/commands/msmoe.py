@@ -17,30 +17,54 @@ def _calibration(args) -> dict:
     return {"callable": args.calibration_callable, "max_examples": args.max_examples}
 
 
-def cmd_msmoe(args) -> int:
-    from ..engine import moe
-    from ..engine.calibration import spec_of
+def dry_run_lines(s: dict, output=None) -> list[str]:
+    """--dry-run of msmoe (`modalmerge msmoe` and `merge` with method msmoe): the plan's summary()."""
+    from ..units import human_bytes
 
-    calibration = _calibration(args)
-    params = {"num_experts": args.experts, "held_out": args.held_out}
+    ep = s["expert_parameters"]
+    kept = sorted({(b["kept"], b["experts"], b["top_k"]) for b in s["layers"]})
+    shape = ", ".join(f"{k} of {e} experts (top-{t})" for k, e, t in kept)
+    return [
+        f"method      {s['method']}  {json.dumps(s['params'])}",
+        f"model       {', '.join(s['models'])}: {s['parameters']:,} parameters, loaded whole (not streaming)",
+        f"moe layers  {len(s['layers'])}, keeping {shape}: {ep['before']:,} -> {ep['after_distinct']:,} distinct "
+        f"expert parameters ({100 * ep['reduction']:.1f}% fewer)",
+        f"memory      ~{human_bytes(s['estimated_peak_bytes'])} (float32 model, one layer's experts copied, held-out "
+        f"logits of ~{s['held_out_tokens_estimate']:,} tokens; besides activations)",
+        f"output      {human_bytes(s['output_bytes'])} -> {output or '(no --output given)'}",
+    ]
+
+
+def report_lines(report: dict, output) -> list[str]:
+    """What a finished msmoe merge prints."""
+    ep = report["expert_parameters"]
+    lines = [f"merged experts of {len(report['layers'])} MoE layers: {ep['before']:,} -> {ep['after_distinct']:,} "
+             f"distinct expert parameters ({100 * ep['reduction']:.1f}% fewer)"]
+    if report["agreement"]:
+        a = report["agreement"]
+        lines.append(f"held-out agreement with the original: top-1 {100 * a['top1_agreement']:.1f}% over "
+                     f"{a['tokens']} tokens, mean KL {a['mean_kl']:.4f}")
+    lines.append(f"-> {output} (report: msmoe.json)")
+    return lines
+
+
+def cmd_msmoe(args) -> int:
+    from .. import __version__
+    from ..engine import moe
+    from ..engine.plan import build_plan, open_models
+    from ..engine.recipe import parse_recipe
+
+    recipe = parse_recipe(moe.recipe_for(args.model, _calibration(args),
+                                         {"num_experts": args.experts, "held_out": args.held_out}), "msmoe")
+    base, models = open_models(recipe)
+    plan = build_plan(recipe, base, models)
     if args.dry_run:
-        spec_of(calibration, "msmoe")
-        e = moe.estimate(args.model)
-        print(f"msmoe       {args.model}: {e['parameters']:,} parameters, loaded whole (not streaming)")
-        print(f"memory      ~{e['peak_bytes'] / 2**20:.1f} MB (float32 model and its held-out outputs, "
-              "besides activations)")
+        print("\n".join(dry_run_lines(plan.summary(), args.output)))
         return 0
     if not args.output:
         raise MergeError("msmoe needs --output DIR (or --dry-run)")
-    report = moe.msmoe_folder(args.model, args.output, calibration, params, overwrite=args.overwrite)
-    ep = report["expert_parameters"]
-    print(f"merged experts of {len(report['layers'])} MoE layers: {ep['before']:,} -> {ep['after_distinct']:,} "
-          f"distinct expert parameters ({100 * ep['reduction']:.1f}% fewer)")
-    if report["agreement"]:
-        a = report["agreement"]
-        print(f"held-out agreement with the original: top-1 {100 * a['top1_agreement']:.1f}% over "
-              f"{a['tokens']} tokens, mean KL {a['mean_kl']:.4f}")
-    print(f"-> {args.output} (report: {moe.REPORT})")
+    report = moe.run(plan, args.output, overwrite=args.overwrite, tool_version=__version__)
+    print("\n".join(report_lines(report, args.output)))
     if args.json:
         print(json.dumps(report))
     return 0
@@ -52,7 +76,8 @@ def register(sub) -> None:
         description="Group the experts of each MoE layer by routing (most-used experts are centres, the others "
                     "join the centre of most similar router logits), align hidden units, merge each group weighted "
                     "by routing frequency; every slot of a group points to the merged expert, the router is "
-                    "unchanged. Reports the parameter reduction and held-out agreement.")
+                    "unchanged. Reports the parameter reduction and held-out agreement. The same as `modalmerge merge` "
+                    "with a recipe `method: msmoe`, one model, `calibration:` and params num_experts, held_out.")
     p.add_argument("model", help="MoE model folder (Mixtral / Qwen-MoE style)")
     p.add_argument("--output", "-o", help="output folder (written atomically)")
     p.add_argument("--experts", type=int, help="distinct experts kept per layer (default: half)")

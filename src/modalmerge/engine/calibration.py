@@ -204,6 +204,14 @@ def model_inputs(batch: dict) -> dict:
 def load_model(src: TensorSource, where: str, attn_implementation: str | None = None):
     """A transformers model of the class its config names, in float32, in eval mode
     (`attn_implementation="eager"` where attention weights are read: sdpa returns none)."""
+    cls = model_class(src)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = cls.from_pretrained(str(src.folder), dtype=torch.float32, **extra)
+    return model.eval()
+
+
+def model_class(src: TensorSource):
+    """The transformers class a model folder's config.json names (AutoModel when it names none)."""
     folder = src.folder
     if folder is None or not (folder / "config.json").exists():
         raise MergeError(f"model {src.label!r}: running calibration data needs a Hugging Face model folder with "
@@ -213,11 +221,7 @@ def load_model(src: TensorSource, where: str, attn_implementation: str | None = 
     config = json.loads((folder / "config.json").read_text())
     archs = config.get("architectures") or []
     cls = getattr(transformers, archs[0], None) if archs else None
-    if cls is None:
-        cls = transformers.AutoModel
-    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = cls.from_pretrained(str(folder), dtype=torch.float32, **extra)
-    return model.eval()
+    return cls if cls is not None else transformers.AutoModel
 
 
 def _param_names(model) -> dict[int, list[str]]:

@@ -2,25 +2,28 @@
 experts (methods/msmoe.py), write the model and a report.
 
 Not streaming: the one model is loaded whole (its own size, plus activations), as M-SMoE needs
-the model's routing on real tokens. The output is an ordinary model folder (transformers loads
-it; merged experts are stored once per slot) plus `msmoe.json`: the groups of each layer, the
-routing frequencies, the distinct-expert parameter reduction and the output agreement with the
-original model on held-out calibration tokens.
+the model's routing on real tokens. `modalmerge merge` with `method: msmoe` (a Method whose
+`whole_model` is set) and `modalmerge msmoe` both come here (`run`). The output is an ordinary
+model folder (transformers loads it; merged experts are stored once per slot) plus `msmoe.json`:
+the groups of each layer, the routing frequencies, the distinct-expert parameter reduction and
+the output agreement with the original model on held-out calibration tokens.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
 import torch
 
-from ..checkpoint.output import AtomicFolder
+from ..checkpoint.output import AtomicFolder, copy_aux_files
+from ..checkpoint.sources import TensorSource
 from ..errors import MergeError
 from ..methods import msmoe
-from .calibration import forward_with_hooks, load_batches, model_inputs, spec_of
+from .calibration import calibration_of, forward_with_hooks, load_batches, load_model, model_class, model_inputs
 
 REPORT = "msmoe.json"
 
@@ -70,13 +73,14 @@ def _router_logits(model, blocks: list[MoeBlock], batches: list[dict]) -> list[t
     return [torch.cat(x) for x in logits]
 
 
-def _predictions(model, batches: list[dict]) -> list[torch.Tensor]:
+def predictions(model, batches: list[dict]) -> list[torch.Tensor]:
+    """The model's logits on each batch (float32)."""
     with torch.no_grad():
         return [model(**model_inputs(b)).logits.float() for b in batches]
 
 
-def _agreement(before: list[torch.Tensor], after: list[torch.Tensor], batches: list[dict]) -> dict[str, float]:
-    """Top-1 agreement and mean KL(original ‖ merged) over held-out token positions."""
+def agreement(before: list[torch.Tensor], after: list[torch.Tensor], batches: list[dict]) -> dict[str, float]:
+    """Top-1 agreement and mean KL(original ‖ merged) over every unpadded token position."""
     same, kl, n = 0.0, 0.0, 0
     for a, b, batch in zip(before, after, batches):
         keep = batch.get("attention_mask")
@@ -88,36 +92,44 @@ def _agreement(before: list[torch.Tensor], after: list[torch.Tensor], batches: l
     return {"top1_agreement": same / max(n, 1), "mean_kl": kl / max(n, 1), "tokens": n}
 
 
-def merge_moe_model(model, batches: list[dict], params: msmoe.MsmoeParams) -> dict[str, Any]:
-    """Merge the experts of every MoE block of `model` in place; returns the report."""
+def merge_moe_model(model, batches: list[dict], params: msmoe.MsmoeParams, *, align: bool = True,
+                    weighting: Literal["frequency", "uniform"] = "frequency",
+                    grouping: Callable[[torch.Tensor, torch.Tensor, int], list[int]] | None = None
+                    ) -> dict[str, Any]:
+    """Merge the experts of every MoE block of `model` in place; returns the report.
+
+    `align`, `weighting` and `grouping` (freq, router logits, k -> each expert's centre; default
+    msmoe.group_experts) are ablations for the benchmark's baselines; M-SMoE is the default."""
     blocks = find_moe_blocks(model)
     if not blocks:
         raise MergeError("msmoe: the model has no MoE block with a router (`gate`) and fused experts "
                          "(gate_up_proj, down_proj); is this a Mixtral/Qwen-MoE-style model?")
     held = int(round(len(batches) * params.held_out)) if len(batches) > 1 else 0
     calib, heldout = batches[:len(batches) - held], batches[len(batches) - held:]
-    before = _predictions(model, heldout) if heldout else []
+    for block in blocks:
+        e = block.router.weight.shape[0]
+        if (params.num_experts or 0) > e:
+            raise MergeError(f"msmoe: num_experts {params.num_experts} is more than the {e} experts of {block.name}; "
+                             "lower it")
+    before = predictions(model, heldout) if heldout else []
     logits = _router_logits(model, blocks, calib)
-    layers, kept, total, per_expert_total = [], 0, 0, 0
+    layers, kept, total = [], 0, 0
     for block, lg in zip(blocks, logits):
         e = block.router.weight.shape[0]
         k = params.num_experts or max(1, e // 2)
-        if k > e:
-            raise MergeError(f"msmoe: num_experts {k} is more than the {e} experts of {block.name}; lower it")
         freq = msmoe.routing_frequencies(lg, block.top_k)
-        assignment = msmoe.group_experts(freq, lg, k)
+        assignment = (grouping or msmoe.group_experts)(freq, lg, k)
         with torch.no_grad():
             gu, dn = msmoe.merge_experts(block.experts.gate_up_proj.data, block.experts.down_proj.data, freq,
-                                         assignment)
+                                         assignment, align=align, weighting=weighting)
             block.experts.gate_up_proj.data.copy_(gu)
             block.experts.down_proj.data.copy_(dn)
         per_expert = block.experts.gate_up_proj[0].numel() + block.experts.down_proj[0].numel()
         kept += len(set(assignment)) * per_expert
         total += e * per_expert
-        per_expert_total += per_expert
         layers.append({"block": block.name, "experts": e, "kept": len(set(assignment)),
                        "groups": assignment, "frequencies": [round(float(f), 6) for f in freq]})
-    after = _predictions(model, heldout) if heldout else []
+    after = predictions(model, heldout) if heldout else []
     all_params = sum(p.numel() for p in model.parameters())
     return {
         "method": "msmoe",
@@ -126,30 +138,126 @@ def merge_moe_model(model, batches: list[dict], params: msmoe.MsmoeParams) -> di
         "expert_parameters": {"before": total, "after_distinct": kept,
                               "reduction": 1 - kept / total if total else 0.0},
         "model_parameters": {"before": all_params, "after_distinct": all_params - (total - kept)},
-        "agreement": _agreement(before, after, heldout) if heldout else None,
+        "agreement": agreement(before, after, heldout) if heldout else None,
         "calibration_tokens": int(logits[0].shape[0]),
     }
 
 
-def msmoe_folder(model_path: str | Path, output: str | Path, calibration: dict[str, Any],
-                 params: dict[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """`modalmerge msmoe`: merge a model folder's experts into `output` (written atomically)."""
-    from ..checkpoint.sources import open_source
-    from .calibration import load_model
+# -- the recipe path (`modalmerge merge` with method msmoe, and `modalmerge msmoe`) ------------
 
-    p = msmoe.MsmoeParams.model_validate(params or {})
-    src = open_source(model_path, label=Path(model_path).name)
-    batches = load_batches(spec_of(calibration, f"model {src.label!r}"), src.folder, f"model {src.label!r}")
+def _who(src: TensorSource) -> str:
+    return f"model {src.label!r}" + (f" ({src.path})" if src.path is not None else "")
+
+
+def layout(src: TensorSource) -> list[dict[str, Any]]:
+    """The MoE blocks of a model folder, from its config alone (the model is built on the meta
+    device: no weights are read): name, experts, top_k, parameters per expert."""
+    from transformers import AutoConfig
+
+    if src.folder is None or not (src.folder / "config.json").exists():
+        raise MergeError(f"{_who(src)}: msmoe builds the model with transformers from its config.json, which is "
+                         "not there; give a Hugging Face model folder")
+    cls = model_class(src)
+    try:
+        config = AutoConfig.from_pretrained(str(src.folder))
+        with torch.device("meta"):
+            model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+    except Exception as e:  # noqa: BLE001 - any failure: transformers cannot build this config
+        raise MergeError(f"{_who(src)}: transformers cannot build the model its config.json describes "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); msmoe needs a "
+                         "Mixtral/Qwen-MoE-style model transformers knows") from None
+    blocks = find_moe_blocks(model)
+    if not blocks:
+        raise MergeError(f"{_who(src)}: msmoe found no MoE block (a router `gate` with fused experts "
+                         "gate_up_proj, down_proj) in this model; give a Mixtral/Qwen-MoE-style model")
+    return [{"block": b.name, "experts": int(b.router.weight.shape[0]), "top_k": b.top_k,
+             "expert_parameters": b.experts.gate_up_proj[0].numel() + b.experts.down_proj[0].numel(),
+             "vocab_size": int(getattr(config, "vocab_size", 0) or 0)} for b in blocks]
+
+
+def _check(plan) -> list[dict[str, Any]]:
+    """Everything that can be checked before the model is loaded; returns the layout."""
+    recipe = plan.recipe
+    if recipe.include or recipe.exclude:
+        raise MergeError("method msmoe merges every MoE block of the model and keeps the rest; remove `include` "
+                         "and `exclude` from the recipe")
+    src = plan.models[0]
+    calibration_of(plan, 0)
+    blocks = layout(src)
+    k = plan.params.num_experts
+    if k is not None:
+        for b in blocks:
+            if k > b["experts"]:
+                raise MergeError(f"{_who(src)}: num_experts {k} is more than the {b['experts']} experts of "
+                                 f"{b['block']}; lower `num_experts`")
+    return blocks
+
+
+def _output_dtype(plan) -> torch.dtype:
+    """The recipe's dtype, else the model's own (its most common floating-point dtype)."""
+    if plan.recipe.dtype:
+        return getattr(torch, plan.recipe.dtype)
+    src = plan.models[0]
+    counts: Counter = Counter()
+    for name in src.names():
+        meta = src.meta(name)
+        if meta.dtype.is_floating_point:
+            counts[meta.dtype] += meta.numel
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def summary(plan) -> dict[str, Any]:
+    """What --dry-run prints for msmoe: the blocks, the distinct experts kept, the memory need."""
+    blocks = _check(plan)
+    spec = calibration_of(plan, 0)
+    src = plan.models[0]
+    n = sum(src.meta(name).numel for name in src.names())
+    kept_total = before_total = 0
+    for b in blocks:
+        k = plan.params.num_experts or max(1, b["experts"] // 2)
+        b["kept"] = k
+        kept_total += k * b["expert_parameters"]
+        before_total += b["experts"] * b["expert_parameters"]
+    # held-out tokens as max_examples x max_length (a callable's batches may be longer)
+    held_tokens = int(round(spec.max_examples * plan.params.held_out)) * spec.max_length
+    vocab = blocks[0]["vocab_size"]
+    largest_block = max(b["experts"] * b["expert_parameters"] for b in blocks)
+    # the float32 model, one layer's experts copied while merging, and the held-out logits of the
+    # original and the merged model (before and after)
+    peak = n * 4 + largest_block * 4 + 2 * held_tokens * vocab * 4
+    return {
+        "method": plan.method.name,
+        "params": plan.params.model_dump(by_alias=True),
+        "base": None,
+        "models": plan.model_names,
+        "whole_model": True,
+        "parameters": n,
+        "layers": blocks,
+        "expert_parameters": {"before": before_total, "after_distinct": kept_total,
+                              "reduction": 1 - kept_total / before_total if before_total else 0.0},
+        "held_out_tokens_estimate": held_tokens,
+        "estimated_peak_bytes": int(peak),
+        "output_bytes": int(n * _output_dtype(plan).itemsize),
+    }
+
+
+def run(plan, output: str | Path, *, overwrite: bool = False, tool_version: str = "?") -> dict[str, Any]:
+    """Merge the experts of the plan's one model and write it to `output` (atomically); returns
+    the report (also written as msmoe.json)."""
+    from .sinks import model_card
+
+    _check(plan)
+    src = plan.models[0]
+    where = f"model {src.label!r}"
+    batches = load_batches(calibration_of(plan, 0), src.folder, where)
     out = AtomicFolder(output, overwrite=overwrite)
     try:
-        model = load_model(src, f"model {src.label!r}")
-        report = merge_moe_model(model, batches, p)
-        model.save_pretrained(out.tmp)
-        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                  "tokenizer.model"):
-            if (src.folder / f).exists():
-                (out.tmp / f).write_bytes((src.folder / f).read_bytes())
+        model = load_model(src, where)
+        report = merge_moe_model(model, batches, plan.params)
+        model.to(_output_dtype(plan)).save_pretrained(out.tmp)
+        copy_aux_files(plan.aux_folder, out.tmp)  # tokenizer etc.; save_pretrained wrote the config
         (out.tmp / REPORT).write_text(json.dumps(report, indent=2))
+        (out.tmp / "README.md").write_text(model_card(plan, tool_version))
         out.commit()
         return report
     except BaseException:
@@ -157,10 +265,21 @@ def msmoe_folder(model_path: str | Path, output: str | Path, calibration: dict[s
         raise
 
 
-def estimate(model_path: str | Path) -> dict[str, Any]:
-    """--dry-run: the model is held whole (float32) with a copy of the held-out outputs."""
-    from ..checkpoint.sources import open_source
+def recipe_for(model_path: str | Path, calibration: dict[str, Any], params: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
+    """The recipe `modalmerge msmoe MODEL …` stands for."""
+    return {"method": "msmoe", "models": [str(model_path)], "calibration": calibration,
+            "params": {k: v for k, v in (params or {}).items() if v is not None}}
 
-    src = open_source(model_path, label=Path(model_path).name)
-    n = sum(src.meta(k).numel for k in src.names())
-    return {"parameters": n, "peak_bytes": n * 4 * 2}
+
+def msmoe_folder(model_path: str | Path, output: str | Path, calibration: dict[str, Any],
+                 params: dict[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """`modalmerge msmoe`: merge a model folder's experts into `output` (written atomically)."""
+    from .. import __version__
+    from .plan import build_plan, open_models
+    from .recipe import parse_recipe
+
+    recipe = parse_recipe(recipe_for(model_path, calibration, params))
+    base, models = open_models(recipe)
+    return run(build_plan(recipe, base, models), output, overwrite=overwrite, tool_version=__version__)
+

@@ -89,6 +89,10 @@ class Plan:
 
     def summary(self) -> dict[str, Any]:
         """What --dry-run prints: tensors, passes, memory and output size estimates."""
+        if self.method.whole_model:  # M-SMoE: the model is loaded whole, not streamed
+            from .moe import summary
+
+            return summary(self)
         merged = self.merged
         largest = max((min(t.meta.numel, t.row_elems * max(r1 - r0 for r0, r1 in t.chunks)) for t in merged),
                       default=0)

@@ -257,6 +257,9 @@ class Method:
     metrics: tuple[str, ...] = ()
     # models are applied one at a time by engine/continual.py (OPCM), not by the executor
     sequential: bool = False
+    # the method merges inside one whole model that it loads and runs (M-SMoE, engine/moe.py),
+    # not tensor by tensor: no kernel, no streaming executor
+    whole_model: bool = False
     # data-aware methods: the kinds of per-model statistics (engine/calibration.py gathers them
     # before the streaming merge) that its kernels read from `group.data`
     data: Callable[[Any], tuple[str, ...]] = field(default=lambda p: ())

@@ -14,14 +14,22 @@ down · (act(gate · x) ⊙ (up · x)). Routing statistics come from calibration
   router is unchanged and the layer has `num_experts` distinct experts.
 
 Decision: each member is aligned to its own group's centre (the expert it is merged into).
+
+The method works on a whole model (routing needs the model's forward pass on real tokens), so it
+has no per-tensor kernel: its registry entry is `whole_model`, and the engine (engine/moe.py)
+runs it. `merge_experts` also takes the ablations the benchmark measures (no alignment, uniform
+weights); recipes always use the method as specified.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 
-from .base import Params
+from ..errors import MergeError
+from .base import Merged, Method, Params, TensorGroup
 
 
 class MsmoeParams(Params):
@@ -77,22 +85,43 @@ def group_experts(freq: torch.Tensor, router_logits: torch.Tensor, num_groups: i
     return [i if i in centres else max(centres, key=lambda c: (float(sim[i, c]), -c)) for i in range(n)]
 
 
-def merge_experts(gate_up: torch.Tensor, down: torch.Tensor, freq: torch.Tensor, assignment: list[int]
+def merge_experts(gate_up: torch.Tensor, down: torch.Tensor, freq: torch.Tensor, assignment: list[int], *,
+                  align: bool = True, weighting: Literal["frequency", "uniform"] = "frequency"
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Align members to their centre, merge each group by Σ f_i W_i / Σ f_i (a plain mean when no
-    member was ever routed to), and put the merged expert in every member's slot."""
+    member was ever routed to), and put the merged expert in every member's slot.
+
+    Ablations (the benchmark's baselines, not M-SMoE): `align=False` averages the experts' hidden
+    units as they are stored; `weighting="uniform"` gives every member the same weight."""
     gate_up_out, down_out = gate_up.clone(), down.clone()
     for centre in sorted(set(assignment)):
         members = [i for i, c in enumerate(assignment) if c == centre]
-        f = freq[members].double()
+        f = freq[members].double() if weighting == "frequency" else torch.ones(len(members), dtype=torch.float64)
         f = f / f.sum() if float(f.sum()) > 0 else torch.full_like(f, 1.0 / len(members))
         gu = torch.zeros_like(gate_up[0], dtype=torch.float64)
         dn = torch.zeros_like(down[0], dtype=torch.float64)
         for w, i in zip(f, members):
-            a, b = permute_expert(gate_up[i], down[i], align_permutation(gate_up, down, centre, i))
+            a, b = (permute_expert(gate_up[i], down[i], align_permutation(gate_up, down, centre, i)) if align
+                    else (gate_up[i], down[i]))
             gu += w * a.double()
             dn += w * b.double()
         for i in members:
             gate_up_out[i] = gu.to(gate_up.dtype)
             down_out[i] = dn.to(down.dtype)
     return gate_up_out, down_out
+
+
+def _no_tensor_kernel(group: TensorGroup, p: MsmoeParams, stats: dict) -> Merged:
+    raise MergeError("method msmoe merges the experts inside one whole model folder (it runs the model on "
+                     "calibration data), not tensor by tensor: use modalmerge.merge(recipe, output) or "
+                     "`modalmerge merge RECIPE --output DIR`")
+
+
+MSMOE = Method(
+    "msmoe", _no_tensor_kernel, MsmoeParams,
+    summary="Merge the experts inside one MoE model (M-SMoE): group by routing, align hidden units, average "
+            "weighted by routing frequency; the router is unchanged (one model, calibration data, loaded whole).",
+    base="forbidden", min_models=1, max_models=1,
+    chunkable=lambda p, info: False,
+    whole_model=True,
+)

@@ -14,6 +14,7 @@ from .linear import LINEAR
 from .metrics_weighted import METRICS_WEIGHTED
 from .mmer import MMER
 from .model_stock import MODEL_STOCK
+from .msmoe import MSMOE
 from .slerp import SLERP
 from .tall import TALL
 from .neuromerging import NEUROMERGING
@@ -48,6 +49,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     OTA,
     ADAMERGING,
     MMER,
+    MSMOE,
 )}
 
 
