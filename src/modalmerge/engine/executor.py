@@ -299,17 +299,13 @@ class Executor:
 
     def _tensor_statistics(self, tensor: TensorPlan, statistic) -> list:
         """A method's per-tensor statistic for a tensor merged in row blocks: each model's whole
-        tensor is read once more, before the first block, two models at a time besides the base
+        tensor is read once more, before the first block, one model at a time besides the base
         (raw storage dtype; the statistic converts)."""
         p = self.plan
         params, model_params = p.params_for(tensor.info)
         base = p.base.read(tensor.name).to(self.device) if p.base is not None else None
-        values = []
-        for first in range(0, len(p.models), 2):
-            pair = [m.read(tensor.name).to(self.device) for m in p.models[first:first + 2]]
-            values += statistic(params, tensor.info, base, pair, model_params[first:first + 2], self.use_fused)
-            del pair
-        return values
+        return [statistic(params, tensor.info, base, m.read(tensor.name).to(self.device), mp, self.use_fused)
+                for m, mp in zip(p.models, model_params)]
 
     def _redo_ties(self, sink, stats, jobs: list[Job], totals: dict[str, float], tensor_stats=None) -> None:
         """Chunks decided some exact zero sums with a provisional + before the tensor's total was

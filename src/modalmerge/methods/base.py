@@ -238,10 +238,10 @@ class Method:
     # for these params, a statistic of one model's whole tensor (e.g. a per-tensor top-k
     # threshold), or None; given to the kernel as group.tensor_stats of every row block of a
     # tensor merged in blocks (a whole tensor's kernel computes it itself). Lets a tensor-scoped
-    # method still merge large tensors in row blocks. The statistic is called on a few models
-    # at a time as (params, info, base or None, models [whole tensors, storage dtype],
-    # their model_params, fused: whether the engine uses compiled kernels) -> one value a model
-    tensor_statistic: Callable[[Any], Callable[..., list] | None] | None = None
+    # method still merge large tensors in row blocks. The statistic is called one model at a
+    # time as (params, info, base or None, model [whole tensor, storage dtype], model_params,
+    # fused: whether the engine uses compiled kernels) -> value
+    tensor_statistic: Callable[[Any], Callable[..., Any] | None] | None = None
     # for these params, the merge size (models x merged parameters) from which the kernel's
     # fused (compiled) kernels repay their per-process compile cost, or None: it has none. The
     # engine then hands it the raw inputs (TensorGroup.raw_models) instead of a float32 stack
