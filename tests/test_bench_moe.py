@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -13,21 +12,9 @@ import torch
 
 from modalmerge.bench import moe
 from modalmerge.errors import MergeError
+from shared_data import DATA, needs_data
 
 
-def _find_data() -> Path | None:
-    env = os.environ.get("MODALMERGE_DATA")
-    candidates = [Path(env)] if env else []
-    here = Path(__file__).resolve()
-    candidates += [p / "shared" / "data" for p in [Path.cwd(), *here.parents]]
-    for c in candidates:
-        if (c / "sentconv" / "stsa.binary.train").is_file():
-            return c
-    return None
-
-
-DATA = _find_data()
-needs_data = pytest.mark.skipif(DATA is None, reason="sentconv data not found (set MODALMERGE_DATA)")
 
 
 def _synthetic_sentconv(folder: Path) -> None:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -14,21 +13,9 @@ from modalmerge.api import merge_state_dicts
 from modalmerge.bench import sentconv
 from modalmerge.bench.text import decoupled_task_state
 from modalmerge.errors import MergeError
+from shared_data import DATA, needs_data
 
 
-def _find_data() -> Path | None:
-    env = os.environ.get("MODALMERGE_DATA")
-    candidates = [Path(env)] if env else []
-    here = Path(__file__).resolve()
-    candidates += [p / "shared" / "data" for p in [Path.cwd(), *here.parents]]
-    for c in candidates:
-        if (c / "sentconv" / "stsa.binary.train").is_file():
-            return c
-    return None
-
-
-DATA = _find_data()
-needs_data = pytest.mark.skipif(DATA is None, reason="sentconv data not found (set MODALMERGE_DATA)")
 
 
 def _write(folder: Path, name: str, text: str, encoding="utf-8") -> None:

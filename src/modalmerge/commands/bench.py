@@ -4,13 +4,13 @@ merges against an I/O floor; `bench text`, `bench mllm` and `bench moe` register
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 
 def default_cache() -> Path:
-    env = os.environ.get("MODALMERGE_CACHE")
-    return Path(env) / "bench" if env else Path.home() / ".cache" / "modalmerge" / "bench"
+    from ..bench import cache_dir
+
+    return cache_dir("bench")
 
 
 def cmd_speed(args) -> int:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 
 def default_cache() -> Path:
-    env = os.environ.get("MODALMERGE_CACHE")
-    return Path(env) / "bench-mllm" if env else Path.home() / ".cache" / "modalmerge" / "bench-mllm"
+    from ..bench import cache_dir
+
+    return cache_dir("bench-mllm")
 
 
 def cmd_mllm(args) -> int:
