@@ -117,6 +117,8 @@ def tensor_threshold(p: TiesParams, info, base, model, model_params, fused: bool
     """scope: tensor: the model's own top-k threshold in this tensor, k = int(density · numel)
     (mergekit's per-tensor magnitude selection; ties at the edge are kept)."""
     density = model_params.get("density", p.density)
+    if density >= 1:
+        return 0.0
     if fused:
         try:
             return fused_tensor_thresholds(base.reshape(-1), [model.reshape(-1)], [density], p.keep_min)[0]
