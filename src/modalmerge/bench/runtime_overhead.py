@@ -1,6 +1,6 @@
 """Speed and memory of the routed runtime against the plain model.
 
-    python -m modalmerge.runtime.overhead [--arch bert|llama] [--device cpu|cuda] [--tokens 256]
+    python -m modalmerge.bench.runtime_overhead [--arch bert|llama] [--device cpu|cuda] [--tokens 256]
 
 Builds a randomly initialised LLM (BERT: all-MiniLM-L6-v2's shape; Llama: a small decoder),
 three synthetic fine-tunes with the same base, composes them with MMER into a temporary folder,
@@ -75,7 +75,7 @@ def _time(fn, repeats: int, device: str) -> float:
 
 
 def measure(folder: Path, cls, device: str, tokens: int, batch: int, repeats: int) -> dict:
-    from . import load_composed
+    from ..runtime import load_composed
 
     composed = load_composed(folder, cls, device=device)
     hidden = composed.llm.config.hidden_size
