@@ -1,8 +1,5 @@
-"""The fused (compiled) kernels of TIES and task arithmetic against the eager ones.
-
-Compiling takes a while the first time, so one module-level fixture builds the inputs and the
-kernels are compiled once for the whole file.
-"""
+"""The fused C kernels (ops/fused.py, ops/kernels.c) of TIES and task arithmetic against the
+eager ones. The first test of a machine builds them (a few seconds), the others load the build."""
 
 import pytest
 import torch
@@ -113,11 +110,11 @@ def test_fused_kernels_do_not_depend_on_the_thread_count(monkeypatch):
 def test_without_a_compiler_the_eager_kernels_run(monkeypatch):
     base, models = _models(seed=3)
 
-    def unavailable(fn, *args):
+    def unavailable():
         raise ops.fused.FusedUnavailable("no compiler")
 
     eager = _merge("ties", base, models, monkeypatch, False, params={"density": 0.3}, chunk_elems=96 * 16)
-    monkeypatch.setattr(ops.fused, "_run", unavailable)
+    monkeypatch.setattr(ops.fused, "_library", unavailable)
     fallback = _merge("ties", base, models, monkeypatch, True, params={"density": 0.3}, chunk_elems=96 * 16)
     assert all(torch.equal(fallback[k], eager[k]) for k in base)
     ta = _merge("task_arithmetic", base, models, monkeypatch, True, params={"lambda": 0.5})
@@ -126,10 +123,103 @@ def test_without_a_compiler_the_eager_kernels_run(monkeypatch):
                                                      params={"lambda": 0.5})[k]) for k in base)
 
 
-def test_compile_mode_switch(monkeypatch):
+def test_compile_switch(monkeypatch):
     monkeypatch.setenv("MODALMERGE_COMPILE", "0")
-    assert ops.fused.mode() == "0" and not ops.fused.usable()
+    assert not ops.fused.usable()
     with pytest.raises(ops.fused.FusedUnavailable):
         ops.fused.weighted_delta_sum(torch.zeros(4), [torch.ones(4)], torch.ones(1))
-    monkeypatch.setenv("MODALMERGE_COMPILE", "whatever")
-    assert ops.fused.mode() == "auto"
+    monkeypatch.setenv("MODALMERGE_COMPILE", "1")
+    assert ops.fused.usable()
+
+
+# -- the kernels one by one, against the same arithmetic written in torch ----------------------
+
+def _trimmed(m, b, thr, w):
+    d = m.float() - b
+    return torch.where(d.abs() >= thr, d, 0.0) * w
+
+
+def _reference(base, models, thr, w, aggregate):
+    b = base.float()
+    total = _trimmed(models[0], b, thr[0], w[0])
+    for t in range(1, len(models)):
+        total = total + _trimmed(models[t], b, thr[t], w[t])
+    gamma = torch.sign(total)
+    gamma = torch.where(gamma == 0, -1.0, gamma)  # tie sign -1
+    kept, count = torch.zeros_like(b), torch.zeros_like(b)
+    for t in range(len(models)):
+        a = torch.clamp_min(_trimmed(models[t], b, thr[t], w[t]) * gamma, 0.0)
+        kept = torch.maximum(kept, a) if aggregate == "max" else kept + a
+        count = count + torch.where(a > 0, w[t], 0.0)
+    merged = gamma * kept / torch.where(count == 0, 1.0, count) if aggregate == "mean" else gamma * kept
+    delta_sum = (models[0].float() - b) * w[0]
+    for t in range(1, len(models)):
+        delta_sum = delta_sum + (models[t].float() - b) * w[t]
+    return total, merged, delta_sum
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n_models", [1, 3, 8, 11])  # more than 8: the models go in groups, carried
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernels_equal_torch(dtype, n_models, threads):
+    # 150,001 elements: two threads split it into two ranges (ops.fused.PARALLEL_MIN), unevenly
+    g = torch.Generator().manual_seed(n_models)
+    n = 150_001
+    base = torch.randn(n, generator=g).to(dtype)
+    models = [(base.float() + 0.02 * torch.randn(n, generator=g)).to(dtype) for _ in range(n_models)]
+    models[0][:100] = base[:100]  # exact zeros: the tie sign decides
+    thr = torch.rand(n_models, generator=g) * 0.02
+    w = torch.rand(n_models, generator=g) + 0.5
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        total = ops.fused.trimmed_total(base, models, thr, w)
+        got = {a: ops.fused.disjoint_merge(base, models, thr, w, total, -1.0, a) for a in ("mean", "sum", "max")}
+        delta_sum = ops.fused.weighted_delta_sum(base, models, w)
+    finally:
+        torch.set_num_threads(before)
+    for aggregate in ("mean", "sum", "max"):
+        want_total, want_merged, want_delta_sum = _reference(base, models, thr, w, aggregate)
+        # the same operations in the same order: the same bits
+        assert torch.equal(total, want_total)
+        assert torch.equal(got[aggregate], want_merged), aggregate
+        assert torch.equal(delta_sum, want_delta_sum)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_radix_histograms_equal_bincount(dtype):
+    g = torch.Generator().manual_seed(7)
+    n = 150_001
+    base = torch.randn(n, generator=g).to(dtype)
+    model = (base.float() + 0.05 * torch.randn(n, generator=g)).to(dtype)
+    bits = (model.float() - base.float()).abs().view(torch.int32)
+    keys = ((bits >> 16) << 1) | ((bits & 0xFFFF) != 0).int()
+    assert torch.equal(ops.fused.magnitude_counts(base, model), torch.bincount(keys, minlength=1 << 16))
+    high = int(torch.mode(bits >> 16).values)  # the fullest first-level bin
+    inside = bits[(bits >> 16) == high] & 0xFFFF
+    assert torch.equal(ops.fused.boundary_low_counts(base, model, high), torch.bincount(inside, minlength=1 << 16))
+
+
+def test_inputs_of_mixed_dtypes_take_the_eager_kernels(monkeypatch):
+    base, models = _models(seed=4)
+    base32 = {k: v.float() for k, v in base.items()}  # a float32 base under bfloat16 fine-tunes
+    with pytest.raises(ops.fused.FusedUnavailable):
+        ops.fused.trimmed_total(base32["w"], [m["w"] for m in models], torch.zeros(3), torch.ones(3))
+    kw = dict(params={"density": 0.3}, weights=[1.0, 0.5, 2.0])
+    fused = _merge("ties", base32, models, monkeypatch, True, **kw)
+    eager = _merge("ties", base32, models, monkeypatch, False, **kw)
+    assert all(torch.equal(fused[k], eager[k]) for k in base)
+
+
+def test_a_failed_build_warns_once_and_the_eager_kernels_run(monkeypatch, tmp_path):
+    base, models = _models(seed=6)
+    eager = _merge("ties", base, models, monkeypatch, False, params={"density": 0.3})
+    monkeypatch.setenv("MODALMERGE_CACHE", str(tmp_path))  # no cached build
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    monkeypatch.setattr(ops.fused, "_lib", None)
+    monkeypatch.setattr(ops.fused, "_broken", False)
+    with pytest.warns(RuntimeWarning, match="fused kernels unavailable.*false could not build kernels.c"):
+        fallback = _merge("ties", base, models, monkeypatch, True, params={"density": 0.3})
+    assert all(torch.equal(fallback[k], eager[k]) for k in base)
+    assert not ops.fused.usable()  # tried once per process, not per tensor
+    assert not list((tmp_path / "kernels").iterdir())  # no half-written build left behind

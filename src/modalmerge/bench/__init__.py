@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from ..paths import cache_dir  # a benchmark's cache folder
 
-
-def cache_dir(name: str) -> Path:
-    """A benchmark's cache folder: $MODALMERGE_CACHE/<name>, else ~/.cache/modalmerge/<name>."""
-    env = os.environ.get("MODALMERGE_CACHE")
-    return Path(env) / name if env else Path.home() / ".cache" / "modalmerge" / name
+__all__ = ["cache_dir", "minilm_path"]
 
 
 def minilm_path(who: str, instead: str | None = None) -> str:

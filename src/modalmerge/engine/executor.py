@@ -31,10 +31,9 @@ SAMPLE_MIN = 1 << 16
 # a sample is read as contiguous segments of this many elements, evenly spread over each job,
 # so a statistics pass reads about 1/stride of the inputs, not all of them
 SAMPLE_SEGMENT = 1 << 10
-# fused (compiled) kernels, for methods that have them: on merges of at least the method's size
-# (models x merged parameters, Method.fused), where compiling (tens of seconds once, then
-# cached on disk; a few seconds per process) is repaid, and on blocks of at least
-# FUSED_MIN_BLOCK elements; MODALMERGE_COMPILE=1 uses them on any merge, =0 never (ops/fused.py)
+# fused kernels (ops/fused.py), for methods that have them (Method.fused), on CPU blocks of at
+# least this many elements (below it a call's overhead outweighs the passes it saves);
+# MODALMERGE_COMPILE=0 turns them off
 FUSED_MIN_BLOCK = 1 << 12
 
 
@@ -94,13 +93,7 @@ class Executor:
         self.use_fused = self._use_fused()
 
     def _use_fused(self) -> bool:
-        p = self.plan
-        worth = p.method.fused(p.params) if p.method.fused is not None else None
-        if worth is None or self.device.type != "cpu" or not fused.usable():
-            return False
-        if fused.mode() == "1":
-            return True
-        return sum(t.meta.numel for t in p.merged) * len(p.models) >= worth
+        return self.plan.method.fused and self.device.type == "cpu" and fused.usable()
 
     # -- reading ---------------------------------------------------------------------------
     def _read_raw(self, job: Job) -> tuple[torch.Tensor | None, list[torch.Tensor], dict[str, list[torch.Tensor]], bool]:

@@ -240,12 +240,11 @@ class Method:
     # tensor merged in blocks (a whole tensor's kernel computes it itself). Lets a tensor-scoped
     # method still merge large tensors in row blocks. The statistic is called one model at a
     # time as (params, info, base or None, model [whole tensor, storage dtype], model_params,
-    # fused: whether the engine uses compiled kernels) -> value
+    # fused: whether the engine uses the fused kernels) -> value
     tensor_statistic: Callable[[Any], Callable[..., Any] | None] | None = None
-    # for these params, the merge size (models x merged parameters) from which the kernel's
-    # fused (compiled) kernels repay their per-process compile cost, or None: it has none. The
-    # engine then hands it the raw inputs (TensorGroup.raw_models) instead of a float32 stack
-    fused: Callable[[Any], int | None] | None = None
+    # the kernel has fused kernels (ops.fused) for the CPU: the engine then hands it the raw
+    # inputs (TensorGroup.raw_models) instead of a float32 stack
+    fused: bool = False
     # task-conditional: writes a shared vector and per-task masks besides the merged model
     decoupled: bool = False
     # per-task scalars of a decoupled method, from its statistics (default: 1 each)

@@ -81,7 +81,7 @@ def ties(group: TensorGroup, p: TiesParams, stats: dict) -> Merged:
 def fused_ties_vector(group: TensorGroup, p: TiesParams, stats: dict) -> torch.Tensor | None:
     """ties_vector from the raw inputs with the fused kernels (ops.fused): thresholds from the
     statistics pass (global scope), the engine's per-tensor pass (a tensor merged in row blocks)
-    or selected here (a whole tensor's own top-k); None where nothing can be compiled here."""
+    or selected here (a whole tensor's own top-k); None where the kernels cannot run."""
     densities = group.per_model(p, "density")
     if all(d >= 1 for d in densities):
         thresholds = [0.0] * group.num_models
@@ -130,19 +130,13 @@ def tensor_threshold(p: TiesParams, info, base, model, model_params, fused: bool
 
 def fused_tensor_thresholds(base: torch.Tensor, models: list[torch.Tensor], densities: list[float],
                             keep_min: int) -> list[float]:
-    """scope: tensor on a whole tensor from the raw inputs: radix select on flagged first-level
-    keys from one fused pass; where a boundary bin needs its second level, that bin's values
-    are recomputed from the raw inputs."""
-    keys = ops.fused.magnitude_keys(base, models)
-
-    def low_bits(t: int, high: int) -> torch.Tensor:
-        inside = ((keys[t] >> 1) == high).nonzero().reshape(-1)
-        d = models[t].index_select(0, inside).float() - base.index_select(0, inside).float()
-        return d.abs().view(torch.int32) & 0xFFFF
-
+    """scope: tensor on a whole tensor from the raw inputs: a radix select whose histograms the
+    fused kernels count from the raw values (flagged first level; the second level only where
+    the boundary falls among a bin's values with low bits)."""
     def select(tasks: list[int], ks: list[int]) -> list[float]:
-        return ops.sparsify.radix_select([keys[t] for t in tasks], ks, lambda i, high: low_bits(tasks[i], high),
-                                         flagged=True)
+        return ops.sparsify.radix_select(
+            lambda i: ops.fused.magnitude_counts(base, models[tasks[i]]), ks,
+            lambda i, high: ops.fused.boundary_low_counts(base, models[tasks[i]], high), flagged=True)
 
     return per_tensor_thresholds(base.numel(), densities, keep_min, select)
 
@@ -156,8 +150,6 @@ TIES = Method(
     summary="Trim each task vector, elect signs by mass, average the agreeing values.",
     statistics=ties_statistics,
     tensor_statistic=lambda p: tensor_threshold if p.scope == "tensor" else None,
-    # measured on 468M parameters x 8 models: 17.8 s eager, 10.7 s fused, plus ~5 s to trace
-    # and load the compiled code once per process
-    fused=lambda p: 1 << 31,
+    fused=True,
     mergekit_names=("ties",),
 )

@@ -10,7 +10,7 @@ from .sparsify import (
     threshold_from_histogram,
     trim_magnitude_,
 )
-from . import fused  # noqa: F401  (ops.fused: the compiled kernels)
+from . import fused  # noqa: F401  (ops.fused: the fused C kernels)
 from .assignment import best_permutation
 from .bits import pack_bits, unpack_bits
 from .reduce import deterministic_dot, deterministic_sum, weighted_sum

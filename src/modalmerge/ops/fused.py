@@ -1,165 +1,245 @@
-"""Fused kernels for the apply pass's hot paths, compiled by torch.compile (inductor).
+"""Fused CPU kernels for the apply pass's hot paths: C (kernels.c), called through ctypes.
 
 In eager torch, TIES over a block of T models is about nine passes over a [T, block] float32
 stack (convert, subtract, trim, sum, align, clamp, sum, sign, sum), each reading and writing
-memory. Written below as plain per-element loops over the models, inductor turns each function
-into one C++ loop over the block that reads every model's raw (e.g. bfloat16) values once and
-keeps an element's T values in registers. Per element the arithmetic and its order are the
-eager kernels' (a sum over the models in model order), so results agree with them to float
-rounding and do not depend on the thread count or on the block boundaries.
+memory. The C kernels read every model's raw (bfloat16, float16 or float32) values once per
+pass, tile by tile, and keep the accumulators in L1; TIES's exact per-tensor selection counts
+its radix-select histograms straight from the raw inputs, without materialising keys. Per
+element the arithmetic and its order are the eager kernels', so results agree with them to
+float rounding; every kernel is element-wise or an integer count, so results do not depend on
+the thread count or on the block boundaries. A call on a large block is split into one
+contiguous range per torch thread (ctypes releases the GIL).
 
-Compiling takes tens of seconds once per process (inductor keeps the compiled code in its
-on-disk cache, so later processes load it in seconds): the engine uses these kernels only on
-large merges, or when MODALMERGE_COMPILE=1. MODALMERGE_COMPILE=0 turns them off. Where
-compiling fails (no C++ compiler), the first call warns once and the eager kernels run.
+kernels.c is compiled once per machine by the system's C compiler ($CC, else cc, gcc or clang;
+about 2 s) into $MODALMERGE_CACHE/kernels (default ~/.cache/modalmerge/kernels), keyed by the
+source, compiler, flags and host; later processes load it in milliseconds. (The kernels were
+first written for torch.compile, whose compiler stack costs a process ~3.5 s to load even with
+its cache warm: more than the kernels saved on most merges.) MODALMERGE_COMPILE=0 turns them
+off. Where they cannot be built (no compiler), the first call warns once and the eager kernels
+run.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
-_compiled: dict = {}
+from ..paths import cache_dir
+
+_SOURCE = Path(__file__).with_name("kernels.c")
+# torch's IEEE semantics: no -ffast-math, and no fused multiply-adds (which round once where
+# torch rounds twice, and only in the vectorised part of a loop)
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-std=gnu11", "-fPIC", "-shared"]
+_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # kernels.c's codes
+_AGGREGATES = {"mean": 0, "sum": 1, "max": 2}
+_TILE = 1024  # kernels.c's tile: ranges split on its multiples
+_GROUP = 8  # kernels.c's GROUP: models folded per pass
+PARALLEL_MIN = 1 << 16  # elements per thread from which a call is split over threads
+COUNT_BINS = 1 << 16  # the histograms' bins (flagged first level; low 16 bits)
+
+_lib = None
 _broken = False
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 
 
 class FusedUnavailable(RuntimeError):
-    """Compiled kernels cannot run here; the caller falls back to its eager kernel."""
-
-
-def mode() -> str:
-    """'auto' (default: large merges on the CPU), '1' (always) or '0' (never)."""
-    value = os.environ.get("MODALMERGE_COMPILE", "auto").strip().lower()
-    return value if value in ("0", "1") else "auto"
+    """The kernels cannot run here (or not on these inputs); the caller falls back to its eager kernel."""
 
 
 def usable() -> bool:
-    return not _broken and mode() != "0"
+    """Not switched off (MODALMERGE_COMPILE=0) and not failed to build in this process."""
+    return not _broken and os.environ.get("MODALMERGE_COMPILE", "").strip() != "0"
 
 
-def _run(fn, *args) -> torch.Tensor:
-    global _broken
+# -- building and loading ----------------------------------------------------------------------
+
+def _library():
+    global _lib, _broken
     if not usable():
-        raise FusedUnavailable("compiled kernels are off")
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=True)
+        raise FusedUnavailable("the fused kernels are off")
+    if _lib is None:
+        with _lock:
+            if _lib is None:
+                try:
+                    _lib = _declare(ctypes.CDLL(str(_build())))
+                except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+                    _broken = True
+                    warnings.warn(f"modalmerge: fused kernels unavailable ({e}); using eager torch "
+                                  "(set MODALMERGE_COMPILE=0 to skip the attempt)", RuntimeWarning)
+                    raise FusedUnavailable(str(e)) from e
+    return _lib
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if cc is None:
+        raise RuntimeError("no C compiler found: install gcc or clang, or set CC")
+    return cc
+
+
+def _build() -> Path:
+    """The compiled kernels.c for this machine: from the cache, else built into it (atomically,
+    so processes building at the same time do not see each other's half-written file)."""
+    cc = _compiler()
+    text = _SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join(s if isinstance(s, bytes) else s.encode() for s in
+                                    (text, cc, " ".join(_FLAGS), platform.machine(), platform.node()))).hexdigest()[:16]
+    folder = cache_dir("kernels")
+    target = folder / f"kernels-{key}.so"
+    if target.exists():
+        return target
     try:
-        with _inductor_settings():
-            return _compiled[fn](*args)
-    except Exception as e:  # noqa: BLE001 - any compiler failure means: use the eager kernel
-        _broken = True
-        warnings.warn(f"modalmerge: compiled kernels unavailable ({type(e).__name__}: {str(e)[:200]}); "
-                      "using eager torch (set MODALMERGE_COMPILE=0 to skip the attempt)", RuntimeWarning)
-        raise FusedUnavailable(str(e)) from e
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: build for this process only
+        folder = Path(tempfile.mkdtemp(prefix="modalmerge-kernels-"))
+        target = folder / target.name
+    partial = folder / f".{target.name}.{os.getpid()}"
+    error = ""
+    # a compiler without -march=native (some non-x86 ones) still builds the portable variant
+    for flags in (_FLAGS, [f for f in _FLAGS if f != "-march=native"]):
+        done = subprocess.run([cc, *flags, "-o", str(partial), str(_SOURCE)], capture_output=True, text=True)
+        if done.returncode == 0:
+            os.replace(partial, target)
+            return target
+        error = (done.stderr.strip().splitlines() or ["exit status %d" % done.returncode])[-1]
+    raise RuntimeError(f"{cc} could not build {_SOURCE.name}: {error}")
 
 
-def _inductor_settings():
-    """Inductor settings for our kernels only (a patch, not the process-wide config): trust the
-    CPU's own flags for the vector ISA instead of building and loading a probe library per ISA
-    in child processes, and skip precompiling headers. Measured (median of 3 processes): the
-    first kernel of a process takes 3.5 s instead of 4.6 s. Should the compiler still reject
-    the ISA, that is a compile error, handled as any other (eager fallback)."""
-    from torch._inductor import config
-
-    return config.patch({"cpp.vec_isa_ok": True, "cpp_cache_precompile_headers": False})
-
-
-# -- the kernels, written per element; T (the number of models) is unrolled when traced ------
-
-def _trimmed(m, b, threshold, weight):
-    d = m.float() - b
-    return torch.where(d.abs() >= threshold, d, 0.0) * weight
+def _declare(lib):
+    p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    signatures = {
+        "mm_trimmed_total": [i32, p, p, i32, p, p, p, i64],
+        "mm_disjoint": [i32, i32, p, p, i32, p, p, p, ctypes.c_float, p, p, i64],
+        "mm_weighted_delta_sum": [i32, p, p, i32, p, p, i64],
+        "mm_magnitude_counts": [i32, p, p, i64, p],
+        "mm_boundary_low_counts": [i32, p, p, i64, ctypes.c_uint32, p],
+    }
+    for name, args in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, None
+    return lib
 
 
-def _trimmed_total(base, thresholds, weights, *models):
-    b = base.float()
-    total = _trimmed(models[0], b, thresholds[0], weights[0])
-    for t in range(1, len(models)):
-        total = total + _trimmed(models[t], b, thresholds[t], weights[t])
-    return total
+# -- calling -------------------------------------------------------------------------------------
+
+def _inputs(base: torch.Tensor, models: list[torch.Tensor]) -> tuple[int, torch.Tensor, list[torch.Tensor]]:
+    """(dtype code, flat contiguous base, models): one storage dtype the kernels know, on the CPU."""
+    dtype = base.dtype
+    if dtype not in _DTYPES or any(m.dtype != dtype for m in models) or base.device.type != "cpu":
+        raise FusedUnavailable("the kernels take CPU inputs of one dtype (bfloat16, float16 or float32)")
+    base = base.reshape(-1).contiguous()
+    models = [m.reshape(-1).contiguous() for m in models]
+    if any(m.numel() != base.numel() for m in models):
+        raise ValueError("the models and the base differ in size")
+    return _DTYPES[dtype], base, models
 
 
-def _elected(total, tie):
-    gamma = torch.sign(total)
-    return torch.where(gamma == 0, tie, gamma)
+def _floats(x) -> torch.Tensor:
+    return torch.as_tensor(x, dtype=torch.float32).reshape(-1).contiguous()
 
 
-def _disjoint_mean(base, thresholds, weights, total, tie, *models):
-    b = base.float()
-    gamma = _elected(total, tie)
-    kept = torch.zeros_like(b)
-    count = torch.zeros_like(b)
-    for t in range(len(models)):
-        aligned = torch.clamp_min(_trimmed(models[t], b, thresholds[t], weights[t]) * gamma, 0.0)
-        kept = kept + aligned
-        count = count + torch.where(aligned > 0, weights[t], 0.0)
-    return gamma * kept / torch.where(count == 0, 1.0, count)
+def _at(t: torch.Tensor, start: int) -> int:
+    return t.data_ptr() + start * t.element_size()
 
 
-def _disjoint_sum(base, thresholds, weights, total, tie, *models):
-    b = base.float()
-    gamma = _elected(total, tie)
-    kept = torch.zeros_like(b)
-    for t in range(len(models)):
-        kept = kept + torch.clamp_min(_trimmed(models[t], b, thresholds[t], weights[t]) * gamma, 0.0)
-    return gamma * kept
+def _array(tensors: list[torch.Tensor], start: int):
+    return (ctypes.c_void_p * len(tensors))(*[_at(t, start) for t in tensors])
 
 
-def _disjoint_max(base, thresholds, weights, total, tie, *models):
-    b = base.float()
-    gamma = _elected(total, tie)
-    best = torch.zeros_like(b)
-    for t in range(len(models)):
-        best = torch.maximum(best, torch.clamp_min(_trimmed(models[t], b, thresholds[t], weights[t]) * gamma, 0.0))
-    return gamma * best
+def _ranges(n: int) -> list[tuple[int, int]]:
+    parts = max(1, min(torch.get_num_threads(), n // PARALLEL_MIN))
+    step = -(-n // parts // _TILE) * _TILE
+    return [(a, min(a + step, n)) for a in range(0, n, step)] or [(0, 0)]
 
 
-def _weighted_delta_sum(base, weights, *models):
-    b = base.float()
-    out = (models[0].float() - b) * weights[0]
-    for t in range(1, len(models)):
-        out = out + (models[t].float() - b) * weights[t]
-    return out
-
-
-def _magnitude_keys(base, *models):
-    b = base.float()
-    keys = []
-    for m in models:
-        bits = (m.float() - b).abs().view(torch.int32)
-        keys.append(((bits >> 16) << 1) | ((bits & 0xFFFF) != 0).to(torch.int32))
-    return tuple(keys)
-
-
-_DISJOINT = {"mean": _disjoint_mean, "sum": _disjoint_sum, "max": _disjoint_max}
+def _each_range(ranges: list[tuple[int, int]], call) -> None:
+    """call(i, start, stop) for each range (of _ranges), in threads."""
+    global _pool, _pool_size
+    if len(ranges) == 1:
+        call(0, *ranges[0])
+        return
+    with _lock:
+        if _pool_size < len(ranges):
+            _pool = ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="modalmerge-kernel")
+            _pool_size = len(ranges)
+        pool = _pool
+    list(pool.map(lambda r: call(r[0], *r[1]), enumerate(ranges)))
 
 
 # -- what the methods call -------------------------------------------------------------------
 
-def trimmed_total(base: torch.Tensor, models: list[torch.Tensor], thresholds: torch.Tensor,
-                  weights: torch.Tensor) -> torch.Tensor:
+def trimmed_total(base: torch.Tensor, models: list[torch.Tensor], thresholds, weights) -> torch.Tensor:
     """Σ_t w_t · trim(θ_t − θ_0), trim keeping |·| ≥ thresholds[t]: TIES's election sums, float32."""
-    return _run(_trimmed_total, base, thresholds, weights, *models)
+    lib = _library()
+    dtype, base, models = _inputs(base, models)
+    thr, w = _floats(thresholds), _floats(weights)
+    out = torch.empty(base.numel(), dtype=torch.float32)
+    _each_range(_ranges(base.numel()), lambda i, a, b: lib.mm_trimmed_total(
+        dtype, _at(base, a), _array(models, a), len(models), thr.data_ptr(), w.data_ptr(), _at(out, a), b - a))
+    return out
 
 
-def disjoint_merge(base: torch.Tensor, models: list[torch.Tensor], thresholds: torch.Tensor,
-                   weights: torch.Tensor, total: torch.Tensor, tie_sign: float, aggregate: str) -> torch.Tensor:
+def disjoint_merge(base: torch.Tensor, models: list[torch.Tensor], thresholds, weights,
+                   total: torch.Tensor, tie_sign: float, aggregate: str) -> torch.Tensor:
     """TIES's merged task vector from the raw inputs: γ = sign(total) (exact zeros → tie_sign),
     then the disjoint mean (weighted), sum or max of the trimmed, weighted task vectors agreeing
     with γ; as ops.elect_sign + ops.disjoint_merge on the stack."""
-    tie = torch.tensor(tie_sign, dtype=torch.float32, device=total.device)
-    return _run(_DISJOINT[aggregate], base, thresholds, weights, total, tie, *models)
+    lib = _library()
+    dtype, base, models = _inputs(base, models)
+    thr, w = _floats(thresholds), _floats(weights)
+    total = total.reshape(-1).to(torch.float32).contiguous()
+    out = torch.empty(base.numel(), dtype=torch.float32)
+    # the weights counted so far, carried between groups of models (kernels.c's GROUP)
+    count = torch.empty(base.numel() if len(models) > _GROUP else 0, dtype=torch.float32)
+    _each_range(_ranges(base.numel()), lambda i, a, b: lib.mm_disjoint(
+        dtype, _AGGREGATES[aggregate], _at(base, a), _array(models, a), len(models), thr.data_ptr(), w.data_ptr(),
+        _at(total, a), float(tie_sign), _at(count, a), _at(out, a), b - a))
+    return out
 
 
-def magnitude_keys(base: torch.Tensor, models: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Per model, the flagged first-level keys of ops.sparsify.radix_select (int32: the top 15
-    bits of |θ_t − θ_0|'s float32 pattern, shifted left, and 1 where its low 16 bits are not
-    all zero), from the raw inputs in one pass."""
-    return _run(_magnitude_keys, base, *models)
-
-
-def weighted_delta_sum(base: torch.Tensor, models: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+def weighted_delta_sum(base: torch.Tensor, models: list[torch.Tensor], weights) -> torch.Tensor:
     """Σ_t w_t (θ_t − θ_0) in model order, float32, from the raw inputs."""
-    return _run(_weighted_delta_sum, base, weights, *models)
+    lib = _library()
+    dtype, base, models = _inputs(base, models)
+    w = _floats(weights)
+    out = torch.empty(base.numel(), dtype=torch.float32)
+    _each_range(_ranges(base.numel()), lambda i, a, b: lib.mm_weighted_delta_sum(
+        dtype, _at(base, a), _array(models, a), len(models), w.data_ptr(), _at(out, a), b - a))
+    return out
+
+
+def magnitude_counts(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    """The flagged first level of ops.radix_select for τ = θ − θ_0: int64 counts over 2^16 bins,
+    bin = (top 15 bits of |τ|'s float32 pattern) << 1 | (its low 16 bits are not all zero)."""
+    lib = _library()
+    dtype, base, (model,) = _inputs(base, [model])
+    ranges = _ranges(base.numel())
+    counts = torch.zeros((len(ranges), COUNT_BINS), dtype=torch.int64)
+    _each_range(ranges, lambda i, a, b: lib.mm_magnitude_counts(
+        dtype, _at(base, a), _at(model, a), b - a, counts[i].data_ptr()))
+    return counts.sum(0)
+
+
+def boundary_low_counts(base: torch.Tensor, model: torch.Tensor, high: int) -> torch.Tensor:
+    """The second level of ops.radix_select: int64 counts of the low 16 bits of |τ|'s float32
+    pattern over the elements whose top 15 bits are `high`."""
+    lib = _library()
+    dtype, base, (model,) = _inputs(base, [model])
+    ranges = _ranges(base.numel())
+    counts = torch.zeros((len(ranges), COUNT_BINS), dtype=torch.int64)
+    _each_range(ranges, lambda i, a, b: lib.mm_boundary_low_counts(
+        dtype, _at(base, a), _at(model, a), b - a, high, counts[i].data_ptr()))
+    return counts.sum(0)

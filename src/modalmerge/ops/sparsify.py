@@ -63,36 +63,39 @@ def kth_largest_magnitudes(x: torch.Tensor, ks: Sequence[int]) -> list[float]:
         if not 1 <= k <= n:
             raise ValueError(f"k={k} outside 1..{n}")
     keys = _radix_keys(rows)
-    return radix_select(keys, ks, lambda t, high: rows[t].view(torch.int32)[keys[t] == high] & 0xFFFF)
+    return radix_select(lambda t: torch.bincount(keys[t], minlength=_RADIX_BINS), ks,
+                        lambda t, high: torch.bincount(rows[t].view(torch.int32)[keys[t] == high] & 0xFFFF,
+                                                       minlength=1 << 16),
+                        parallel=n >= _PARALLEL_MIN)
 
 
-def radix_select(keys: torch.Tensor | Sequence[torch.Tensor], ks: Sequence[int], boundary_low_bits,
-                 flagged: bool = False) -> list[float]:
-    """The radix select of kth_largest_magnitudes on given first-level keys, one row per task:
-    the top 15 bits of each |x| as int16, or with `flagged` as int32 `top15 << 1 | (low 16 bits
-    != 0)`. `boundary_low_bits(t, b)` returns the low 16 bits (as integers) of row t's |x| in
-    bin b.
+def radix_select(counts, ks: Sequence[int], low_counts, flagged: bool = False, parallel: bool = False) -> list[float]:
+    """The radix select of kth_largest_magnitudes from its histograms, one row per task:
+    `counts(t)` is row t's first-level histogram (2^15 bins of the top 15 bits of |x|'s float32
+    pattern, or with `flagged` 2^16 bins of `top15 << 1 | (low 16 bits != 0)`), and
+    `low_counts(t, b)` the 2^16-bin histogram of the low 16 bits of row t's |x| in bin b.
+    `parallel`: the rows' histograms go to a small thread pool (for histograms torch counts on
+    one thread).
 
-    Flagged keys let most rows skip the second level: the bin's values with zero low bits all
+    Flagged counts let most rows skip the second level: the bin's values with zero low bits all
     equal the bin's edge (b << 16) and sort below the rest of the bin, so when the k-th value
     falls among them it is that edge. Task vectors of bfloat16 checkpoints are such values
     almost everywhere (a difference of two nearby bfloat16 values is one).
     """
     def one(t: int) -> float:
-        counts = torch.bincount(keys[t], minlength=_RADIX_BINS << int(flagged))
+        first = counts(t)
         if flagged:
-            split = counts.view(_RADIX_BINS, 2)  # [bin, (values with zero low bits, the others)]
+            split = first.view(_RADIX_BINS, 2)  # [bin, (values with zero low bits, the others)]
             high, rest = _boundary(split.sum(1), ks[t])
             if rest > int(split[high, 1]):
                 return _float_of(high << 16)
         else:
-            high, rest = _boundary(counts, ks[t])
-        low, _ = _boundary(torch.bincount(boundary_low_bits(t, high), minlength=1 << 16), rest)
+            high, rest = _boundary(first, ks[t])
+        low, _ = _boundary(low_counts(t, high), rest)
         return _float_of((high << 16) | low)
 
-    if len(ks) == 1 or keys[0].numel() < _PARALLEL_MIN:
+    if len(ks) == 1 or not parallel:
         return [one(t) for t in range(len(ks))]
-    # bincount and boolean indexing run on one thread: rows go to a small pool instead
     return list(_row_pool().map(one, range(len(ks))))
 
 

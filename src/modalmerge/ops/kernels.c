@@ -1,0 +1,276 @@
+/* modalmerge's fused CPU kernels: TIES and task arithmetic over raw (bfloat16, float16 or
+ * float32) checkpoint values, and the histograms of TIES's exact per-tensor selection.
+ *
+ * ops/fused.py builds this file once per machine with the system's C compiler (cached on disk)
+ * and calls it through ctypes on contiguous ranges of a block, one range per thread. Each
+ * kernel is element-wise (the histograms are integer counts), so results do not depend on how
+ * a block is split. The arithmetic and its order per element are the eager kernels' (a sum over
+ * the models in model order), so results agree with them to float rounding.
+ *
+ * Work goes tile by tile: a tile of the base is converted once, then each model's tile is read
+ * once and folded into float32 accumulators that stay in L1; the loops over a tile vectorise.
+ * No -ffast-math: IEEE semantics as in torch.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define TILE 1024
+
+#if defined(__GNUC__) && !defined(__clang__)
+/* gcc's -O3 would swap the loops over models and elements (for the accumulators' locality),
+ * which leaves the inner loop over the models scalar: 4-20x slower here */
+#pragma GCC optimize("no-loop-unroll-and-jam", "no-loop-interchange")
+#endif
+#define ALWAYS static inline __attribute__((always_inline))
+
+enum { BF16 = 0, F16 = 1, F32 = 2 }; /* the codes ops/fused.py passes */
+enum { MEAN = 0, SUM = 1, MAX = 2 };
+
+ALWAYS float load(int dtype, const void *p, int64_t i) {
+    if (dtype == BF16) {
+        uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    if (dtype == F16)
+        return (float)((const _Float16 *)p)[i];
+    return ((const float *)p)[i];
+}
+
+ALWAYS uint32_t bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+/* TIES's trim: keep |d| >= threshold (torch.where(d.abs() >= thr, d, 0.0)) */
+ALWAYS float trim(float d, float threshold) { return fabsf(d) >= threshold ? d : 0.0f; }
+
+ALWAYS int64_t tile_len(int64_t s, int64_t n) { return n - s < TILE ? n - s : TILE; }
+
+ALWAYS void base_tile(int dtype, const void *base, int64_t s, int64_t m, float *restrict b) {
+    for (int64_t i = 0; i < m; i++)
+        b[i] = load(dtype, base, s + i);
+}
+
+/* Models are folded GROUP at a time, each group's size a compile-time constant (the BY_GROUP
+ * switch), so an element's values stay in registers across the models and the loop over the
+ * elements vectorises: 2x faster than folding one model at a time into L1 accumulators.
+ * Merges of more than GROUP models carry the accumulators in `out` (and `count`) between
+ * groups, in model order as before. */
+#define GROUP 8
+
+/* out = sum_t w_t * trim(m_t - base, thr_t) */
+ALWAYS void trimmed_total_group(int dtype, int G, const void *base, const void *const *models, const float *thr,
+                                const float *w, int first, float *restrict out, int64_t n) {
+    const void *p[GROUP];
+    float th[GROUP], wt[GROUP];
+    for (int t = 0; t < G; t++)
+        p[t] = models[t], th[t] = thr[t], wt[t] = w[t];
+    for (int64_t i = 0; i < n; i++) {
+        float b = load(dtype, base, i);
+        float v = trim(load(dtype, p[0], i) - b, th[0]) * wt[0];
+        float acc = first ? v : out[i] + v;
+#pragma GCC unroll 8
+        for (int t = 1; t < G; t++)
+            acc = acc + trim(load(dtype, p[t], i) - b, th[t]) * wt[t];
+        out[i] = acc;
+    }
+}
+
+/* gamma = sign(total) (0 -> tie), then the disjoint mean (weighted by w), sum or max of the
+ * trimmed, weighted task vectors that agree with gamma, times gamma. Between groups `out`
+ * carries the kept sum (or max) and `count` the weights counted. */
+ALWAYS void disjoint_group(int dtype, int aggregate, int G, const void *base, const void *const *models,
+                           const float *thr, const float *w, const float *total, float tie, int first, int last,
+                           float *restrict count, float *restrict out, int64_t n) {
+    const void *p[GROUP];
+    float th[GROUP], wt[GROUP];
+    for (int t = 0; t < G; t++)
+        p[t] = models[t], th[t] = thr[t], wt[t] = w[t];
+    for (int64_t i = 0; i < n; i++) {
+        float b = load(dtype, base, i), x = total[i];
+        float gamma = x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : tie);
+        float kept = first ? 0.0f : out[i], counted = first ? 0.0f : count[i];
+#pragma GCC unroll 8
+        for (int t = 0; t < G; t++) {
+            float a = trim(load(dtype, p[t], i) - b, th[t]) * wt[t] * gamma;
+            a = a > 0.0f ? a : 0.0f;
+            if (aggregate == MAX)
+                kept = a > kept ? a : kept;
+            else
+                kept = kept + a;
+            if (aggregate == MEAN)
+                counted = counted + (a > 0.0f ? wt[t] : 0.0f);
+        }
+        if (!last) {
+            out[i] = kept;
+            if (aggregate == MEAN)
+                count[i] = counted;
+        } else if (aggregate == MEAN) {
+            out[i] = gamma * kept / (counted == 0.0f ? 1.0f : counted);
+        } else {
+            out[i] = gamma * kept;
+        }
+    }
+}
+
+/* out = sum_t w_t (m_t - base), in model order */
+ALWAYS void weighted_delta_sum_group(int dtype, int G, const void *base, const void *const *models, const float *w,
+                                     int first, float *restrict out, int64_t n) {
+    const void *p[GROUP];
+    float wt[GROUP];
+    for (int t = 0; t < G; t++)
+        p[t] = models[t], wt[t] = w[t];
+    for (int64_t i = 0; i < n; i++) {
+        float b = load(dtype, base, i);
+        float v = (load(dtype, p[0], i) - b) * wt[0];
+        float acc = first ? v : out[i] + v;
+#pragma GCC unroll 8
+        for (int t = 1; t < G; t++)
+            acc = acc + (load(dtype, p[t], i) - b) * wt[t];
+        out[i] = acc;
+    }
+}
+
+/* counts[key] += 1 per element, key = (top 15 bits of |m - base|'s float32 pattern) << 1 |
+ * (its low 16 bits are not all zero): the flagged first level of ops.sparsify.radix_select */
+ALWAYS void magnitude_counts_t(int dtype, const void *base, const void *model, int64_t n, int64_t *counts) {
+    float b[TILE];
+    uint32_t key[TILE];
+    for (int64_t s = 0; s < n; s += TILE) {
+        int64_t m = tile_len(s, n);
+        base_tile(dtype, base, s, m, b);
+        for (int64_t i = 0; i < m; i++) {
+            uint32_t u = bits(fabsf(load(dtype, model, s + i) - b[i]));
+            key[i] = ((u >> 16) << 1) | ((u & 0xFFFFu) != 0);
+        }
+        for (int64_t i = 0; i < m; i++)
+            counts[key[i]]++;
+    }
+}
+
+/* counts[low 16 bits] += 1 for the elements whose |m - base| has top 15 bits == high: the
+ * second level of the radix select, inside the boundary bin */
+ALWAYS void boundary_low_counts_t(int dtype, const void *base, const void *model, int64_t n, uint32_t high,
+                                  int64_t *counts) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u = bits(fabsf(load(dtype, model, i) - load(dtype, base, i)));
+        if ((u >> 16) == high)
+            counts[u & 0xFFFFu]++;
+    }
+}
+
+/* -- the exported entry points --------------------------------------------------------------
+ * One small function per (dtype, aggregate, group size), each a specialised loop; the entry
+ * points walk the groups and pick them from tables. (Inlined into one big function instead,
+ * gcc left most of the loops scalar.) */
+
+#define SIZES(X, D) X(D, 1) X(D, 2) X(D, 3) X(D, 4) X(D, 5) X(D, 6) X(D, 7) X(D, 8)
+#define DTYPES(X) SIZES(X, BF16) SIZES(X, F16) SIZES(X, F32)
+
+typedef void (*total_fn)(const void *, const void *const *, const float *, const float *, int, float *, int64_t);
+typedef void (*disjoint_fn)(const void *, const void *const *, const float *, const float *, const float *, float,
+                            float *, int64_t);
+typedef void (*carried_fn)(const void *, const void *const *, const float *, const float *, const float *, float,
+                           int, int, float *, float *, int64_t);
+typedef void (*delta_sum_fn)(const void *, const void *const *, const float *, int, float *, int64_t);
+
+#define DEFINE(D, K)                                                                                          \
+    static void total_##D##_##K(const void *base, const void *const *m, const float *thr, const float *w,   \
+                                int first, float *out, int64_t n) {                                          \
+        trimmed_total_group(D, K, base, m, thr, w, first, out, n);                                           \
+    }                                                                                                         \
+    static void delta_sum_##D##_##K(const void *base, const void *const *m, const float *w, int first,        \
+                                    float *out, int64_t n) {                                                 \
+        weighted_delta_sum_group(D, K, base, m, w, first, out, n);                                           \
+    }                                                                                                         \
+    DEFINE_DISJOINT(D, K, MEAN) DEFINE_DISJOINT(D, K, SUM) DEFINE_DISJOINT(D, K, MAX)
+/* disjoint merges of up to GROUP models: one group, nothing carried */
+#define DEFINE_DISJOINT(D, K, A)                                                                              \
+    static void disjoint_##A##_##D##_##K(const void *base, const void *const *m, const float *thr,           \
+                                         const float *w, const float *total, float tie, float *out,          \
+                                         int64_t n) {                                                        \
+        disjoint_group(D, A, K, base, m, thr, w, total, tie, 1, 1, 0, out, n);                              \
+    }
+/* more models: full groups of GROUP, the last one padded with lanes that add exact zeros (the
+ * base as model, threshold +inf, weight 0). first/last are run-time flags here; for one group
+ * they are constants, which matters: AVX-512 code loads the carried `count` under a mask even
+ * when no lane needs it, very slowly where that address is not mapped. */
+#define DEFINE_CARRIED(D, A)                                                                                  \
+    static void carried_##A##_##D(const void *base, const void *const *m, const float *thr, const float *w,  \
+                                  const float *total, float tie, int first, int last, float *count,          \
+                                  float *out, int64_t n) {                                                   \
+        disjoint_group(D, A, GROUP, base, m, thr, w, total, tie, first, last, count, out, n);               \
+    }
+#define DEFINE_ALL_CARRIED(D) DEFINE_CARRIED(D, MEAN) DEFINE_CARRIED(D, SUM) DEFINE_CARRIED(D, MAX)
+DEFINE_ALL_CARRIED(BF16) DEFINE_ALL_CARRIED(F16) DEFINE_ALL_CARRIED(F32)
+DTYPES(DEFINE)
+
+#define TOTAL_ENTRY(D, K) total_##D##_##K,
+#define DELTA_SUM_ENTRY(D, K) delta_sum_##D##_##K,
+#define MEAN_ENTRY(D, K) disjoint_MEAN_##D##_##K,
+#define SUM_ENTRY(D, K) disjoint_SUM_##D##_##K,
+#define MAX_ENTRY(D, K) disjoint_MAX_##D##_##K,
+#define TABLE(E) {{SIZES(E, BF16)}, {SIZES(E, F16)}, {SIZES(E, F32)}}
+static const total_fn TOTAL[3][GROUP] = TABLE(TOTAL_ENTRY);
+static const delta_sum_fn DELTA_SUM[3][GROUP] = TABLE(DELTA_SUM_ENTRY);
+static const disjoint_fn DISJOINT[3][3][GROUP] = {TABLE(MEAN_ENTRY), TABLE(SUM_ENTRY), TABLE(MAX_ENTRY)};
+#define CARRIED_ROW(A) {carried_##A##_BF16, carried_##A##_F16, carried_##A##_F32}
+static const carried_fn CARRIED[3][3] = {CARRIED_ROW(MEAN), CARRIED_ROW(SUM), CARRIED_ROW(MAX)};
+
+ALWAYS int group_size(int T, int g0) { return T - g0 < GROUP ? T - g0 : GROUP; }
+
+void mm_trimmed_total(int dtype, const void *base, const void *const *models, int T, const float *thr,
+                      const float *w, float *out, int64_t n) {
+    for (int g0 = 0; g0 < T; g0 += GROUP)
+        TOTAL[dtype][group_size(T, g0) - 1](base, models + g0, thr + g0, w + g0, g0 == 0, out, n);
+}
+
+/* count: scratch of n floats, used when T > GROUP */
+void mm_disjoint(int dtype, int aggregate, const void *base, const void *const *models, int T, const float *thr,
+                 const float *w, const float *total, float tie, float *count, float *out, int64_t n) {
+    if (T <= GROUP) {
+        DISJOINT[aggregate][dtype][T - 1](base, models, thr, w, total, tie, out, n);
+        return;
+    }
+    for (int g0 = 0; g0 < T; g0 += GROUP) {
+        const void *m[GROUP];
+        float th[GROUP], wt[GROUP];
+        for (int t = 0; t < GROUP; t++) {
+            int real = g0 + t < T;
+            m[t] = real ? models[g0 + t] : base;
+            th[t] = real ? thr[g0 + t] : INFINITY;
+            wt[t] = real ? w[g0 + t] : 0.0f;
+        }
+        CARRIED[aggregate][dtype](base, m, th, wt, total, tie, g0 == 0, g0 + GROUP >= T, count, out, n);
+    }
+}
+
+void mm_weighted_delta_sum(int dtype, const void *base, const void *const *models, int T, const float *w,
+                           float *out, int64_t n) {
+    for (int g0 = 0; g0 < T; g0 += GROUP)
+        DELTA_SUM[dtype][group_size(T, g0) - 1](base, models + g0, w + g0, g0 == 0, out, n);
+}
+
+#define BY_DTYPE(dtype, call)     \
+    switch (dtype) {              \
+    case BF16: call(BF16); break; \
+    case F16: call(F16); break;   \
+    default: call(F32); break;    \
+    }
+
+void mm_magnitude_counts(int dtype, const void *base, const void *model, int64_t n, int64_t *counts) {
+#define CALL(D) magnitude_counts_t(D, base, model, n, counts)
+    BY_DTYPE(dtype, CALL)
+#undef CALL
+}
+
+void mm_boundary_low_counts(int dtype, const void *base, const void *model, int64_t n, uint32_t high,
+                            int64_t *counts) {
+#define CALL(D) boundary_low_counts_t(D, base, model, n, high, counts)
+    BY_DTYPE(dtype, CALL)
+#undef CALL
+}
