@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from conftest import load_sd
@@ -28,9 +29,10 @@ def test_checkpoints_are_llama_shaped_deterministic_and_cached(tmp_path):
     assert (again["ft1"] / "model.safetensors").read_bytes() == (folders["ft1"] / "model.safetensors").read_bytes()
 
 
-def test_floor_reads_everything_and_writes_a_model_sized_output(tmp_path):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_floor_reads_everything_and_writes_a_model_sized_output(tmp_path, overlap):
     folders = build_checkpoints(TINY, tmp_path, log=lambda *a: None)
-    floor([str(p) for p in folders.values()], str(tmp_path / "out"))
+    floor([str(p) for p in folders.values()], str(tmp_path / "out"), overlap=overlap)
     out, last = load_sd(tmp_path / "out"), load_sd(folders["ft1"])
     assert set(out) == set(last) and all(torch.equal(out[k], last[k]) for k in out)
 
@@ -60,10 +62,10 @@ def test_bench_speed_cli_end_to_end(tmp_path, capsys):
     assert code == 0
     result = json.loads(out.read_text())
     names = [r["name"] for r in result["results"]]
-    assert names == ["floor", "task_arithmetic", "ties:scope=tensor"]
+    assert names == ["floor", "floor:overlapped", "task_arithmetic", "ties:scope=tensor"]
     for r in result["results"]:
         assert len(r["runs"]) == 1 and r["seconds"] > 0 and r["peak_rss_bytes"] > 1e7
-    assert result["results"][0]["x_floor"] == 1.0
+    assert result["results"][0]["x_floor"] == 1.0 and result["results"][1]["x_overlapped_floor"] == 1.0
     assert "| task_arithmetic |" in md.read_text() and "| task_arithmetic |" in capsys.readouterr().out
 
 

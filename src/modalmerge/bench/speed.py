@@ -2,9 +2,12 @@
 
 Synthetic Llama-shaped checkpoints (a base and N fine-tunes = base + small random deltas) are
 built once into a cache folder, streamed tensor by tensor so building never holds a model in
-memory. Every measurement runs in a fresh subprocess: the merge through the CLI, and the floor,
-which reads every input tensor of every model with the same reader and writes an output of the
-same size with the same writer, without arithmetic. Peak RSS is the child's own maximum resident
+memory. Every measurement runs in a fresh subprocess: the merge through the CLI, and two floors,
+which read every input tensor of every model with the same reader and write an output of the
+same size with the same writer, without arithmetic: the **floor** one after the other (the
+issue's yardstick, as in every earlier run), the **overlapped floor** with the executor's overlap
+(the next tensor read in a thread, the last one written in another), which a merge can beat
+only by chance. Peak RSS is the child's own maximum resident
 set (its VmHWM, read as it exits), wall time is measured around the child. Each measurement is repeated and
 the median reported.
 """
@@ -27,6 +30,7 @@ CACHE_VERSION = 1
 DELTA_SCALE = 0.1        # fine-tune deltas relative to the base's init std
 INIT_STD = 0.02          # Llama's initializer_range
 TARGETS = {"task_arithmetic": 1.3, "ties": 2.0}  # wall time over the floor (issue)
+OVERLAPPED = "floor:overlapped"  # the floor with the executor's overlap of reading and writing
 RSS_TARGET_BYTES = 2.5e9
 
 
@@ -231,21 +235,40 @@ def measure(argv: list[str], log_path: Path, env: dict[str, str] | None = None) 
     return Run(seconds, peak, proc.returncode, usage.ru_utime + usage.ru_stime)
 
 
-def floor(inputs: list[str], output: str) -> None:
+def floor(inputs: list[str], output: str, overlap: bool = False) -> None:
     """Read every tensor of every input with the merge's reader; write an output of the base's
-    size with its writer. No arithmetic: what any merge of these models must at least spend."""
+    size with its writer. No arithmetic: what any merge of these models must at least spend.
+    `overlap`: read the next tensor in a thread and write in another while the main thread
+    waits, as the executor does (one read and one write in flight)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from ..checkpoint.safetensors_io import SafetensorsFile, SafetensorsStreamWriter
 
     files = [SafetensorsFile(Path(p) / "model.safetensors") for p in inputs]
-    first = files[0]
+    names = files[0].names()
     Path(output).mkdir(parents=True, exist_ok=True)
-    writer = SafetensorsStreamWriter(Path(output) / "model.safetensors", [(n, first.meta(n)) for n in first.names()])
-    for name in first.names():
+    writer = SafetensorsStreamWriter(Path(output) / "model.safetensors", [(n, files[0].meta(n)) for n in names])
+
+    def read(name: str):
         tensor = None
         for f in files:
             tensor = f.read(name)
-        writer.write(name, tensor)
-        del tensor
+        return tensor
+
+    if not overlap:
+        for name in names:
+            writer.write(name, read(name))
+    else:
+        with ThreadPoolExecutor(1) as reading, ThreadPoolExecutor(1) as writing:
+            next_read, written = reading.submit(read, names[0]), None
+            for i, name in enumerate(names):
+                tensor = next_read.result()
+                if i + 1 < len(names):
+                    next_read = reading.submit(read, names[i + 1])
+                if written is not None:
+                    written.result()
+                written = writing.submit(writer.write, name, tensor)
+            written.result()
     writer.close()
 
 
@@ -257,7 +280,7 @@ def run_speed(shape: Shape, cache: Path, methods: list[str], repeats: int = 3, t
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[2])  # the children import this very modalmerge
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
-    rows = {"floor": Row("floor")} | {m: Row(m) for m in methods}
+    rows = {"floor": Row("floor"), OVERLAPPED: Row(OVERLAPPED)} | {m: Row(m) for m in methods}
     try:
         recipes = {}
         for m in methods:
@@ -270,8 +293,8 @@ def run_speed(shape: Shape, cache: Path, methods: list[str], repeats: int = 3, t
             for name, row in rows.items():
                 out = work / "out"
                 shutil.rmtree(out, ignore_errors=True)
-                if name == "floor":
-                    cmd = ["-m", "modalmerge.bench.speed", "floor", str(out), *inputs]
+                if name in ("floor", OVERLAPPED):
+                    cmd = ["-m", "modalmerge.bench.speed", name, str(out), *inputs]
                 else:
                     cmd = ["-m", "modalmerge", "merge", str(recipes[name]), "--output", str(out),
                            "--no-progress", *thread_args]
@@ -285,11 +308,12 @@ def run_speed(shape: Shape, cache: Path, methods: list[str], repeats: int = 3, t
                 shutil.rmtree(out, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    floor_s = rows["floor"].seconds
+    floor_s, overlapped_s = rows["floor"].seconds, rows[OVERLAPPED].seconds
     results = []
     for name, row in rows.items():
-        target = TARGETS.get(parse_method(name)[0]) if name != "floor" else None
+        target = TARGETS.get(parse_method(name)[0]) if name not in ("floor", OVERLAPPED) else None
         results.append({"name": name, "seconds": row.seconds, "x_floor": row.seconds / floor_s,
+                        "x_overlapped_floor": row.seconds / overlapped_s,
                         "cpu_seconds": row.cpu_seconds,
                         "peak_rss_bytes": row.peak_rss, "target_x_floor": target,
                         "runs": [asdict(r) for r in row.runs]})
@@ -306,17 +330,17 @@ def table(result: dict[str, Any]) -> str:
              f"{s['vocab']}, intermediate {s['intermediate']}), bfloat16, base + {s['models']} models; "
              f"median of {result['repeats']}, threads {result['threads'] or 'all'}, {result['cpus']} CPUs",
              "",
-             "| run | wall (s) | × floor | target | CPU (s) | peak RSS (GB) |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| run | wall (s) | × floor | × overlapped floor | target | CPU (s) | peak RSS (GB) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["results"]:
         target = f"≤ {r['target_x_floor']}×" if r["target_x_floor"] else ""
-        lines.append(f"| {r['name']} | {r['seconds']:.2f} | {r['x_floor']:.2f} | {target} | {r['cpu_seconds']:.1f} | "
-                     f"{r['peak_rss_bytes'] / 1e9:.2f} |")
+        lines.append(f"| {r['name']} | {r['seconds']:.2f} | {r['x_floor']:.2f} | {r['x_overlapped_floor']:.2f} | "
+                     f"{target} | {r['cpu_seconds']:.1f} | {r['peak_rss_bytes'] / 1e9:.2f} |")
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":   # the floor's child process: python -m modalmerge.bench.speed floor OUT IN...
-    if len(sys.argv) >= 4 and sys.argv[1] == "floor":
-        floor(sys.argv[3:], sys.argv[2])
+if __name__ == "__main__":   # a floor's child process: python -m modalmerge.bench.speed floor[:overlapped] OUT IN...
+    if len(sys.argv) >= 4 and sys.argv[1] in ("floor", OVERLAPPED):
+        floor(sys.argv[3:], sys.argv[2], overlap=sys.argv[1] == OVERLAPPED)
     else:
-        sys.exit("usage: python -m modalmerge.bench.speed floor OUTPUT INPUT...")
+        sys.exit(f"usage: python -m modalmerge.bench.speed floor|{OVERLAPPED} OUTPUT INPUT...")
