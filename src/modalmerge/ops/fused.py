@@ -49,7 +49,7 @@ PARALLEL_MIN = 1 << 16  # elements per thread from which a call is split over th
 COUNT_BINS = 1 << 16  # the histograms' bins (flagged first level; low 16 bits)
 
 _lib = None
-_broken = False
+_broken = ""  # why the build failed in this process, if it did
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
@@ -68,15 +68,17 @@ def usable() -> bool:
 
 def _library():
     global _lib, _broken
+    if _broken:
+        raise FusedUnavailable(f"the fused kernels failed to build: {_broken}")
     if not usable():
-        raise FusedUnavailable("the fused kernels are off")
+        raise FusedUnavailable("the fused kernels are off (MODALMERGE_COMPILE=0)")
     if _lib is None:
         with _lock:
             if _lib is None:
                 try:
                     _lib = _declare(ctypes.CDLL(str(_build())))
                 except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-                    _broken = True
+                    _broken = str(e) or type(e).__name__
                     warnings.warn(f"modalmerge: fused kernels unavailable ({e}); using eager torch "
                                   "(set MODALMERGE_COMPILE=0 to skip the attempt)", RuntimeWarning)
                     raise FusedUnavailable(str(e)) from e
