@@ -48,8 +48,9 @@ def register(sub) -> None:
     s = bench.add_parser(
         "speed", help="wall time and peak memory of merges next to an I/O floor",
         description="Build Llama-shaped synthetic bfloat16 checkpoints (a base and N fine-tunes) once into a "
-                    "cache, then time each method's merge and a floor (read every input tensor, write the "
-                    "output, no arithmetic), each in a fresh process; report medians and peak RSS.")
+                    "cache, then time each method's merge and two floors (read every input tensor, write the "
+                    "output, no arithmetic: one after the other, and overlapped as the merge does), each in a "
+                    "fresh process; report medians and peak RSS.")
     s.add_argument("--cache", help="folder for the synthetic checkpoints (default ~/.cache/modalmerge/bench, "
                                    "or $MODALMERGE_CACHE/bench)")
     s.add_argument("--hidden", type=int, help="hidden size (default 1024; quick 256)")
