@@ -181,8 +181,10 @@ def _reference(base, models, thr, w, aggregate):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n_models", [1, 3, 8, 11])  # more than 8: the models go in groups, carried
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kernels_equal_torch(dtype, n_models, threads):
-    # 150,001 elements: two threads split it into two ranges (ops.fused.PARALLEL_MIN), unevenly
+def test_kernels_equal_torch(dtype, n_models, threads, monkeypatch):
+    # 150,001 elements: two threads split them (ops.fused.PARALLEL_MIN), here into 16 pieces of
+    # 10,000 elements, the last one short
+    monkeypatch.setattr(ops.fused, "PIECE", 10_000)
     g = torch.Generator().manual_seed(n_models)
     n = 150_001
     base = torch.randn(n, generator=g).to(dtype)
@@ -208,7 +210,17 @@ def test_kernels_equal_torch(dtype, n_models, threads):
 
 @pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_radix_histograms_equal_bincount(dtype):
+def test_radix_histograms_equal_bincount(dtype, monkeypatch):
+    monkeypatch.setattr(ops.fused, "PIECE", 10_000)  # many pieces, counted by two threads
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _histograms_equal_bincount(dtype)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _histograms_equal_bincount(dtype):
     g = torch.Generator().manual_seed(7)
     n = 150_001
     base = torch.randn(n, generator=g).to(dtype)

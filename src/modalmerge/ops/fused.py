@@ -43,9 +43,9 @@ _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-std=gnu11", "-fPIC", "-shared"]
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # kernels.c's codes
 _AGGREGATES = {"mean": 0, "sum": 1, "max": 2}
-_TILE = 1024  # kernels.c's tile: ranges split on its multiples
 _GROUP = 8  # kernels.c's GROUP: models folded per pass
 PARALLEL_MIN = 1 << 16  # elements per thread from which a call is split over threads
+PIECE = 1 << 18  # elements per piece of a split call (a multiple of kernels.c's TILE)
 COUNT_BINS = 1 << 16  # the histograms' bins (flagged first level; low 16 bits)
 
 _lib = None
@@ -161,24 +161,33 @@ def _array(tensors: list[torch.Tensor], start: int):
     return (ctypes.c_void_p * len(tensors))(*[_at(t, start) for t in tensors])
 
 
-def _ranges(n: int) -> list[tuple[int, int]]:
-    parts = max(1, min(torch.get_num_threads(), n // PARALLEL_MIN))
-    step = -(-n // parts // _TILE) * _TILE
-    return [(a, min(a + step, n)) for a in range(0, n, step)] or [(0, 0)]
+def _workers(n: int) -> int:
+    return max(1, min(torch.get_num_threads(), n // PARALLEL_MIN))
 
 
-def _each_range(ranges: list[tuple[int, int]], call) -> None:
-    """call(i, start, stop) for each range (of _ranges), in threads."""
+def _each_piece(n: int, workers: int, call) -> None:
+    """call(worker, start, stop) over [0, n) in pieces of PIECE elements, which `workers` threads
+    (the calling one among them) take as each gets free: a thread slowed by the reading and
+    writing threads takes fewer pieces instead of holding up the others at the end."""
     global _pool, _pool_size
-    if len(ranges) == 1:
-        call(0, *ranges[0])
+    if workers == 1:
+        call(0, 0, n)
         return
+    pieces = iter(range(0, n, PIECE))  # next() on it holds the GIL: each piece is taken once
+
+    def work(worker: int) -> None:
+        for start in pieces:
+            call(worker, start, min(start + PIECE, n))
+
     with _lock:
-        if _pool_size < len(ranges):
-            _pool = ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="modalmerge-kernel")
-            _pool_size = len(ranges)
+        if _pool_size < workers - 1:
+            _pool = ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="modalmerge-kernel")
+            _pool_size = workers - 1
         pool = _pool
-    list(pool.map(lambda r: call(r[0], *r[1]), enumerate(ranges)))
+    helpers = [pool.submit(work, w) for w in range(1, workers)]
+    work(0)
+    for h in helpers:
+        h.result()
 
 
 # -- what the methods call -------------------------------------------------------------------
@@ -189,7 +198,7 @@ def trimmed_total(base: torch.Tensor, models: list[torch.Tensor], thresholds, we
     dtype, base, models = _inputs(base, models)
     thr, w = _floats(thresholds), _floats(weights)
     out = torch.empty(base.numel(), dtype=torch.float32)
-    _each_range(_ranges(base.numel()), lambda i, a, b: lib.mm_trimmed_total(
+    _each_piece(base.numel(), _workers(base.numel()), lambda i, a, b: lib.mm_trimmed_total(
         dtype, _at(base, a), _array(models, a), len(models), thr.data_ptr(), w.data_ptr(), _at(out, a), b - a))
     return out
 
@@ -206,7 +215,7 @@ def disjoint_merge(base: torch.Tensor, models: list[torch.Tensor], thresholds, w
     out = torch.empty(base.numel(), dtype=torch.float32)
     # the weights counted so far, carried between groups of models (kernels.c's GROUP)
     count = torch.empty(base.numel() if len(models) > _GROUP else 0, dtype=torch.float32)
-    _each_range(_ranges(base.numel()), lambda i, a, b: lib.mm_disjoint(
+    _each_piece(base.numel(), _workers(base.numel()), lambda i, a, b: lib.mm_disjoint(
         dtype, _AGGREGATES[aggregate], _at(base, a), _array(models, a), len(models), thr.data_ptr(), w.data_ptr(),
         _at(total, a), float(tie_sign), _at(count, a), _at(out, a), b - a))
     return out
@@ -218,7 +227,7 @@ def weighted_delta_sum(base: torch.Tensor, models: list[torch.Tensor], weights) 
     dtype, base, models = _inputs(base, models)
     w = _floats(weights)
     out = torch.empty(base.numel(), dtype=torch.float32)
-    _each_range(_ranges(base.numel()), lambda i, a, b: lib.mm_weighted_delta_sum(
+    _each_piece(base.numel(), _workers(base.numel()), lambda i, a, b: lib.mm_weighted_delta_sum(
         dtype, _at(base, a), _array(models, a), len(models), w.data_ptr(), _at(out, a), b - a))
     return out
 
@@ -228,9 +237,9 @@ def magnitude_counts(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
     bin = (top 15 bits of |τ|'s float32 pattern) << 1 | (its low 16 bits are not all zero)."""
     lib = _library()
     dtype, base, (model,) = _inputs(base, [model])
-    ranges = _ranges(base.numel())
-    counts = torch.zeros((len(ranges), COUNT_BINS), dtype=torch.int64)
-    _each_range(ranges, lambda i, a, b: lib.mm_magnitude_counts(
+    workers = _workers(base.numel())
+    counts = torch.zeros((workers, COUNT_BINS), dtype=torch.int64)
+    _each_piece(base.numel(), workers, lambda i, a, b: lib.mm_magnitude_counts(
         dtype, _at(base, a), _at(model, a), b - a, counts[i].data_ptr()))
     return counts.sum(0)
 
@@ -240,8 +249,8 @@ def boundary_low_counts(base: torch.Tensor, model: torch.Tensor, high: int) -> t
     pattern over the elements whose top 15 bits are `high`."""
     lib = _library()
     dtype, base, (model,) = _inputs(base, [model])
-    ranges = _ranges(base.numel())
-    counts = torch.zeros((len(ranges), COUNT_BINS), dtype=torch.int64)
-    _each_range(ranges, lambda i, a, b: lib.mm_boundary_low_counts(
+    workers = _workers(base.numel())
+    counts = torch.zeros((workers, COUNT_BINS), dtype=torch.int64)
+    _each_piece(base.numel(), workers, lambda i, a, b: lib.mm_boundary_low_counts(
         dtype, _at(base, a), _at(model, a), b - a, high, counts[i].data_ptr()))
     return counts.sum(0)
