@@ -3,15 +3,17 @@
 In eager torch, TIES over a block of T models is about nine passes over a [T, block] float32
 stack (convert, subtract, trim, sum, align, clamp, sum, sign, sum), each reading and writing
 memory. The C kernels read every model's raw (bfloat16, float16 or float32) values once per
-pass, tile by tile, and keep the accumulators in L1; TIES's exact per-tensor selection counts
-its radix-select histograms straight from the raw inputs, without materialising keys. Per
-element the arithmetic and its order are the eager kernels', so results agree with them to
-float rounding; every kernel is element-wise or an integer count, so results do not depend on
-the thread count or on the block boundaries. A call on a large block is split into one
-contiguous range per torch thread (ctypes releases the GIL).
+pass, up to 8 models per loop with an element's accumulators in registers; TIES's exact
+per-tensor selection counts its radix-select histograms straight from the raw inputs, without
+materialising keys. Per element the operations and their order are torch's (kernels.c is built
+without fused multiply-adds), so a kernel gives the bits of the same operations written in
+torch, and agrees with the eager kernels (torch's reductions over the stack) to float rounding;
+every kernel is element-wise or an integer count, so results do not depend on the thread count
+or on the block boundaries. A call on a large block is split into pieces that the torch threads take as each
+gets free (ctypes releases the GIL).
 
 kernels.c is compiled once per machine by the system's C compiler ($CC, else cc, gcc or clang;
-about 2 s) into $MODALMERGE_CACHE/kernels (default ~/.cache/modalmerge/kernels), keyed by the
+about 5 s) into $MODALMERGE_CACHE/kernels (default ~/.cache/modalmerge/kernels), keyed by the
 source, compiler, flags and host; later processes load it in milliseconds. (The kernels were
 first written for torch.compile, whose compiler stack costs a process ~3.5 s to load even with
 its cache warm: more than the kernels saved on most merges.) MODALMERGE_COMPILE=0 turns them
@@ -45,7 +47,7 @@ _DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # kernels.c's
 _AGGREGATES = {"mean": 0, "sum": 1, "max": 2}
 _GROUP = 8  # kernels.c's GROUP: models folded per pass
 PARALLEL_MIN = 1 << 16  # elements per thread from which a call is split over threads
-PIECE = 1 << 18  # elements per piece of a split call (a multiple of kernels.c's TILE)
+PIECE = 1 << 18  # elements per piece of a split call (whole tiles of kernels.c's histograms)
 COUNT_BINS = 1 << 16  # the histograms' bins (flagged first level; low 16 bits)
 
 _lib = None

@@ -2,14 +2,12 @@
  * float32) checkpoint values, and the histograms of TIES's exact per-tensor selection.
  *
  * ops/fused.py builds this file once per machine with the system's C compiler (cached on disk)
- * and calls it through ctypes on contiguous ranges of a block, one range per thread. Each
- * kernel is element-wise (the histograms are integer counts), so results do not depend on how
- * a block is split. The arithmetic and its order per element are the eager kernels' (a sum over
- * the models in model order), so results agree with them to float rounding.
- *
- * Work goes tile by tile: a tile of the base is converted once, then each model's tile is read
- * once and folded into float32 accumulators that stay in L1; the loops over a tile vectorise.
- * No -ffast-math: IEEE semantics as in torch.
+ * and calls it through ctypes on pieces of a block, which its threads take as each gets free.
+ * Each kernel is element-wise (the histograms are integer counts), so results do not depend on
+ * how a block is split. Per element, a kernel does torch's float32 operations in torch's order
+ * (sums over the models in model order; built without -ffast-math and without fused
+ * multiply-adds), so it gives the bits of the same operations written in torch; the eager
+ * kernels, which sum the stack with torch's reductions, agree with it to float rounding.
  */
 #include <math.h>
 #include <stdint.h>
@@ -18,8 +16,9 @@
 #define TILE 1024
 
 #if defined(__GNUC__) && !defined(__clang__)
-/* gcc's -O3 would swap the loops over models and elements (for the accumulators' locality),
- * which leaves the inner loop over the models scalar: 4-20x slower here */
+/* gcc's -O3 unroll-and-jam merged two models' passes over the elements into one loop that it
+ * then left scalar (seen with perf annotate: the bfloat16 disjoint mean ran 6x slower); loop
+ * interchange, which would put the loop over the models innermost, is off for the same reason */
 #pragma GCC optimize("no-loop-unroll-and-jam", "no-loop-interchange")
 #endif
 #define ALWAYS static inline __attribute__((always_inline))
@@ -55,9 +54,10 @@ ALWAYS void base_tile(int dtype, const void *base, int64_t s, int64_t m, float *
         b[i] = load(dtype, base, s + i);
 }
 
-/* Models are folded GROUP at a time, each group's size a compile-time constant (the BY_GROUP
- * switch), so an element's values stay in registers across the models and the loop over the
- * elements vectorises: 2x faster than folding one model at a time into L1 accumulators.
+/* Models are folded GROUP at a time, each group's size a compile-time constant (one function
+ * per size, picked from the tables below), so an element's values stay in registers across the
+ * models and the loop over the elements vectorises: 2x faster than folding one model at a time
+ * into L1 accumulators.
  * Merges of more than GROUP models carry the accumulators in `out` (and `count`) between
  * groups, in model order as before. */
 #define GROUP 8
