@@ -416,7 +416,7 @@ def keep_freed_memory_for_reuse() -> None:
     the main one allocate from arenas of their own, whose heaps (64 MB at most) go back to the
     kernel as soon as they are empty: the reading thread's buffers were fresh pages job after
     job, zeroed by the kernel (12% of TIES's CPU time in `perf`); one arena for all threads
-    keeps them (TIES global in one process: 4.2-5.6 s, from 5.8-7.9 s). Peak memory is
+    keeps them (TIES global in one process: 4.1-5.6 s, from 5.8-7.9 s). Peak memory is
     unchanged: the same blocks are reused job after job. These are process-wide malloc
     settings, made once, on the first CPU merge.
     """
