@@ -210,27 +210,50 @@ def test_kernels_equal_torch(dtype, n_models, threads, monkeypatch):
 
 @pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_radix_histograms_equal_bincount(dtype, monkeypatch):
+def test_keys_and_counts_equal_torch(dtype, monkeypatch):
     monkeypatch.setattr(ops.fused, "PIECE", 10_000)  # many pieces, counted by two threads
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        _histograms_equal_bincount(dtype)
+        _keys_and_counts_equal_torch(dtype)
     finally:
         torch.set_num_threads(before)
 
 
-def _histograms_equal_bincount(dtype):
+def _keys_and_counts_equal_torch(dtype):
     g = torch.Generator().manual_seed(7)
     n = 150_001
     base = torch.randn(n, generator=g).to(dtype)
     model = (base.float() + 0.05 * torch.randn(n, generator=g)).to(dtype)
     bits = (model.float() - base.float()).abs().view(torch.int32)
-    keys = ((bits >> 16) << 1) | ((bits & 0xFFFF) != 0).int()
-    assert torch.equal(ops.fused.magnitude_counts(base, model), torch.bincount(keys, minlength=1 << 16))
-    high = int(torch.mode(bits >> 16).values)  # the fullest first-level bin
+    want = ((bits >> 16) << 1) | ((bits & 0xFFFF) != 0).int()
+    cuts = [0, int(want.min()), int(want.median()), int(want.max()), int(want.max()) + 1, 1 << 16]
+    keys, counts = ops.fused.magnitude_keys(base, model, cuts)
+    assert keys.dtype == torch.int16 and torch.equal(keys.int() & 0xFFFF, want)  # unsigned 16-bit keys
+    assert counts == ops.fused.count_at_least(keys, cuts) == [int((want >= c).sum()) for c in cuts]
+    assert ops.fused.magnitude_keys(base, model)[1] == [] and ops.fused.count_at_least(keys, []) == []
+    high = int(torch.mode(bits >> 16).values)  # the fullest bin of the top 15 bits
     inside = bits[(bits >> 16) == high] & 0xFFFF
     assert torch.equal(ops.fused.boundary_low_counts(base, model, high), torch.bincount(inside, minlength=1 << 16))
+
+
+@pytest.mark.usefixtures("kernels")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_tensor_thresholds_from_a_misleading_guess_equal_sorting(dtype, monkeypatch):
+    # the search starts from a sampled guess of the k-th key; a wrong guess costs rounds, not exactness
+    from modalmerge.methods import ties
+
+    g = torch.Generator().manual_seed(8)
+    n = 300_000
+    base = torch.randn(n, generator=g).to(dtype)
+    models = [(base.float() + s * torch.randn(n, generator=g)).to(dtype) for s in (0.01, 0.05, 3.0, 0.02)]
+    densities = [0.2, 0.01, 0.5, 0.999]
+    deltas = [(m.float() - base.float()).abs() for m in models]
+    expect = [float(d.sort(descending=True).values[int(k * n) - 1]) for d, k in zip(deltas, densities)]
+    assert ties.fused_tensor_thresholds(base, models, densities, 0) == expect
+    for guess in [[1], [65000, 65536], [2, 3], []]:  # all above, all below, nonsense, no guess
+        monkeypatch.setattr(ops.sparsify, "sample_cuts", lambda *a: guess)
+        assert ties.fused_tensor_thresholds(base, models, densities, 0) == expect
 
 
 def test_inputs_of_mixed_dtypes_take_the_eager_kernels(monkeypatch):

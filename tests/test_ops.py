@@ -47,33 +47,55 @@ def test_radix_select_by_hand():
         ops.kth_largest_magnitudes(x, [7, 1])
 
 
-def test_radix_select_with_flagged_keys_by_hand():
+def test_kth_by_counting_by_hand():
     # flagged keys: top 15 bits << 1 | (low 16 bits != 0). 2.0 and 2.0078125 share a bin whose
     # edge is 2.0 (low bits zero); 2.0000002 has low bits, so it sorts above the two 2.0s
     x = torch.tensor([2.0, 2.0, 2.0000002, 1.0, 2.0078125])
     bits = x.view(torch.int32)
-    keys = ((bits >> 16) << 1) | ((bits & 0xFFFF) != 0).int()
-    asked = []
+    keys = ops.sparsify.flagged_keys(x)
+    asked, rounds = [], []
 
-    def counts(t):
-        return torch.bincount(keys, minlength=1 << 16)
+    def count_at_least(cuts):
+        rounds.append(cuts)
+        return [int((keys >= c).sum()) for c in cuts]
 
-    def low_counts(t, high):
+    def low_counts(high):
         asked.append(high)
         return torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=1 << 16)
 
-    def select(k):
-        return ops.sparsify.radix_select(counts, [k], low_counts, flagged=True)
+    def select(k, guess=()):
+        return ops.sparsify.kth_by_counting(count_at_least, k, low_counts, {p: int((keys >= p).sum()) for p in guess})
 
-    # k = 1, 2: inside the bin, above its edge: the second level is needed
-    assert select(1) == [2.0078125]
-    assert select(2) == [float(x[2])]
+    # k = 1, 2: inside the bin, above its edge: the low bits are needed
+    assert select(1) == 2.0078125
+    assert select(2) == float(x[2])
     assert len(asked) == 2
-    # k = 3, 4: among the values equal to the bin's edge: no second level
-    assert select(3) == [2.0]
-    assert select(4) == [2.0]
-    assert select(5) == [1.0]
+    # k = 3, 4: among the values equal to the bin's edge: no low bits
+    assert select(3) == 2.0
+    assert select(4) == 2.0
+    assert select(5) == 1.0
     assert len(asked) == 2
+    # counts known around the right key leave nothing to count; wrong ones cost rounds, not exactness
+    edge = int(keys[0])
+    rounds.clear()
+    assert select(3, (edge, edge + 1)) == 2.0 and rounds == []
+    assert select(3, (0, 1)) == select(3, (65534, 65535)) == 2.0 and rounds
+
+
+@pytest.mark.parametrize("cuts", [1, 7])
+def test_kth_by_counting_equals_sorting(cuts):
+    g = torch.Generator().manual_seed(4)
+    x = torch.cat([torch.randn(3000, generator=g), torch.randn(2000, generator=g).bfloat16().float(),
+                   torch.zeros(50)])
+    keys, bits = ops.sparsify.flagged_keys(x), x.abs().view(torch.int32)
+    ordered = x.abs().sort(descending=True).values
+    for k in [1, 2, 17, 1000, 2500, 4999, 5050]:
+        count = lambda points: [int((keys >= p).sum()) for p in points]  # noqa: E731
+        guess = ops.sparsify.sample_cuts(keys[::7], k, x.numel())
+        got = ops.sparsify.kth_by_counting(
+            count, k, lambda high: torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=1 << 16),
+            dict(zip(guess, count(guess))), cuts=cuts)
+        assert got == float(ordered[k - 1]), k
 
 
 @pytest.mark.parametrize("kind", ["normal", "few_values", "tiny_and_huge", "bf16_differences", "long_rows"])

@@ -130,15 +130,29 @@ def tensor_threshold(p: TiesParams, info, base, model, model_params, fused: bool
 
 def fused_tensor_thresholds(base: torch.Tensor, models: list[torch.Tensor], densities: list[float],
                             keep_min: int) -> list[float]:
-    """scope: tensor on a whole tensor from the raw inputs: a radix select whose histograms the
-    fused kernels count from the raw values (flagged first level; the second level only where
-    the boundary falls among a bin's values with low bits)."""
-    def select(tasks: list[int], ks: list[int]) -> list[float]:
-        return ops.sparsify.radix_select(
-            lambda i: ops.fused.magnitude_counts(base, models[tasks[i]]), ks,
-            lambda i, high: ops.fused.boundary_low_counts(base, models[tasks[i]], high), flagged=True)
+    """scope: tensor on a whole tensor from the raw inputs: each model's k-th largest |τ| found by
+    counting its flagged keys (ops.sparsify.kth_by_counting). The pass that computes the keys
+    also counts them at a few keys that a sample puts around the k-th one (ops.sparsify.sample_cuts),
+    which often settles it."""
+    n = base.numel()
+    stride = max(1, n // GUESS_SAMPLE)
 
-    return per_tensor_thresholds(base.numel(), densities, keep_min, select)
+    def one(model: torch.Tensor, k: int) -> float:
+        sample = ops.sparsify.flagged_keys(model[::stride].float() - base[::stride].float())
+        cuts = ops.sparsify.sample_cuts(sample, k, n)
+        keys, counts = ops.fused.magnitude_keys(base, model, cuts)
+        return ops.sparsify.kth_by_counting(lambda c: ops.fused.count_at_least(keys, c), k,
+                                            lambda b: ops.fused.boundary_low_counts(base, model, b),
+                                            dict(zip(cuts, counts)))
+
+    def select(tasks: list[int], ks: list[int]) -> list[float]:
+        return [one(models[t], k) for t, k in zip(tasks, ks)]
+
+    return per_tensor_thresholds(n, densities, keep_min, select)
+
+
+# the search for the k-th key starts from a sample of about this many values
+GUESS_SAMPLE = 1 << 13
 
 
 def ties_statistics(p: TiesParams) -> list:

@@ -4,8 +4,8 @@ In eager torch, TIES over a block of T models is about nine passes over a [T, bl
 stack (convert, subtract, trim, sum, align, clamp, sum, sign, sum), each reading and writing
 memory. The C kernels read every model's raw (bfloat16, float16 or float32) values once per
 pass, up to 8 models per loop with an element's accumulators in registers; TIES's exact
-per-tensor selection counts its radix-select histograms straight from the raw inputs, without
-materialising keys. Per element the operations and their order are torch's (kernels.c is built
+per-tensor selection finds its k-th value by counting compact 16-bit keys at or above a few
+cuts at a time. Per element the operations and their order are torch's (kernels.c is built
 without fused multiply-adds), so a kernel gives the bits of the same operations written in
 torch, and agrees with the eager kernels (torch's reductions over the stack) to float rounding;
 every kernel is element-wise or an integer count, so results do not depend on the thread count
@@ -47,8 +47,8 @@ _DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # kernels.c's
 _AGGREGATES = {"mean": 0, "sum": 1, "max": 2}
 _GROUP = 8  # kernels.c's GROUP: models folded per pass
 PARALLEL_MIN = 1 << 16  # elements per thread from which a call is split over threads
-PIECE = 1 << 18  # elements per piece of a split call (whole tiles of kernels.c's histograms)
-COUNT_BINS = 1 << 16  # the histograms' bins (flagged first level; low 16 bits)
+PIECE = 1 << 18  # elements per piece of a split call (whole tiles of kernels.c's counts)
+COUNT_BINS = 1 << 16  # boundary_low_counts' bins (the low 16 bits)
 
 _lib = None
 _broken = ""  # why the build failed in this process, if it did
@@ -128,7 +128,8 @@ def _declare(lib):
         "mm_trimmed_total": [i32, p, p, i32, p, p, p, i64],
         "mm_disjoint": [i32, i32, p, p, i32, p, p, p, ctypes.c_float, p, p, i64],
         "mm_weighted_delta_sum": [i32, p, p, i32, p, p, i64],
-        "mm_magnitude_counts": [i32, p, p, i64, p],
+        "mm_magnitude_keys": [i32, p, p, i64, p, p, i32, p],
+        "mm_count_at_least": [p, i64, p, i32, p],
         "mm_boundary_low_counts": [i32, p, p, i64, ctypes.c_uint32, p],
     }
     for name, args in signatures.items():
@@ -234,16 +235,34 @@ def weighted_delta_sum(base: torch.Tensor, models: list[torch.Tensor], weights) 
     return out
 
 
-def magnitude_counts(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
-    """The flagged first level of ops.radix_select for τ = θ − θ_0: int64 counts over 2^16 bins,
-    bin = (top 15 bits of |τ|'s float32 pattern) << 1 | (its low 16 bits are not all zero)."""
+def magnitude_keys(base: torch.Tensor, model: torch.Tensor, cuts: list[int] = ()) -> tuple[torch.Tensor, list[int]]:
+    """τ = θ − θ_0's flagged keys (ops.sparsify.kth_by_counting), which sort as |τ| does: the top
+    15 bits of |τ|'s float32 pattern, shifted left, and 1 where its low 16 bits are not all zero;
+    unsigned 16-bit values in an int16 tensor. And, counted in the same pass, how many keys are at
+    or above each cut (as count_at_least)."""
     lib = _library()
     dtype, base, (model,) = _inputs(base, [model])
-    workers = _workers(base.numel())
-    counts = torch.zeros((workers, COUNT_BINS), dtype=torch.int64)
-    _each_piece(base.numel(), workers, lambda i, a, b: lib.mm_magnitude_counts(
-        dtype, _at(base, a), _at(model, a), b - a, counts[i].data_ptr()))
-    return counts.sum(0)
+    n = base.numel()
+    keys = torch.empty(n, dtype=torch.int16)
+    return keys, _counted(n, cuts, lambda a, b, cut_array, m, row: lib.mm_magnitude_keys(
+        dtype, _at(base, a), _at(model, a), b - a, _at(keys, a), cut_array, m, row))
+
+
+def count_at_least(keys: torch.Tensor, cuts: list[int]) -> list[int]:
+    """For each cut (0 ≤ cut ≤ 2^16), how many of magnitude_keys' keys are at or above it."""
+    lib = _library()
+    return _counted(keys.numel(), cuts, lambda a, b, cut_array, m, row: lib.mm_count_at_least(
+        _at(keys, a), b - a, cut_array, m, row))
+
+
+def _counted(n: int, cuts, call) -> list[int]:
+    """call(start, stop, cuts, number of cuts, counts row) over the pieces of n elements, one row
+    of counts per thread; the rows' sums."""
+    workers = _workers(n)
+    cut_array = torch.tensor(list(cuts) or [0], dtype=torch.int32)  # read as uint32
+    counts = torch.zeros((workers, cut_array.numel()), dtype=torch.int64)
+    _each_piece(n, workers, lambda i, a, b: call(a, b, cut_array.data_ptr(), len(cuts), counts[i].data_ptr()))
+    return counts.sum(0).tolist()[:len(cuts)]
 
 
 def boundary_low_counts(base: torch.Tensor, model: torch.Tensor, high: int) -> torch.Tensor:

@@ -49,10 +49,6 @@ ALWAYS float trim(float d, float threshold) { return fabsf(d) >= threshold ? d :
 
 ALWAYS int64_t tile_len(int64_t s, int64_t n) { return n - s < TILE ? n - s : TILE; }
 
-ALWAYS void base_tile(int dtype, const void *base, int64_t s, int64_t m, float *restrict b) {
-    for (int64_t i = 0; i < m; i++)
-        b[i] = load(dtype, base, s + i);
-}
 
 /* Models are folded GROUP at a time, each group's size a compile-time constant (one function
  * per size, picked from the tables below), so an element's values stay in registers across the
@@ -135,21 +131,45 @@ ALWAYS void weighted_delta_sum_group(int dtype, int G, const void *base, const v
     }
 }
 
-/* counts[key] += 1 per element, key = (top 15 bits of |m - base|'s float32 pattern) << 1 |
- * (its low 16 bits are not all zero): the flagged first level of ops.sparsify.radix_select */
-ALWAYS void magnitude_counts_t(int dtype, const void *base, const void *model, int64_t n, int64_t *counts) {
-    float b[TILE];
-    uint32_t key[TILE];
+/* TIES's exact per-tensor selection works on flagged keys, which sort as the values do:
+ * key = (top 15 bits of |m - base|'s float32 pattern) << 1 | (its low 16 bits are not all zero).
+ * It finds the k-th largest key by counting keys at or above a few cuts at a time (a vectorised
+ * compare-and-add) instead of a histogram: a scattered increment per element costs ~1 ns and
+ * does not get faster on a second thread of this machine; a compare costs ~0.03 ns a cut. */
+
+/* #{i < len : keys[i] >= cut} for len <= TILE, in 16-bit lanes (32 to a 512-bit vector).
+ * Not inlined: inside the loop over the cuts, gcc vectorised across the (few) cuts instead. */
+static __attribute__((noinline)) uint32_t at_least(const uint16_t *keys, int64_t len, uint16_t cut) {
+    uint16_t count = 0;
+    for (int64_t i = 0; i < len; i++)
+        count += keys[i] >= cut;
+    return count;
+}
+
+/* counts[c] += #{i < len : keys[i] >= cuts[c]} for each of the m cuts (a cut may be 65536: none) */
+ALWAYS void count_tile(const uint16_t *keys, int64_t len, const uint32_t *cuts, int m, int64_t *counts) {
+    for (int c = 0; c < m; c++)
+        counts[c] += cuts[c] > 0xFFFF ? 0 : at_least(keys, len, (uint16_t)cuts[c]);
+}
+
+/* keys[i] = the flagged key of |m - base|; and, while a tile of keys is in L1, the counts of
+ * count_at_least for the m cuts */
+ALWAYS void magnitude_keys_t(int dtype, const void *base, const void *model, int64_t n, uint16_t *restrict keys,
+                             const uint32_t *cuts, int m, int64_t *counts) {
     for (int64_t s = 0; s < n; s += TILE) {
-        int64_t m = tile_len(s, n);
-        base_tile(dtype, base, s, m, b);
-        for (int64_t i = 0; i < m; i++) {
-            uint32_t u = bits(fabsf(load(dtype, model, s + i) - b[i]));
-            key[i] = ((u >> 16) << 1) | ((u & 0xFFFFu) != 0);
+        int64_t len = tile_len(s, n);
+        for (int64_t i = s; i < s + len; i++) {
+            uint32_t u = bits(fabsf(load(dtype, model, i) - load(dtype, base, i)));
+            keys[i] = (uint16_t)(((u >> 16) << 1) | ((u & 0xFFFFu) != 0));
         }
-        for (int64_t i = 0; i < m; i++)
-            counts[key[i]]++;
+        count_tile(keys + s, len, cuts, m, counts);
     }
+}
+
+/* counts[c] += #{i : keys[i] >= cuts[c]}, a tile at a time (each read from memory once) */
+void mm_count_at_least(const uint16_t *keys, int64_t n, const uint32_t *cuts, int m, int64_t *counts) {
+    for (int64_t s = 0; s < n; s += TILE)
+        count_tile(keys + s, tile_len(s, n), cuts, m, counts);
 }
 
 /* counts[low 16 bits] += 1 for the elements whose |m - base| has top 15 bits == high: the
@@ -262,8 +282,9 @@ void mm_weighted_delta_sum(int dtype, const void *base, const void *const *model
     default: call(F32); break;    \
     }
 
-void mm_magnitude_counts(int dtype, const void *base, const void *model, int64_t n, int64_t *counts) {
-#define CALL(D) magnitude_counts_t(D, base, model, n, counts)
+void mm_magnitude_keys(int dtype, const void *base, const void *model, int64_t n, uint16_t *keys,
+                       const uint32_t *cuts, int m, int64_t *counts) {
+#define CALL(D) magnitude_keys_t(D, base, model, n, keys, cuts, m, counts)
     BY_DTYPE(dtype, CALL)
 #undef CALL
 }

@@ -1,10 +1,12 @@
 """Magnitude trimming: exact per-tensor thresholds and a streaming histogram for global ones.
 
 Nothing here sorts a whole tensor: exact thresholds come from a radix select (a histogram of
-the top bits, then a selection among the few values of the boundary bin), global ones from a
-histogram of float32 bit patterns that a statistics pass accumulates tensor by tensor.
+the top bits, then a selection among the few values of the boundary bin) or, on the fused
+kernels' path, from counting 16-bit keys at or above a few cuts (kth_by_counting); global ones
+from a histogram of float32 bit patterns that a statistics pass accumulates tensor by tensor.
 """
 
+import math
 import sys
 from typing import Sequence
 
@@ -69,34 +71,82 @@ def kth_largest_magnitudes(x: torch.Tensor, ks: Sequence[int]) -> list[float]:
                         parallel=n >= _PARALLEL_MIN)
 
 
-def radix_select(counts, ks: Sequence[int], low_counts, flagged: bool = False, parallel: bool = False) -> list[float]:
+def radix_select(counts, ks: Sequence[int], low_counts, parallel: bool = False) -> list[float]:
     """The radix select of kth_largest_magnitudes from its histograms, one row per task:
     `counts(t)` is row t's first-level histogram (2^15 bins of the top 15 bits of |x|'s float32
-    pattern, or with `flagged` 2^16 bins of `top15 << 1 | (low 16 bits != 0)`), and
-    `low_counts(t, b)` the 2^16-bin histogram of the low 16 bits of row t's |x| in bin b.
-    `parallel`: the rows' histograms go to a small thread pool (for histograms torch counts on
-    one thread).
-
-    Flagged counts let most rows skip the second level: the bin's values with zero low bits all
-    equal the bin's edge (b << 16) and sort below the rest of the bin, so when the k-th value
-    falls among them it is that edge. Task vectors of bfloat16 checkpoints are such values
-    almost everywhere (a difference of two nearby bfloat16 values is one).
+    pattern) and `low_counts(t, b)` the 2^16-bin histogram of the low 16 bits of row t's |x| in
+    bin b. `parallel`: the rows go to a small thread pool (torch counts on one thread).
     """
     def one(t: int) -> float:
-        first = counts(t)
-        if flagged:
-            split = first.view(_RADIX_BINS, 2)  # [bin, (values with zero low bits, the others)]
-            high, rest = _boundary(split.sum(1), ks[t])
-            if rest > int(split[high, 1]):
-                return _float_of(high << 16)
-        else:
-            high, rest = _boundary(first, ks[t])
+        high, rest = _boundary(counts(t), ks[t])
         low, _ = _boundary(low_counts(t, high), rest)
         return _float_of((high << 16) | low)
 
     if len(ks) == 1 or not parallel:
         return [one(t) for t in range(len(ks))]
     return list(_row_pool().map(one, range(len(ks))))
+
+
+# flagged keys: (top 15 bits of |x|'s float32 pattern) << 1 | (its low 16 bits are not all
+# zero), 16 bits. They sort as the values do: a bin's values with zero low bits all equal the
+# bin's edge (b << 16) and lie below the rest of the bin.
+KEYS = 1 << 16
+
+
+def flagged_keys(x: torch.Tensor) -> torch.Tensor:
+    """The flagged keys of float32 values, as int32."""
+    bits = x.abs().view(torch.int32)
+    return ((bits >> 16) << 1) | ((bits & 0xFFFF) != 0).to(torch.int32)
+
+
+def kth_by_counting(count_at_least, k: int, low_counts, known: dict[int, int] | None = None,
+                    cuts: int = 7) -> float:
+    """The k-th largest |x| (k ≥ 1) from counts of flagged keys, exactly, without a histogram:
+    `count_at_least(keys)` says how many keys are ≥ each of a few given keys; a search narrows
+    [lo, hi), #(≥ lo) ≥ k > #(≥ hi), by `cuts` evenly spaced keys a round, starting from the
+    counts `known` already ({key: count}, e.g. at keys around a sampled guess). The k-th
+    value's key K decides it when its flag is 0 (the value is K's bin edge); otherwise
+    `low_counts(b)`, the 2^16-bin histogram of the low 16 bits of the values in bin b = K >> 1,
+    gives the rest. Task vectors of bfloat16 checkpoints almost always end in the first case
+    (a difference of two nearby bfloat16 values has zero low bits)."""
+    lo, hi, above_hi = 0, KEYS, 0  # #(≥ 0) = n ≥ k; #(≥ KEYS) = 0 < k
+
+    def narrow(points: list[int], counts: list[int]) -> None:
+        nonlocal lo, hi, above_hi
+        for p, c in zip(points, counts):  # ascending keys: the counts fall
+            if c >= k:
+                lo = max(lo, p)
+            else:
+                if p < hi:
+                    hi, above_hi = p, c
+                break
+
+    if known:
+        points = sorted(known)
+        narrow(points, [known[p] for p in points])
+    while hi - lo > 1:
+        points = sorted({lo + round((hi - lo) * (i + 1) / (cuts + 1)) for i in range(cuts)} - {lo, hi})
+        narrow(points, count_at_least(points))
+    if lo & 1 == 0:  # every value of this key equals its bin's edge
+        return _float_of((lo >> 1) << 16)
+    low, _ = _boundary(low_counts(lo >> 1), k - above_hi)
+    return _float_of(((lo >> 1) << 16) | low)
+
+
+def sample_cuts(sample_keys: torch.Tensor, k: int, n: int, keys: int = 4, sigmas: float = 5.0) -> list[int]:
+    """Keys worth counting first, guessed from the flagged keys of a uniform sample of n values,
+    for the k-th largest: the ends of a bracket around the sample's k/n quantile (`sigmas`
+    binomial standard deviations of the sample, and 16 of its values, each way), and `keys`
+    sample keys spread over it, each with the key above it (counts at K and K + 1 settle
+    whether the k-th key is K). Only a guess: kth_by_counting stays exact when it is wrong."""
+    size = sample_keys.numel()
+    q = k / n
+    margin = sigmas * math.sqrt(size * q * (1 - q)) + 16
+    top, bottom = max(int(q * size - margin), 0), min(int(q * size + margin), size - 1)  # ranks from the largest
+    ordered = sample_keys.sort(descending=True).values
+    ranks = {top, bottom} | {top + (bottom - top) * (i + 1) // (keys + 1) for i in range(keys)}
+    chosen = {int(ordered[r]) for r in ranks}
+    return sorted((chosen | {key + 1 for key in chosen}) - {0})
 
 
 def _float_of(bits: int) -> float:
