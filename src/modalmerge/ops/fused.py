@@ -34,6 +34,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -235,7 +236,7 @@ def weighted_delta_sum(base: torch.Tensor, models: list[torch.Tensor], weights) 
     return out
 
 
-def magnitude_keys(base: torch.Tensor, model: torch.Tensor, cuts: list[int] = ()) -> tuple[torch.Tensor, list[int]]:
+def magnitude_keys(base: torch.Tensor, model: torch.Tensor, cuts: Sequence[int] = ()) -> tuple[torch.Tensor, list[int]]:
     """τ = θ − θ_0's flagged keys (ops.sparsify.kth_by_counting), which sort as |τ| does: the top
     15 bits of |τ|'s float32 pattern, shifted left, and 1 where its low 16 bits are not all zero;
     unsigned 16-bit values in an int16 tensor. And, counted in the same pass, how many keys are at
@@ -266,8 +267,8 @@ def _counted(n: int, cuts, call) -> list[int]:
 
 
 def boundary_low_counts(base: torch.Tensor, model: torch.Tensor, high: int) -> torch.Tensor:
-    """The second level of ops.radix_select: int64 counts of the low 16 bits of |τ|'s float32
-    pattern over the elements whose top 15 bits are `high`."""
+    """int64 counts of the low 16 bits of |τ|'s float32 pattern over the elements whose top 15
+    bits are `high`: what ops.sparsify.kth_by_counting needs where the k-th key has low bits."""
     lib = _library()
     dtype, base, (model,) = _inputs(base, [model])
     workers = _workers(base.numel())
