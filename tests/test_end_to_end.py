@@ -45,7 +45,21 @@ def test_dry_run_prints_plan_and_writes_nothing(llama_family, tmp_path, capsys):
     assert main(["merge", str(recipe), "--output", str(out), "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "statistics: magnitudes (sampled) -> apply" in text and "peak memory" in text
+    assert "kernels     fused C kernels" in text
     assert not out.exists()
+
+
+def test_dry_run_says_which_kernels_run(llama_family, tmp_path, capsys, monkeypatch):
+    models = [str(llama_family["ft0"]), str(llama_family["ft1"])]
+    ties = write_recipe(tmp_path / "t.yaml", {"method": "ties", "base": str(llama_family["base"]), "models": models})
+    linear = write_recipe(tmp_path / "l.yaml", {"method": "linear", "models": models})
+    assert main(["merge", str(linear), "--dry-run"]) == 0
+    assert "kernels     eager torch\n" in capsys.readouterr().out  # linear has no fused kernels
+    assert main(["merge", str(ties), "--dry-run", "--device", "cuda"]) == 0
+    assert "eager torch on cuda (the fused kernels are for the CPU)" in capsys.readouterr().out
+    monkeypatch.setenv("MODALMERGE_COMPILE", "0")
+    assert main(["merge", str(ties), "--dry-run"]) == 0
+    assert "eager torch (the fused kernels are off: MODALMERGE_COMPILE=0)" in capsys.readouterr().out
 
 
 def test_include_exclude_copy_from_base(llama_family, tmp_path):

@@ -47,6 +47,7 @@ def cmd_merge(args) -> int:
         print(f"tensors     {s['tensors']} ({s['merged_tensors']} merged, {s['copied_tensors']} copied), "
               f"{s['merged_parameters']:,} merged parameters in {s['jobs']} jobs")
         print(f"passes      {' -> '.join(s['passes'])}")
+        print(f"kernels     {_kernels(plan, args.device)}")
         print(f"peak memory ~{_human(s['estimated_peak_bytes'])} (estimate, besides the Python runtime)")
         if s.get("data"):
             d = s["data"]
@@ -88,6 +89,21 @@ def cmd_merge(args) -> int:
     if composed is not None:
         print("\n".join(storage_lines(storage)))
     return 0
+
+
+def _kernels(plan, device: str) -> str:
+    """What --dry-run says of the kernels the merge will run."""
+    from .engine.executor import FUSED_MIN_BLOCK
+    from .ops import fused
+
+    if not plan.method.fused:
+        return "eager torch"
+    if not device.startswith("cpu"):
+        return f"eager torch on {device} (the fused kernels are for the CPU)"
+    if not fused.usable():
+        return "eager torch (the fused kernels are off: MODALMERGE_COMPILE=0)"
+    return (f"fused C kernels (ops/kernels.c, built once per machine) on blocks of >= {FUSED_MIN_BLOCK} "
+            "elements, eager torch below")
 
 
 def _statistics_lines(statistics: dict) -> list[str]:
