@@ -104,3 +104,21 @@ def test_deterministic_whatever_the_thread_count(llama_family, tmp_path):
     merge(recipe, tmp_path / "two")
     a, b = load_sd(tmp_path / "one"), load_sd(tmp_path / "two")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_device_cuda(llama_family, tmp_path, capsys):
+    # without a CUDA device: a one-line error and no output; with one: the CPU's tensors
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "method": "ties", "base": str(llama_family["base"]),
+        "models": [str(llama_family["ft0"]), str(llama_family["ft1"])], "params": {"density": 0.5},
+    })
+    out = tmp_path / "gpu"
+    code = main(["merge", str(recipe), "-o", str(out), "--device", "cuda", "--no-progress"])
+    if not torch.cuda.is_available():
+        assert code == 1 and not out.exists()
+        assert "--device cuda was asked for, but torch sees no CUDA device; use --device cpu" in capsys.readouterr().err
+        return
+    assert code == 0
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "cpu"), "--no-progress"]) == 0
+    gpu, cpu = load_sd(out), load_sd(tmp_path / "cpu")
+    assert all(torch.allclose(gpu[k], cpu[k], atol=1e-5, rtol=1e-5) for k in cpu)  # float32; sums may reorder
