@@ -65,32 +65,23 @@ def kth_largest_magnitudes(x: torch.Tensor, ks: Sequence[int]) -> list[float]:
         if not 1 <= k <= n:
             raise ValueError(f"k={k} outside 1..{n}")
     keys = _radix_keys(rows)
-    return radix_select(lambda t: torch.bincount(keys[t], minlength=_RADIX_BINS), ks,
-                        lambda t, high: torch.bincount(rows[t].view(torch.int32)[keys[t] == high] & 0xFFFF,
-                                                       minlength=1 << 16),
-                        parallel=n >= _PARALLEL_MIN)
 
-
-def radix_select(counts, ks: Sequence[int], low_counts, parallel: bool = False) -> list[float]:
-    """The radix select of kth_largest_magnitudes from its histograms, one row per task:
-    `counts(t)` is row t's first-level histogram (2^15 bins of the top 15 bits of |x|'s float32
-    pattern) and `low_counts(t, b)` the 2^16-bin histogram of the low 16 bits of row t's |x| in
-    bin b. `parallel`: the rows go to a small thread pool (torch counts on one thread).
-    """
     def one(t: int) -> float:
-        high, rest = _boundary(counts(t), ks[t])
-        low, _ = _boundary(low_counts(t, high), rest)
+        high, rest = _boundary(torch.bincount(keys[t], minlength=_RADIX_BINS), ks[t])
+        low_bits = rows[t].view(torch.int32)[keys[t] == high] & 0xFFFF
+        low, _ = _boundary(torch.bincount(low_bits, minlength=1 << 16), rest)
         return _float_of((high << 16) | low)
 
-    if len(ks) == 1 or not parallel:
+    if len(ks) == 1 or n < _PARALLEL_MIN:
         return [one(t) for t in range(len(ks))]
+    # bincount and boolean indexing run on one thread: long rows go to a small pool instead
     return list(_row_pool().map(one, range(len(ks))))
 
 
 # flagged keys: (top 15 bits of |x|'s float32 pattern) << 1 | (its low 16 bits are not all
 # zero), 16 bits. They sort as the values do: a bin's values with zero low bits all equal the
 # bin's edge (b << 16) and lie below the rest of the bin.
-KEYS = 1 << 16
+_KEYS = 1 << 16
 
 
 def flagged_keys(x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +100,7 @@ def kth_by_counting(count_at_least, k: int, low_counts, known: dict[int, int] | 
     `low_counts(b)`, the 2^16-bin histogram of the low 16 bits of the values in bin b = K >> 1,
     gives the rest. Task vectors of bfloat16 checkpoints almost always end in the first case
     (a difference of two nearby bfloat16 values has zero low bits)."""
-    lo, hi, above_hi = 0, KEYS, 0  # #(≥ 0) = n ≥ k; #(≥ KEYS) = 0 < k
+    lo, hi, above_hi = 0, _KEYS, 0  # #(≥ 0) = n ≥ k; #(≥ _KEYS) = 0 < k
 
     def narrow(points: list[int], counts: list[int]) -> None:
         nonlocal lo, hi, above_hi
