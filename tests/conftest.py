@@ -11,6 +11,21 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_configure(config):
+    """Tests write nowhere but their own temporary folders: modalmerge's caches (the kernels' build,
+    benchmark checkpoints) go to a folder of this session's, removed at its end."""
+    import tempfile
+
+    config._modalmerge_cache = tempfile.mkdtemp(prefix="modalmerge-tests-cache-")
+    os.environ["MODALMERGE_CACHE"] = config._modalmerge_cache
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    shutil.rmtree(getattr(config, "_modalmerge_cache", ""), ignore_errors=True)
+
+
 def random_state_dict(seed: int = 0, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     shapes = shapes or {

@@ -90,6 +90,56 @@ def test_mixed_inputs_go_through_the_runtime(tmp_path):
     assert torch.allclose(got, want, atol=1e-4)
 
 
+def test_storage_counts_the_same_files_on_both_sides(tmp_path):
+    # the composed folder (text weights + tau* + masks: all that serving needs) against the
+    # separate models' folders, both as the bytes of their safetensors files
+    from modalmerge.commands.demo import storage_line
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=32)
+    base_llm = transformers.BertModel(cfg).eval()
+    base = mllm.llm_state(base_llm)
+    g = torch.Generator().manual_seed(1)
+    llms = {t: {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()} for t in ("a", "b")}
+    composer = mllm.Composer(base_llm, llms, tmp_path)
+    composer.compose("mmer", {}, ["a", "b"], seed=0)
+    got = composer.storage("mmer", ["a", "b"])
+
+    def size(folder, pattern="*.safetensors"):
+        return sum(f.stat().st_size for f in folder.glob(pattern))
+
+    out = tmp_path / "composed-mmer"
+    assert got["text_weights"] == size(out) > 0
+    assert got["masks"] == size(out / "decoupled", "masks*") > 0
+    assert got["shared"] == size(out / "decoupled") - got["masks"] > 0
+    assert got["composed"] == got["text_weights"] + got["shared"] + got["masks"]
+    assert got["separate_models"] == size(tmp_path / "inputs" / "a") + size(tmp_path / "inputs" / "b")
+    assert got["models"] == 2 and composer.model_bytes["a"] == composer.model_bytes["base"]
+    # the line says what each side holds and the real ratio, whichever way it goes
+    line = storage_line(got)
+    mib = lambda b: f"{b / 2 ** 20:.0f} MiB"
+    assert f"holds {mib(got['composed'])}" in line and f"against {mib(got['separate_models'])}" in line
+    assert f"{100 * got['composed'] / got['separate_models']:.0f}%" in line
+    assert "instead of" not in line
+
+
+def test_plot_groups_leave_out_what_was_not_measured():
+    row = lambda kind, name, ret, mixed=None, text=None: {
+        "kind": kind, "row": name, "retention": ret, "mixed_mean": mixed, "text_retention": text}
+    result = {"tasks_run": ["image", "table"], "rows": [
+        row("reference", "ref", {"image": 1.0, "table": 1.0}, mixed=0.8),
+        row("base", "base", {"image": 0.7, "table": 0.9}, mixed=0.4),
+        row("decoupled", "MMER", {"image": 0.99, "table": 1.0}, mixed=0.6)]}
+    rows, groups = mllm.plot_groups(result)
+    assert [r["row"] for r in rows] == ["base", "MMER"]
+    assert [label.split("\n")[0] for label, _ in groups] == ["image", "table", "mixed inputs"]  # no SST-2 probe
+    assert groups[2][1] == pytest.approx([0.5, 0.75])
+    assert all(len(vals) == len(rows) for _, vals in groups)
+    result["rows"][2]["text_retention"] = 0.9
+    assert mllm.plot_groups(result)[1][-1] == ("SST-2 text probe\n(vs the base)", [None, 0.9])
+
+
 @pytest.mark.slow
 def test_bench_mllm_tiny_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
@@ -111,6 +161,13 @@ def test_bench_mllm_tiny_end_to_end(tmp_path, capsys):
     assert rows["TALL masks"]["params"]["lambda"].keys() == {"image", "table"}
     assert result["forgetting"]["rows"][0]["old_retention"] == 1.0
     assert (out / "mllm.png").stat().st_size > 1000 and "| MMER |" in (out / "mllm.md").read_text()
+    # storage: the same files counted on both sides (the folders the merges read and wrote)
+    one = rows["Individual: image"]["storage_mib"]
+    assert rows["Individual: table"]["storage_mib"] == one == rows["TIES"]["storage_mib"]
+    assert ref["storage_mib"] == 2 * one
+    s = mmer["storage"]
+    assert s["separate_models"] / 2 ** 20 == ref["storage_mib"] and s["composed"] / 2 ** 20 == mmer["storage_mib"]
+    assert s["composed"] == s["text_weights"] + s["shared"] + s["masks"] and s["text_weights"] / 2 ** 20 == one
     # the second run only merges and evaluates: the fine-tuned models come from the cache
     assert main(argv) == 0
     again = json.loads((out / "mllm.json").read_text())
@@ -126,9 +183,13 @@ def test_bench_mllm_tiny_end_to_end(tmp_path, capsys):
 def test_demo_tiny(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--tiny", "--no-cache", "--out", str(out), "--no-progress", "--threads", "1"]) == 0
-    text = capsys.readouterr().out
-    assert "MMER keeps" in text and str(out / "mllm.png") in text
+    captured = capsys.readouterr()
+    text = captured.out
+    assert "MMER" in text and str(out / "mllm.png") in text and "Storage of the language model" in text
     assert (out / "mllm.png").exists()
+    # one progress display: transformers' own bars and load reports are silenced
+    assert "Loading weights" not in captured.err and "Writing model shards" not in captured.err
+    assert "fine-tuning" in captured.err      # what it is doing, even without bars
 
 
 def test_bench_mllm_rejects_unknown_method(capsys):

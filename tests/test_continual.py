@@ -94,20 +94,21 @@ def test_continual_add_without_earlier_models(family, tmp_path):
            "models": [str(gone / "m0"), str(gone / "m1")]}, tmp_path / "s2")
     shutil.rmtree(gone)
     continual_merge(tmp_path / "s2", family["m2"], tmp_path / "s3")
+    # into a new folder: the previous merge is an input, never replaced (tests/test_output_safety.py)
     assert main(["merge", "--continual", str(tmp_path / "s3"), "--add", str(family["m3"]), "--output",
-                 str(tmp_path / "s3"), "--overwrite", "--no-progress", "--name", "last"]) == 0
+                 str(tmp_path / "s4"), "--no-progress", "--name", "last"]) == 0
     base = load_sd(family["base"])
     models = [load_sd(family[f"m{i}"]) for i in range(4)]
     ref, lam, _ = dense_opcm(base, models, 0.3, _projected(base))
-    sd = load_sd(tmp_path / "s3")
+    sd = load_sd(tmp_path / "s4")
     for n in base:
         assert torch.allclose(sd[n], ref[n], atol=1e-5), n
-    state = json.loads((tmp_path / "s3" / "continual" / "manifest.json").read_text())
+    state = json.loads((tmp_path / "s4" / "continual" / "manifest.json").read_text())
     assert [m["name"] for m in state["models"]] == ["m0", "m1", "m2", "last"]
     assert state["lambda"] == pytest.approx(lam, rel=1e-6)
-    assert "(name last)" in (tmp_path / "s3" / "README.md").read_text()
+    assert "(name last)" in (tmp_path / "s4" / "README.md").read_text()
     from transformers import AutoModelForCausalLM
-    AutoModelForCausalLM.from_pretrained(tmp_path / "s3")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "s4")
 
 
 def test_continual_errors(family, tmp_path):

@@ -114,7 +114,7 @@ def test_gram_matrices_skip_padding():
 
 def test_calibration_from_a_callable_and_a_token_file(tmp_path):
     spec = CalibrationSpec.model_validate({"callable": "test_data_aware:calib_batches", "n": 10, "max_examples": 6})
-    batches = load_batches(spec)
+    batches = load_batches(spec, trust_recipe_code=True)
     assert [b["input_ids"].shape[0] for b in batches] == [4, 2]  # capped at max_examples
     f = tmp_path / "d.jsonl"
     f.write_text("\n".join(json.dumps({"input_ids": list(range(1, k + 2)), "label": k % 3}) for k in range(5)))
@@ -236,7 +236,7 @@ def _recipe(bert_family, method, params=None, **extra):
 @pytest.mark.parametrize("method,kind,collect", [("fisher", "fisher", fisher_diagonal),
                                                   ("regmean", "gram", gram_matrices)])
 def test_folder_merge_gathers_statistics_from_calibration(bert_family, tmp_path, method, kind, collect):
-    merge(_recipe(bert_family, method), tmp_path / "out")
+    merge(_recipe(bert_family, method), tmp_path / "out", trust_recipe_code=True)
     got = load_sd(tmp_path / "out")
     stats = [collect(load_model(open_source(bert_family[f"ft{i}"]), ""), calib_batches(seed=1 + i))
              for i in range(2)]
@@ -253,12 +253,12 @@ def test_missing_calibration_is_a_clear_error(bert_family, tmp_path):
     r = _recipe(bert_family, "fisher")
     del r["calibration"]
     with pytest.raises(MergeError, match="ft1.*needs calibration data"):
-        merge(r, tmp_path / "out")
+        merge(r, tmp_path / "out", trust_recipe_code=True)
     assert not (tmp_path / "out").exists()
     r = _recipe(bert_family, "fisher")
     r["calibration"] = {"callable": "no_such_module:f"}
     with pytest.raises(MergeError, match="cannot import calibration callable"):
-        merge(r, tmp_path / "out")
+        merge(r, tmp_path / "out", trust_recipe_code=True)
 
 
 @pytest.mark.parametrize("method,kind", [("regmean", "gram"), ("fisher", "fisher"), ("adamerging", "adamerging")])
@@ -267,13 +267,13 @@ def test_dry_run_shows_the_data_pass_memory(bert_family, tmp_path, capsys, metho
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(_recipe(bert_family, method)))
-    assert main(["merge", str(path), "--dry-run"]) == 0
+    assert main(["merge", str(path), "--dry-run", "--trust-recipe-code"]) == 0
     out = capsys.readouterr().out
     assert f"data pass   {kind} (" in out and "data memory ~" in out
     r = _recipe(bert_family, method)
     del r["calibration"]
     path.write_text(yaml.safe_dump(r))
-    assert main(["merge", str(path), "--dry-run"]) == 1
+    assert main(["merge", str(path), "--dry-run", "--trust-recipe-code"]) == 1
     assert "needs calibration data" in capsys.readouterr().err
 
 
@@ -377,7 +377,7 @@ def test_adamerging_learns_coefficients_that_lower_entropy(bert_family, tmp_path
         m.pop("calibration", None)
     recipe["calibration"] = {"callable": "test_data_aware:calib_batches", "labels": False}
     # no steps: the coefficients stay at init, i.e. task arithmetic with λ = 0.3
-    merge(recipe, tmp_path / "init")
+    merge(recipe, tmp_path / "init", trust_recipe_code=True)
     ta = merge_state_dicts("task_arithmetic", [load_sd(bert_family[f"ft{i}"]) for i in range(2)],
                            base=load_sd(bert_family["base"]), params={"lambda": 0.3})
     got = load_sd(tmp_path / "init")
@@ -387,12 +387,12 @@ def test_adamerging_learns_coefficients_that_lower_entropy(bert_family, tmp_path
     from modalmerge.engine.adamerging_fit import learn_coefficients
 
     recipe["params"].update(steps=5, lr=0.1)
-    p = plan(recipe)
+    p = plan(recipe, trust_recipe_code=True)
     coefs = learn_coefficients(p, [calib_batches(labels=False)] * 2)
     values = torch.stack([torch.cat(list(c.values())) for c in coefs])
     assert bool(((values >= 0) & (values <= 1)).all()) and not torch.allclose(values, torch.full_like(values, 0.3))
     assert (values.unique().numel() <= 2) == (granularity == "task")
-    merge(recipe, tmp_path / "fit")
+    merge(recipe, tmp_path / "fit", trust_recipe_code=True)
     want = merge_state_dicts("adamerging", [load_sd(bert_family[f"ft{i}"]) for i in range(2)],
                              base=load_sd(bert_family["base"]), data={"adamerging": coefs})
     got = load_sd(tmp_path / "fit")

@@ -151,7 +151,7 @@ def test_fit_decay_recovers_an_exact_exponential():
 
 
 def test_fitted_a_is_the_log_linear_regression_of_the_attention(family, tmp_path):
-    report = merge(_recipe(family), tmp_path / "out")
+    report = merge(_recipe(family), tmp_path / "out", trust_recipe_code=True)
     got = report.statistics["frank"]
     shares = hand_shares(eager(family["vision"]), visual_batches(seed=3), lambda b: b["visual_mask"])
     a, c = hand_fit(shares)
@@ -197,7 +197,7 @@ def test_llava_image_tokens_end_to_end(tmp_path):
     [batch] = llava_batches()
     report = merge({"method": "frank", "base": str(tmp_path / "base"), "params": {"a": "fit"},
                     "models": [str(tmp_path / "vision"), str(tmp_path / "reasoning")],
-                    "calibration": {"callable": "test_frank:llava_batches"}}, tmp_path / "out")
+                    "calibration": {"callable": "test_frank:llava_batches"}}, tmp_path / "out", trust_recipe_code=True)
     vision = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "vision"), dtype=torch.float32,
                                                            attn_implementation="eager").eval()
     with torch.no_grad():
@@ -271,7 +271,7 @@ def test_fit_without_calibration_data_is_a_clear_error(family, tmp_path):
 ])
 def test_unusable_visual_data_is_a_clear_error(family, tmp_path, mode, message):
     with pytest.raises(MergeError, match=message):
-        merge(_recipe(family, mode=mode), tmp_path / "out")
+        merge(_recipe(family, mode=mode), tmp_path / "out", trust_recipe_code=True)
     assert not (tmp_path / "out").exists()
 
 
@@ -306,7 +306,7 @@ def test_dry_run_shows_the_data_pass_memory(family, tmp_path, capsys):
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(_recipe(family)))
-    assert main(["merge", str(path), "--dry-run"]) == 0
+    assert main(["merge", str(path), "--dry-run", "--trust-recipe-code"]) == 0
     out = capsys.readouterr().out
     assert "data pass   visual_attention (" in out and "vision model only" in out and "data memory ~" in out
     assert "statistics: frank" in out
@@ -323,7 +323,7 @@ def test_merge_prints_the_fitted_decay(family, tmp_path, capsys):
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(_recipe(family)))
-    assert main(["merge", str(path), "--output", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert main(["merge", str(path), "--output", str(tmp_path / "out"), "--no-progress", "--trust-recipe-code"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("frank: "))
     assert "a_from fit" in line and "intercept" in line
     # long lists stay in the API's report; scalars, words and short lists are printed

@@ -129,6 +129,7 @@ def test_msmoe_command_writes_a_loadable_model_and_report(tmp_path, capsys):
     tiny_mixtral().save_pretrained(tmp_path / "moe")
     out = tmp_path / "merged"
     assert main(["msmoe", str(tmp_path / "moe"), "-o", str(out), "--calibration-callable", "test_msmoe:tokens",
+                 "--trust-recipe-code",
                  "--experts", "3"]) == 0
     printed = capsys.readouterr().out
     assert "distinct expert parameters" in printed and "held-out agreement" in printed
@@ -140,7 +141,8 @@ def test_msmoe_command_writes_a_loadable_model_and_report(tmp_path, capsys):
     gates = [k for k in sd if k.endswith("gate.weight")]
     assert gates and all(torch.equal(sd[k], orig[k]) for k in gates)
     assert merged(tokens()[0]).logits.shape == (4, 8, VOCAB)
-    assert main(["msmoe", str(tmp_path / "moe"), "--calibration-callable", "test_msmoe:tokens", "--dry-run"]) == 0
+    assert main(["msmoe", str(tmp_path / "moe"), "--calibration-callable", "test_msmoe:tokens", "--trust-recipe-code",
+                 "--dry-run"]) == 0
     assert "memory" in capsys.readouterr().out
 
 
@@ -150,7 +152,7 @@ def test_msmoe_errors(tmp_path):
     LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
                                  vocab_size=VOCAB)).save_pretrained(tmp_path / "dense")
     with pytest.raises(MergeError, match="no MoE block"):
-        msmoe_folder(tmp_path / "dense", tmp_path / "o", {"callable": "test_msmoe:tokens"})
+        msmoe_folder(tmp_path / "dense", tmp_path / "o", {"callable": "test_msmoe:tokens"}, trust_recipe_code=True)
     assert not (tmp_path / "o").exists()
     model = tiny_mixtral()
     with pytest.raises(MergeError, match="more than the 4 experts"):
@@ -178,12 +180,12 @@ def test_recipe_merge_writes_what_the_msmoe_command_writes(moe_folder, tmp_path,
     from modalmerge.cli import main
 
     assert main(["msmoe", str(moe_folder), "-o", str(tmp_path / "cmd"), "--calibration-callable",
-                 "test_msmoe:tokens", "--experts", "3"]) == 0
+                 "test_msmoe:tokens", "--trust-recipe-code", "--experts", "3"]) == 0
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(_recipe(moe_folder)))
-    assert main(["merge", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "cli")]) == 0
+    assert main(["merge", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "cli"), "--trust-recipe-code"]) == 0
     printed = capsys.readouterr().out
     assert "distinct expert parameters (25.0% fewer)" in printed and "held-out agreement" in printed
-    report = modalmerge.merge(_recipe(moe_folder), tmp_path / "api")
+    report = modalmerge.merge(_recipe(moe_folder), tmp_path / "api", trust_recipe_code=True)
     want_sd, want_report = load_sd(tmp_path / "cmd"), json.loads((tmp_path / "cmd" / "msmoe.json").read_text())
     for out in ("cli", "api"):
         sd = load_sd(tmp_path / out)
@@ -212,9 +214,9 @@ def test_recipe_merge_keeps_the_model_dtype_unless_the_recipe_sets_one(tmp_path)
     import modalmerge
 
     tiny_mixtral().to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
-    modalmerge.merge(_recipe(tmp_path / "bf16"), tmp_path / "a")
+    modalmerge.merge(_recipe(tmp_path / "bf16"), tmp_path / "a", trust_recipe_code=True)
     assert {v.dtype for v in load_sd(tmp_path / "a").values()} == {torch.bfloat16}
-    modalmerge.merge(_recipe(tmp_path / "bf16", dtype="float32"), tmp_path / "b")
+    modalmerge.merge(_recipe(tmp_path / "bf16", dtype="float32"), tmp_path / "b", trust_recipe_code=True)
     assert {v.dtype for v in load_sd(tmp_path / "b").values()} == {torch.float32}
 
 
@@ -223,11 +225,11 @@ def test_recipe_dry_run_says_the_memory_need_and_writes_nothing(moe_folder, tmp_
     from modalmerge.cli import main
 
     (tmp_path / "r.yaml").write_text(json.dumps(_recipe(moe_folder)))  # JSON is YAML
-    assert main(["merge", str(tmp_path / "r.yaml"), "--dry-run", "-o", str(tmp_path / "out")]) == 0
+    assert main(["merge", str(tmp_path / "r.yaml"), "--dry-run", "-o", str(tmp_path / "out"), "--trust-recipe-code"]) == 0
     out = capsys.readouterr().out
     assert "loaded whole (not streaming)" in out and "memory" in out and "3 of 4 experts (top-2)" in out
     assert "25.0% fewer" in out and not (tmp_path / "out").exists()
-    s = modalmerge.plan(_recipe(moe_folder)).summary()
+    s = modalmerge.plan(_recipe(moe_folder), trust_recipe_code=True).summary()
     per_expert = 2 * 12 * 16 + 16 * 12  # gate_up [2I, H] + down [H, I], by hand
     assert s["whole_model"] and s["expert_parameters"] == {"before": 2 * 4 * per_expert,
                                                            "after_distinct": 2 * 3 * per_expert, "reduction": 0.25}
@@ -285,11 +287,11 @@ def test_recipe_errors(moe_folder, tmp_path, case, match):
     elif case == "per-model params":
         recipe["models"] = [{"path": str(moe_folder), "params": {"num_experts": 2}}]
     with pytest.raises(MergeError, match=match) as e:
-        modalmerge.merge(recipe, tmp_path / "out")
+        modalmerge.merge(recipe, tmp_path / "out", trust_recipe_code=True)
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
     if case not in ("two models", "base", "per-model params"):  # the plan is built: --dry-run checks too
         with pytest.raises(MergeError, match=match):
-            modalmerge.plan(recipe).summary()
+            modalmerge.plan(recipe, trust_recipe_code=True).summary()
 
 
 def test_recipe_error_is_one_line_on_the_command_line(tmp_path, capsys):
@@ -297,7 +299,7 @@ def test_recipe_error_is_one_line_on_the_command_line(tmp_path, capsys):
 
     (tmp_path / "r.yaml").write_text(json.dumps(_recipe(_dense(tmp_path / "dense"))))
     capsys.readouterr()
-    assert main(["merge", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")]) == 1
+    assert main(["merge", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out"), "--trust-recipe-code"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: model 'dense'") and "no MoE block" in err and err.count("\n") == 1
 

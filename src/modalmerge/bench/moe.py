@@ -288,10 +288,14 @@ def _load_cached(folder: Path):
 def _save_cached(folder: Path, model, meta: dict[str, Any]) -> None:
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    (tmp / "train.json").write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    try:  # an error or an interrupt (SIGTERM included) leaves no half-written entry behind
+        model.save_pretrained(str(tmp))
+        (tmp / "train.json").write_text(json.dumps(meta, indent=2))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 # -- evaluation ------------------------------------------------------------------------------------
@@ -359,7 +363,7 @@ def run_moe_bench(cfg: MoeBenchConfig, log: Callable[[str], None] = print, use_c
     splits = split_sentences(sentences, cfg)
     tok_path = cfg.tokenizer or default_tokenizer_path()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=False)  # never the folder's code
     except (OSError, ValueError) as e:
         raise MergeError(f"bench moe: no tokenizer at {tok_path} ({str(e).splitlines()[0]}); give --tokenizer a "
                          "folder with tokenizer files") from None

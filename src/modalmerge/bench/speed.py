@@ -100,7 +100,7 @@ def build_checkpoints(shape: Shape, cache: Path, log=print) -> dict[str, Path]:
     """
     import torch
 
-    from ..checkpoint.safetensors_io import SafetensorsStreamWriter, TensorMeta
+    from ..checkpoint.safetensors_io import TensorMeta
 
     names = ["base"] + [f"ft{i}" for i in range(shape.models)]
     root = Path(cache) / shape.key
@@ -115,10 +115,26 @@ def build_checkpoints(shape: Shape, cache: Path, log=print) -> dict[str, Path]:
     t0 = time.perf_counter()
     entries = [(n, TensorMeta(s, torch.bfloat16)) for n, s in shape.tensors()]
     writers = {}
+    try:
+        _write_checkpoints(shape, root, todo, entries, writers, folders)
+    except BaseException:  # an error or an interrupt (SIGTERM included): no partial folders left
+        for tmp, _ in writers.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"built in {time.perf_counter() - t0:.0f} s")
+    return folders
+
+
+def _write_checkpoints(shape, root: Path, todo: list[str], entries, writers: dict, folders: dict) -> None:
+    import torch
+
+    from ..checkpoint.safetensors_io import SafetensorsStreamWriter
+
     for n in todo:
         tmp = root / f".{n}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        writers[n] = (tmp, None)
         (tmp / "config.json").write_text(json.dumps(shape.config(), indent=2))
         writers[n] = (tmp, SafetensorsStreamWriter(tmp / "model.safetensors", entries))
     for tname, s in shape.tensors():
@@ -138,8 +154,6 @@ def build_checkpoints(shape: Shape, cache: Path, log=print) -> dict[str, Path]:
         w.close()
         shutil.rmtree(folders[n], ignore_errors=True)
         os.replace(tmp, folders[n])
-    log(f"built in {time.perf_counter() - t0:.0f} s")
-    return folders
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
@@ -224,7 +238,12 @@ def measure(argv: list[str], log_path: Path, env: dict[str, str] | None = None) 
             t0 = time.perf_counter()
             proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, str(hwm), *argv],
                                     stdout=log, stderr=subprocess.STDOUT, env=env)
-            _, status, usage = os.wait4(proc.pid, 0)
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)
+            except BaseException:  # interrupted (Ctrl-C, SIGTERM): the child merge ends (and cleans up) too
+                proc.terminate()
+                proc.wait()
+                raise
             seconds = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         text = hwm.read_text().strip()

@@ -126,8 +126,9 @@ def load_encoder(path: str):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        encoder = AutoModel.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # the user's folder: its own code (auto_map) is never run
+        encoder = AutoModel.from_pretrained(path, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise MergeError(f"cannot load the encoder at {path}: {str(e).splitlines()[0]}; give --model a "
                          "Hugging Face model folder with its tokenizer") from None
@@ -249,17 +250,22 @@ MOMENTS_FILE = "optimizer_exp_avg_sq.safetensors"
 def _save(folder: Path, model: Classifier, meta: dict, moments: dict[str, torch.Tensor] | None = None) -> None:
     from safetensors.torch import save_file
 
+    import shutil
+
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, str(tmp / "encoder.safetensors"))
-    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(tmp / "head.safetensors"))
-    if moments:
-        save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / MOMENTS_FILE))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    if folder.exists():
-        import shutil
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    try:  # an error or an interrupt (SIGTERM included) leaves no half-written entry behind
+        save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, str(tmp / "encoder.safetensors"))
+        save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(tmp / "head.safetensors"))
+        if moments:
+            save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / MOMENTS_FILE))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _load(folder: Path) -> tuple[dict, dict, dict, dict | None] | None:

@@ -204,12 +204,16 @@ def _save_checkpoints(folder: Path, states: dict[int, dict], meta: dict) -> None
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    for s, sd in states.items():
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / f"step-{s}.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    try:  # an error or an interrupt (SIGTERM included) leaves no half-written entry behind
+        for s, sd in states.items():
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / f"step-{s}.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 AVERAGES = [  # (label, metrics_weighted params); p = 0 is the plain average

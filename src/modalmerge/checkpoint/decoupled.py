@@ -27,8 +27,8 @@ import torch
 from ..errors import MergeError
 from ..ops import unpack_bits
 from .output import AtomicFolder, ShardedWriter, copy_aux_files
-from .safetensors_io import TensorMeta
-from .sources import SafetensorsSource, TensorSource, open_source
+from .safetensors_io import TensorMeta, check_regular
+from .sources import SafetensorsSource, TensorSource, open_source, read_weight_map, shard_path
 
 FORMAT = "modalmerge-decoupled/1"
 DECOUPLED_DIR = "decoupled"
@@ -43,17 +43,9 @@ SPARSE_STEM = "shared_sparse"
 
 def _stem_files(folder: Path, stem: str) -> list[Path]:
     index = folder / f"{stem}.safetensors.index.json"
-    if index.exists():
-        try:
-            shards = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise MergeError(f"{index}: corrupt index (no weight_map); re-run the merge") from None
-        files = [folder / s for s in shards]
-        for f in files:
-            if not f.exists():
-                raise MergeError(f"{index}: shard {f.name} is missing; the decoupled part is incomplete, "
-                                 "re-run the merge")
-        return files
+    if os.path.lexists(index):  # shards must be regular files inside the folder, as for a model
+        fix = "the decoupled part is incomplete or corrupt, re-run the merge"
+        return [shard_path(folder, index, s, fix) for s in dict.fromkeys(read_weight_map(index, fix).values())]
     single = folder / f"{stem}.safetensors"
     if single.exists():
         return [single]
@@ -73,6 +65,7 @@ class DecoupledFolder:
             raise MergeError(f"{self.path} is not a decoupled merge (no {DECOUPLED_DIR}/{MANIFEST}); merge with a "
                              "task-conditional method (tall, emr, mmer) to get per-task models")
         try:
+            check_regular(manifest_path, "decoupled merge manifest")
             self.manifest = json.loads(manifest_path.read_text())
             fmt = self.manifest["format"]
             self.tasks = [(str(t["name"]), float(t.get("scalar", 1.0))) for t in self.manifest["tasks"]]
@@ -304,38 +297,37 @@ def extract_task(folder: str | os.PathLike, task: str, output: str | os.PathLike
 
     d = DecoupledFolder(folder)
     d.check_task(task)
-    if Path(output).absolute() == d.path.absolute():
-        raise MergeError(f"--output {output} is the decoupled folder itself; choose another folder")
     names = d.text.names()
     own = d.llm_names(task)
     modality = d.modality_source(task)
     # the LLM under the model's own names, then its encoder/projector tensors unchanged
     entries = [(own.get(n, n), TensorMeta(d.text.meta(n).shape, d.text.meta(n).dtype)) for n in names]
     copied = [(n, modality.meta(n)) for n in modality.names()] if modality is not None else []
-    out = AtomicFolder(output, overwrite)
+    out = AtomicFolder(output, overwrite, inputs=[("decoupled merge", str(folder))])  # never over its input
     try:
-        kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
-        writer = ShardedWriter(out.tmp, entries + copied, **kwargs)
-        total = sum(m.numel for _, m in entries)
-        with tqdm(total=total, desc=f"extract {task}", unit="param", unit_scale=True, disable=not progress,
-                  leave=False, dynamic_ncols=True) as bar:
-            for name, (target, meta) in zip(names, entries):
-                for start in range(0, max(meta.numel, 1), BLOCK_ELEMS):
-                    stop = min(start + BLOCK_ELEMS, meta.numel)
-                    writer.write(target, d.read(task, name, start, stop), start)
-                    bar.update(stop - start)
-        for name, _ in copied:
-            writer.write(name, modality.read(name))
-        writer.close()
-        # a modality's own config (the multimodal model's), else the merged folder's
-        if modality is not None:
-            copy_aux_files(modality.folder, out.tmp)
-        copy_aux_files(d.path, out.tmp)
-        (out.tmp / "README.md").write_text(
-            f"---\ntags: [merge, modalmerge]\n---\n# Task `{task}` extracted with modalmerge\n\n"
-            f"From the {d.method} merge in `{d.path}`: the merged weights plus this task's mask of the shared "
-            f"vector (scalar {d.tasks[d.check_task(task)][1]:g}).\n")
-        return out.commit()
+        with out.writing():  # a full or read-only disk: one line
+            kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
+            writer = ShardedWriter(out.tmp, entries + copied, **kwargs)
+            total = sum(m.numel for _, m in entries)
+            with tqdm(total=total, desc=f"extract {task}", unit="param", unit_scale=True, disable=not progress,
+                      leave=False, dynamic_ncols=True) as bar:
+                for name, (target, meta) in zip(names, entries):
+                    for start in range(0, max(meta.numel, 1), BLOCK_ELEMS):
+                        stop = min(start + BLOCK_ELEMS, meta.numel)
+                        writer.write(target, d.read(task, name, start, stop), start)
+                        bar.update(stop - start)
+            for name, _ in copied:
+                writer.write(name, modality.read(name))
+            writer.close()
+            # a modality's own config (the multimodal model's), else the merged folder's
+            if modality is not None:
+                copy_aux_files(modality.folder, out.tmp)
+            copy_aux_files(d.path, out.tmp)
+            (out.tmp / "README.md").write_text(
+                f"---\ntags: [merge, modalmerge]\n---\n# Task `{task}` extracted with modalmerge\n\n"
+                f"From the {d.method} merge in `{d.path}`: the merged weights plus this task's mask of the shared "
+                f"vector (scalar {d.tasks[d.check_task(task)][1]:g}).\n")
+            return out.commit()
     except BaseException:
         out.abort()
         raise

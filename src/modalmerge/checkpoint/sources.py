@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 from ..errors import MergeError
-from .safetensors_io import SafetensorsFile, TensorMeta
+from .safetensors_io import SafetensorsFile, TensorMeta, check_regular, read_regular
+
+_MAX_JSON = 100_000_000  # an index or adapter config larger than this is not one
 
 
 class TensorSource:
@@ -99,6 +101,7 @@ class PickleSource(StateDictSource):
     def __init__(self, files: list[Path], label: str, path: Path):
         tensors: dict[str, torch.Tensor] = {}
         for f in files:
+            check_regular(f, "pickled checkpoint")  # torch.load would block on a FIFO
             try:
                 loaded = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # torch raises many types for a bad pickle
@@ -123,6 +126,56 @@ _UNSUPPORTED_PEFT = {
 }
 
 
+def load_json(path: Path, what: str, fix: str):
+    """A small JSON file from a model folder (config, index, adapter config), or one line saying
+    why not: a FIFO or device in its place is refused instead of blocking the read forever."""
+    raw = read_regular(path, _MAX_JSON, what)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise MergeError(f"{path}: not valid JSON; {fix}") from None
+
+
+def _adapter_config(cfg_path: Path) -> dict:
+    """adapter_config.json, with the types of every field the densifying uses checked."""
+    fix = "re-save the adapter with peft (save_pretrained)"
+    cfg = load_json(cfg_path, "PEFT adapter config", fix)
+    if not isinstance(cfg, dict):
+        raise MergeError(f"{cfg_path}: not a PEFT adapter config (not a JSON object); {fix}")
+
+    def number(v) -> bool:
+        return type(v) in (int, float) and math.isfinite(v)
+
+    def bad(field: str, want: str):
+        return MergeError(f"{cfg_path}: `{field}` is {cfg.get(field)!r:.60}, not {want}; {fix}")
+
+    for field in ("r", "lora_alpha"):
+        if field not in cfg:
+            raise MergeError(f"{cfg_path}: no `{field}` (needed for the LoRA scale lora_alpha / r); {fix}")
+    if type(cfg["r"]) is not int or cfg["r"] < 1:
+        raise bad("r", "a positive integer")
+    if not number(cfg["lora_alpha"]):
+        raise bad("lora_alpha", "a number")
+    if not isinstance(cfg.get("peft_type", "LORA"), str):
+        raise bad("peft_type", "a string")
+    for field in ("use_rslora", "fan_in_fan_out"):
+        if cfg.get(field) not in (None, True, False):
+            raise bad(field, "true or false")
+    for field, ok, want in (("alpha_pattern", number, "numbers"),
+                            ("rank_pattern", lambda v: type(v) is int and v >= 1, "positive integers")):
+        table = cfg.get(field)
+        if table is None:
+            continue
+        if not isinstance(table, dict) or not all(ok(v) for v in table.values()):
+            raise bad(field, f"a map of module patterns to {want}")
+        for pat in table:
+            try:
+                re.compile(rf"(.*\.)?({pat})$")
+            except re.error:
+                raise MergeError(f"{cfg_path}: `{field}` key {pat!r:.60} is not a valid pattern; {fix}") from None
+    return cfg
+
+
 class PeftSource(TensorSource):
     """A PEFT LoRA adapter folder seen as a full model: base tensors plus B·A·scale, per tensor.
 
@@ -133,12 +186,7 @@ class PeftSource(TensorSource):
     def __init__(self, adapter_dir: Path, base: TensorSource, label: str):
         self.label, self.path, self.base = label, adapter_dir, base
         cfg_path = adapter_dir / "adapter_config.json"
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except (OSError, ValueError) as e:
-            raise MergeError(f"{cfg_path}: cannot read adapter config ({e}); re-save the adapter") from None
-        if not isinstance(cfg, dict):
-            raise MergeError(f"{cfg_path}: not a PEFT adapter config (not a JSON object); re-save the adapter")
+        cfg = _adapter_config(cfg_path)
         if cfg.get("peft_type", "LORA") != "LORA":
             raise MergeError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported, only LORA; "
                              "merge the adapter into its base with peft (merge_and_unload) and use that folder")
@@ -278,11 +326,14 @@ def _is_adapter(path: Path) -> bool:
 
 
 def adapter_base_path(path: Path) -> str | None:
-    """The base model an adapter folder names in its config, if any."""
+    """The base model an adapter folder names in its config, if any (a bad config is reported
+    when the adapter itself is opened)."""
     try:
-        return json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError):
+        cfg = load_json(path / "adapter_config.json", "PEFT adapter config", "")
+    except MergeError:
         return None
+    named = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
+    return named if isinstance(named, str) and named else None
 
 
 def open_source(path: str | os.PathLike, *, label: str | None = None, allow_pickle: bool = False,
@@ -292,6 +343,8 @@ def open_source(path: str | os.PathLike, *, label: str | None = None, allow_pick
     label = label or p.name
     if not p.exists():
         raise MergeError(f"model {label!r}: {p} does not exist; check the path in the recipe")
+    if not p.is_dir() and not p.is_file():  # a FIFO, device or socket: reading it would block or never end
+        check_regular(p, "model folder or .safetensors file")
     if _is_adapter(p):
         if base is None:
             raise MergeError(f"model {label!r}: {p} is a LoRA adapter; give the recipe a `base` (the model it was "
@@ -305,21 +358,14 @@ def open_source(path: str | os.PathLike, *, label: str | None = None, allow_pick
         raise MergeError(f"model {label!r}: {p} is neither a safetensors file nor a model folder; "
                          "give the path of a model folder or of a .safetensors file")
     index = p / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise MergeError(f"{index}: corrupt index (no weight_map); re-save the model") from None
-        files = []
-        for shard in dict.fromkeys(weight_map.values()):
-            f = p / shard
-            if not f.exists():
-                raise MergeError(f"{index}: shard {shard} is missing; re-download the model")
-            files.append(f)
+    if os.path.lexists(index):
+        weight_map = read_weight_map(index)
+        files = [shard_path(p, index, shard) for shard in dict.fromkeys(weight_map.values())]
         source = SafetensorsSource(files, label, p)
-        missing = [n for n in weight_map if n not in source._where]
-        if missing:
-            raise MergeError(f"{index}: tensor {missing[0]!r} is listed but not in its shard; re-download the model")
+        for name, shard in weight_map.items():
+            if name not in source._where or source._where[name].path != p / shard:
+                raise MergeError(f"{index}: tensor {name!r} is listed in {shard} but is not in it; re-download "
+                                 "the model")
         return source
     single = p / "model.safetensors"
     if single.exists():
@@ -331,6 +377,45 @@ def open_source(path: str | os.PathLike, *, label: str | None = None, allow_pick
     if bins:
         return _pickled(bins, label, p, allow_pickle)
     raise MergeError(f"model {label!r}: no model.safetensors (or index) in {p}; is this a model folder?")
+
+
+def read_weight_map(index: Path, fix: str = "re-save or re-download the model") -> dict[str, str]:
+    """The `weight_map` of a `*.safetensors.index.json`: tensor name -> shard file name."""
+    data = load_json(index, "shard index", fix)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                   for k, v in weight_map.items()):
+        raise MergeError(f"{index}: corrupt index (needs a `weight_map` of tensor names to shard files); {fix}")
+    return weight_map
+
+
+def _containment_root(folder: Path) -> Path:
+    """Where a model folder's files may live: the folder, or for a Hugging Face cache snapshot
+    (models--org--name/snapshots/<rev>/, whose files are links into ../../blobs) the whole repo."""
+    real = folder.resolve()
+    if real.parent.name == "snapshots" and (real.parent.parent / "blobs").is_dir():
+        return real.parent.parent
+    return real
+
+
+def shard_path(folder: Path, index: Path, shard: str, fix: str = "re-download the model") -> Path:
+    """The file an index entry names, which must lie in the model folder (an index from someone
+    else must not make the tool read /etc/passwd or a neighbour's weights)."""
+    rel = Path(shard)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise MergeError(f"{index}: shard {shard!r:.80} is outside the model folder; shards must be files in "
+                         f"{folder}, {fix}")
+    f = folder / rel
+    if not os.path.lexists(f):
+        raise MergeError(f"{index}: shard {shard!r:.80} is missing; {fix}")
+    try:
+        real = f.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        raise MergeError(f"{index}: shard {shard!r:.80} is a symlink loop; {fix}") from None
+    if not real.is_relative_to(_containment_root(folder)):
+        raise MergeError(f"{index}: shard {shard!r:.80} is a link to {real}, outside the model folder; copy the "
+                         f"file into {folder} or {fix}")
+    return f
 
 
 def _pickled(files: list[Path], label: str, path: Path, allow_pickle: bool) -> TensorSource:

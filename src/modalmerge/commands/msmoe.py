@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ..errors import MergeError
+from .options import add_trust_flags
 
 
 def _calibration(args) -> dict:
@@ -57,7 +58,8 @@ def cmd_msmoe(args) -> int:
     recipe = parse_recipe(moe.recipe_for(args.model, _calibration(args),
                                          {"num_experts": args.experts, "held_out": args.held_out}), "msmoe")
     base, models = open_models(recipe)
-    plan = build_plan(recipe, base, models)
+    plan = build_plan(recipe, base, models, trust_recipe_code=args.trust_recipe_code,
+                      trust_remote_code=args.trust_remote_code)
     if args.dry_run:
         print("\n".join(dry_run_lines(plan.summary(), args.output)))
         return 0
@@ -91,4 +93,5 @@ def register(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the memory need only")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--json", action="store_true", help="also print the report as JSON")
+    add_trust_flags(p)  # --calibration-callable needs --trust-recipe-code
     p.set_defaults(func=cmd_msmoe)

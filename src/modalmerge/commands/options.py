@@ -34,3 +34,13 @@ def command_line(args, *words: str) -> str:
         else:
             parts += [flag, shlex.quote(str(value))]
     return " ".join(parts)
+
+
+def add_trust_flags(p) -> None:
+    """--trust-recipe-code and --trust-remote-code: without them, no code named by a recipe or a
+    model folder is imported or run (such a merge is refused before any work)."""
+    p.add_argument("--trust-recipe-code", action="store_true",
+                   help="allow the recipe's calibration callables (pkg.module:function) to be imported and run")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model folders with custom modelling code (config auto_map) to be loaded by "
+                        "transformers, which runs that code")

@@ -57,7 +57,7 @@ def learn_coefficients(plan, batches: list[list[dict]], progress: bool = False) 
     p = plan.params
     if plan.base is None:
         raise MergeError("adamerging needs a base model: add `base: path/to/base` to the recipe")
-    model = load_model(plan.base, f"model {plan.base.label!r}")
+    model = load_model(plan.base, f"model {plan.base.label!r}", trust_remote_code=plan.trust_remote_code)
     for q in model.parameters():
         q.requires_grad_(False)
     names = [t.name for t in plan.merged]

@@ -378,7 +378,7 @@ def align_folders(model_path, reference_path, output, *, overwrite: bool = False
     residual=False leaves the residual stream (and ELECTRA's embedding space) unpermuted."""
     from ..checkpoint.output import AtomicFolder, ShardedWriter, copy_aux_files
     from ..checkpoint.safetensors_io import TensorMeta
-    from ..checkpoint.sources import open_source
+    from ..checkpoint.sources import load_json, open_source
 
     src = open_source(model_path, label="model", allow_pickle=allow_pickle)
     ref = open_source(reference_path, label="reference", allow_pickle=allow_pickle)
@@ -390,24 +390,26 @@ def align_folders(model_path, reference_path, output, *, overwrite: bool = False
     cfg = None
     folder = src.folder
     if folder is not None and (folder / "config.json").exists():
-        cfg = json.loads((folder / "config.json").read_text())
-    model = {n: src.read(n) for n in names}
-    floats = {n: v.float() for n, v in model.items() if v.is_floating_point()}
-    spec = spec_for({n: tuple(v.shape) for n, v in floats.items()}, cfg, residual)
-    ref_sd = {n: ref.read(n).float() for n in floats}
-    perms = weight_matching(ref_sd, floats, spec, max_rounds, seed)
-    out = permuted(floats, spec, perms)
-    atomic = AtomicFolder(output, overwrite)
+        cfg = load_json(folder / "config.json", "model config", "fix or replace it")
+    # before any work: the output is neither input, nor inside or around one, and ours alone
+    atomic = AtomicFolder(output, overwrite, inputs=[("model", model_path), ("reference", reference_path)])
     try:
-        w = ShardedWriter(atomic.tmp, [(n, TensorMeta(tuple(v.shape), v.dtype)) for n, v in model.items()])
-        for n, v in model.items():
-            w.write(n, out[n].to(v.dtype) if n in out else v)
-        w.close()
-        copy_aux_files(folder, atomic.tmp)
-        moved = {p: int((perm != torch.arange(perm.numel())).sum()) for p, perm in perms.items()}
-        (atomic.tmp / "alignment.json").write_text(json.dumps(
-            {"reference": str(reference_path), "model": str(model_path), "seed": seed, "residual": residual,
-             "permutations": {p: perm.tolist() for p, perm in perms.items()}, "moved_units": moved}, indent=2))
+        model = {n: src.read(n) for n in names}
+        floats = {n: v.float() for n, v in model.items() if v.is_floating_point()}
+        spec = spec_for({n: tuple(v.shape) for n, v in floats.items()}, cfg, residual)
+        ref_sd = {n: ref.read(n).float() for n in floats}
+        perms = weight_matching(ref_sd, floats, spec, max_rounds, seed)
+        out = permuted(floats, spec, perms)
+        with atomic.writing():  # a full or read-only disk: one line
+            w = ShardedWriter(atomic.tmp, [(n, TensorMeta(tuple(v.shape), v.dtype)) for n, v in model.items()])
+            for n, v in model.items():
+                w.write(n, out[n].to(v.dtype) if n in out else v)
+            w.close()
+            copy_aux_files(folder, atomic.tmp)
+            moved = {p: int((perm != torch.arange(perm.numel())).sum()) for p, perm in perms.items()}
+            (atomic.tmp / "alignment.json").write_text(json.dumps(
+                {"reference": str(reference_path), "model": str(model_path), "seed": seed, "residual": residual,
+                 "permutations": {p: perm.tolist() for p, perm in perms.items()}, "moved_units": moved}, indent=2))
         atomic.commit()
     except BaseException:
         atomic.abort()

@@ -37,12 +37,20 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from ..checkpoint.sources import TensorSource, open_source
+from ..checkpoint.safetensors_io import check_regular
+from ..checkpoint.sources import TensorSource, load_json, open_source
 from ..errors import MergeError
 
 KINDS = ("fisher", "gram", "exp_avg_sq", "adamerging", "visual_attention")
+# the kinds whose gathering loads models with transformers and runs calibration data through them
+LOADING_KINDS = ("fisher", "gram", "adamerging", "visual_attention")
+
+TRUST_RECIPE_CODE_FIX = ("pass --trust-recipe-code (Python API: trust_recipe_code=True) if you trust this recipe, "
+                         "or give `calibration: {file: data.jsonl}` instead")
+TRUST_REMOTE_CODE_FIX = ("pass --trust-remote-code (Python API: trust_remote_code=True) if you trust this model "
+                         "folder's code")
 
 # batch keys that are not model inputs
 NOT_INPUTS = ("labels", "visual_mask")
@@ -51,7 +59,11 @@ NOT_INPUTS = ("labels", "visual_mask")
 class CalibrationSpec(BaseModel):
     """Where calibration data comes from; keys besides these go to the callable."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, strict=True)
+
+    # what the user allowed (calibration_of sets them from the plan's trust flags; never a recipe)
+    _trust_recipe_code: bool = PrivateAttr(False)
+    _trust_remote_code: bool = PrivateAttr(False)
 
     callable_: str | None = Field(None, alias="callable")
     file: str | None = None
@@ -73,23 +85,66 @@ class CalibrationSpec(BaseModel):
 
 
 def spec_of(raw: dict[str, Any], where: str) -> CalibrationSpec:
+    from .recipe import one_line
+
     try:
         return CalibrationSpec.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        raise MergeError(f"{where}: calibration{('.' + loc) if loc else ''}: {err['msg']}") from None
+        loc = one_line(".".join(str(x) for x in err["loc"]), 80)
+        raise MergeError(f"{where}: calibration{('.' + loc) if loc else ''}: {one_line(err['msg'])}") from None
+
+
+def calibration_readers(method, params, model_params: list[dict[str, Any]]) -> set[int]:
+    """The models whose calibration data a method runs (the indices into the recipe's models)."""
+    kinds = set(method.data(params))
+    if method.whole_model or kinds & {"fisher", "gram", "adamerging"}:
+        return set(range(len(model_params)))
+    if "visual_attention" in kinds:  # FRANK's `a: fit`: the vision model only
+        from ..methods.frank import vision_index
+
+        return {vision_index(params, model_params)}
+    return set()
+
+
+def loads_models(method, params) -> bool:
+    """Whether the method loads model folders with transformers (to run data, or whole)."""
+    return method.whole_model or any(k in LOADING_KINDS for k in method.data(params))
+
+
+def remote_code_file(folder: Path | None) -> str | None:
+    """The file of a model folder that names custom modelling code (`auto_map`: transformers would
+    import Python files from the folder), or None."""
+    if folder is None:
+        return None
+    for name in ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
+        path = Path(folder) / name
+        if not path.exists():
+            continue
+        config = load_json(path, "model config", "fix or replace it")
+        if isinstance(config, dict) and config.get("auto_map"):
+            return name
+    return None
+
+
+def check_remote_code(folder: Path | None, who: str, trusted: bool) -> None:
+    """Refuse a model folder with custom code unless its code is trusted."""
+    found = None if trusted else remote_code_file(folder)
+    if found:
+        raise MergeError(f"{who}: {Path(folder) / found} names custom modelling code (auto_map), which loading "
+                         f"the model with transformers would run; {TRUST_REMOTE_CODE_FIX}")
 
 
 # -- data ------------------------------------------------------------------------------------
 
-def load_batches(spec: CalibrationSpec, model_folder: Path | None = None, where: str = "calibration"
-                 ) -> list[dict[str, torch.Tensor]]:
-    """The calibration batches, at most `max_examples` examples in all."""
+def load_batches(spec: CalibrationSpec, model_folder: Path | None = None, where: str = "calibration", *,
+                 trust_recipe_code: bool = False, trust_remote_code: bool = False) -> list[dict[str, torch.Tensor]]:
+    """The calibration batches, at most `max_examples` examples in all. A callable is imported and
+    run only when trusted (here, or by the plan that made `spec`: calibration_of)."""
     if spec.callable_ is not None:
-        raw = _call(spec, where)
+        raw = _batches_of(_call(spec, where, trust_recipe_code or spec._trust_recipe_code), spec.callable_, where)
     else:
-        raw = _from_file(spec, model_folder, where)
+        raw = _from_file(spec, model_folder, where, trust_remote_code or spec._trust_remote_code)
     out, left = [], spec.max_examples
     for batch in raw:
         if left <= 0:
@@ -110,7 +165,16 @@ def load_batches(spec: CalibrationSpec, model_folder: Path | None = None, where:
     return out
 
 
-def _call(spec: CalibrationSpec, where: str) -> Iterable:
+def check_callable_trusted(spec: CalibrationSpec, where: str, trusted: bool) -> None:
+    if spec.callable_ is not None and not trusted:
+        raise MergeError(f"{where}: calibration callable {spec.callable_!r} is code named by the recipe, which "
+                         f"would be imported and run; {TRUST_RECIPE_CODE_FIX}")
+
+
+def _call(spec: CalibrationSpec, where: str, trusted: bool) -> Any:
+    from .recipe import one_line
+
+    check_callable_trusted(spec, where, trusted)
     target = spec.callable_
     module_name, _, fn_name = target.partition(":")
     if not module_name or not fn_name:
@@ -118,15 +182,49 @@ def _call(spec: CalibrationSpec, where: str) -> Iterable:
     try:
         fn = getattr(importlib.import_module(module_name), fn_name)
     except (ImportError, AttributeError) as e:
-        raise MergeError(f"{where}: cannot import calibration callable {target!r} ({e}); check the name and "
-                         "that its package is importable") from None
-    return fn(**spec.kwargs)
+        raise MergeError(f"{where}: cannot import calibration callable {target!r} ({one_line(e)}); check the name "
+                         "and that its package is importable") from None
+    except Exception as e:  # noqa: BLE001 - the module's own code failed while importing
+        raise MergeError(f"{where}: importing calibration callable {target!r} failed ({type(e).__name__}: "
+                         f"{one_line(e)}); fix that module") from None
+    if not callable(fn):
+        raise MergeError(f"{where}: calibration callable {target!r} is a {type(fn).__name__}, not a function; "
+                         "name a function that returns batches")
+    try:
+        return fn(**spec.kwargs)
+    except Exception as e:  # noqa: BLE001 - the user's function failed: one line naming it
+        raise MergeError(f"{where}: calibration callable {target!r} raised {type(e).__name__} ({one_line(e)}); "
+                         "fix the function or its arguments in `calibration`") from None
 
 
-def _from_file(spec: CalibrationSpec, model_folder: Path | None, where: str) -> Iterable:
+def _batches_of(raw: Any, target: str, where: str) -> Iterable:
+    """A callable's result as batches; its failures while iterating are one line naming it."""
+    from .recipe import one_line
+
+    try:
+        it = iter(raw)
+    except TypeError:
+        raise MergeError(f"{where}: calibration callable {target!r} returned a {type(raw).__name__}, not an iterable "
+                         "of batches; make it return (or yield) dicts of tensors or input_ids tensors") from None
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except MergeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - raised inside the user's generator
+            raise MergeError(f"{where}: calibration callable {target!r} raised {type(e).__name__} ({one_line(e)}) "
+                             "while giving batches; fix the function") from None
+        yield batch
+
+
+def _from_file(spec: CalibrationSpec, model_folder: Path | None, where: str, trust_remote_code: bool = False
+               ) -> Iterable:
     path = Path(spec.file)
-    if not path.is_file():
+    if not path.exists():
         raise MergeError(f"{where}: calibration file {path} does not exist; check `calibration.file`")
+    check_regular(path, "calibration file (.jsonl or .txt)")  # a FIFO or device would block the read
     examples = []
     with path.open() as f:
         for i, line in enumerate(f):
@@ -143,7 +241,7 @@ def _from_file(spec: CalibrationSpec, model_folder: Path | None, where: str) -> 
             else:
                 examples.append({spec.text_field: line})
     if spec.loader == "text":
-        tokenizer = _tokenizer(model_folder, where)
+        tokenizer = _tokenizer(model_folder, where, trust_remote_code)
         ids = [tokenizer(ex[spec.text_field], truncation=True, max_length=spec.max_length)["input_ids"]
                for ex in _need(examples, spec.text_field, path)]
     else:
@@ -171,11 +269,12 @@ def _need(examples: list[dict], key: str, path: Path) -> list[dict]:
     return examples
 
 
-def _tokenizer(folder: Path | None, where: str):
+def _tokenizer(folder: Path | None, where: str, trust_remote_code: bool = False):
+    check_remote_code(folder, where, trust_remote_code)
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(folder))
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - any failure means: no usable tokenizer there
         raise MergeError(f"{where}: no tokenizer in {folder} for the text loader ({type(e).__name__}); add "
                          "tokenizer files to the model folder or use `loader: tokens` with input_ids") from None
@@ -201,26 +300,32 @@ def model_inputs(batch: dict) -> dict:
 
 # -- models ----------------------------------------------------------------------------------
 
-def load_model(src: TensorSource, where: str, attn_implementation: str | None = None):
+def load_model(src: TensorSource, where: str, attn_implementation: str | None = None, *,
+               trust_remote_code: bool = False):
     """A transformers model of the class its config names, in float32, in eval mode
-    (`attn_implementation="eager"` where attention weights are read: sdpa returns none)."""
-    cls = model_class(src)
+    (`attn_implementation="eager"` where attention weights are read: sdpa returns none).
+    A folder with custom code (auto_map) is loaded only with `trust_remote_code`."""
+    cls = model_class(src, trust_remote_code=trust_remote_code)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = cls.from_pretrained(str(src.folder), dtype=torch.float32, **extra)
+    model = cls.from_pretrained(str(src.folder), dtype=torch.float32, trust_remote_code=trust_remote_code, **extra)
     return model.eval()
 
 
-def model_class(src: TensorSource):
+def model_class(src: TensorSource, *, trust_remote_code: bool = False):
     """The transformers class a model folder's config.json names (AutoModel when it names none)."""
     folder = src.folder
     if folder is None or not (folder / "config.json").exists():
         raise MergeError(f"model {src.label!r}: running calibration data needs a Hugging Face model folder with "
                          "config.json; give statistics in memory with merge_state_dicts(data=...) instead")
+    check_remote_code(folder, f"model {src.label!r}", trust_remote_code)
     import transformers
 
-    config = json.loads((folder / "config.json").read_text())
+    config = load_json(folder / "config.json", "model config", "fix or replace it")
+    if not isinstance(config, dict):
+        raise MergeError(f"model {src.label!r}: {folder / 'config.json'} is not a JSON object; fix or replace it")
     archs = config.get("architectures") or []
-    cls = getattr(transformers, archs[0], None) if archs else None
+    cls = getattr(transformers, archs[0], None) if isinstance(archs, list) and archs and isinstance(archs[0], str) \
+        else None
     return cls if cls is not None else transformers.AutoModel
 
 
@@ -405,7 +510,7 @@ def visual_attention_statistics(plan) -> list[dict[str, torch.Tensor]]:
     v = vision_index(plan.params, plan.model_params)
     src = plan.models[v]
     where = f"model {src.label!r}"
-    model = load_model(src, where, attn_implementation="eager")
+    model = load_model(src, where, attn_implementation="eager", trust_remote_code=plan.trust_remote_code)
     profile = visual_attention_profile(model, load_batches(calibration_of(plan, v), src.folder, where), where)
     del model
     row = profile.reshape(1, -1).float()
@@ -419,48 +524,72 @@ def optimizer_second_moments(path: str, model_label: str, names: list[str], allo
     """exp_avg_sq per parameter: a safetensors file keyed like the parameters, or (with
     --allow-pickle) a torch optimizer.pt whose states are keyed by name or by the index of the
     parameter in `names` (param_groups' `param_names` are used when the optimizer saved them)."""
-    p = Path(path)
-    if not p.exists():
-        raise MergeError(f"model {model_label!r}: optimizer state {p} does not exist; check `optimizer_state`")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from ..checkpoint.safetensors_io import SafetensorsFile, check_regular
 
-        return load_file(str(p))
+    p = Path(path)
+    where = f"model {model_label!r}: optimizer state {p}"
+    if not p.exists():
+        raise MergeError(f"{where} does not exist; check `optimizer_state`")
+    check_regular(p, "optimizer state file")  # a FIFO or device would block the read
+    if p.suffix == ".safetensors":
+        sf = SafetensorsFile(p)  # validated like a model file, one line if corrupt
+        try:
+            return {n: sf.read(n) for n in sf.names()}
+        finally:
+            sf.close()
     if not allow_pickle:
         raise MergeError(f"model {model_label!r}: {p} is a pickled optimizer state; pass --allow-pickle to load "
                          "it with weights_only, or save exp_avg_sq as safetensors keyed like the parameters")
-    state = torch.load(str(p), map_location="cpu", weights_only=True)
-    states = state.get("state", state)
-    order: list = []
-    for g in state.get("param_groups", []):
-        order.extend(g.get("param_names") or g.get("params", []))
+    fix = "save exp_avg_sq as safetensors keyed like the parameters"
+    try:
+        state = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a corrupt or unsafe pickle
+        raise MergeError(f"{where} cannot be loaded with weights_only ({type(e).__name__}); {fix}") from None
+    states = state.get("state", state) if isinstance(state, dict) else None
+    groups = state.get("param_groups", []) if isinstance(state, dict) else None
+    if not isinstance(states, dict) or not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise MergeError(f"{where} is not a torch optimizer state dict (`state` and `param_groups`); {fix}")
+    ids: dict = {}  # parameter index -> name, when the optimizer saved `param_names`
+    for g in groups:
+        params, pnames = g.get("params"), g.get("param_names")
+        if isinstance(params, list) and isinstance(pnames, list) and len(params) == len(pnames):
+            ids.update((i, n) for i, n in zip(params, pnames) if isinstance(i, int) and isinstance(n, str))
     out = {}
-    for i, key in enumerate(states):
-        s = states[key]
+    for key, s in states.items():
         if not isinstance(s, dict) or "exp_avg_sq" not in s:
             continue
-        name = key if isinstance(key, str) else None
-        if name is None and order and all(isinstance(x, str) for x in order):
-            name = order[list(states).index(key)] if len(order) == len(states) else None
-        if name is None and isinstance(key, int) and key < len(names):
+        name = key if isinstance(key, str) else ids.get(key)
+        if name is None and isinstance(key, int) and not isinstance(key, bool) and 0 <= key < len(names):
+            if len(states) != len(names):  # positions only say which parameter when every one has a state
+                raise MergeError(f"{where} has {len(states)} parameter states, the model {len(names)} tensors, and no "
+                                 f"parameter names; {fix}")
             name = names[key]
         if name is None:
-            raise MergeError(f"model {model_label!r}: cannot tell which parameter optimizer state {key!r} belongs "
-                             "to; save exp_avg_sq as safetensors keyed like the parameters")
-        out[name] = s["exp_avg_sq"].float()
+            raise MergeError(f"{where}: cannot tell which parameter its state {key!r:.60} belongs to; {fix}")
+        v = s["exp_avg_sq"]
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            raise MergeError(f"{where}: exp_avg_sq of {name!r} is not a floating-point tensor; {fix}")
+        out[name] = v.float()
     return out
 
 
 # -- gathering -------------------------------------------------------------------------------
 
 def calibration_of(plan, t: int) -> CalibrationSpec:
+    """Model t's calibration spec, checked against the plan's trust flags (which it carries on)."""
     entry = plan.recipe.models[t]
     raw = entry.calibration if entry.calibration is not None else plan.recipe.calibration
     if raw is None:
         raise MergeError(f"model {entry.label!r}: method {plan.method.name} needs calibration data; add "
                          "`calibration: {file: data.jsonl}` (or `{callable: pkg.module:function}`) to the recipe "
                          "or to this model's entry")
-    return spec_of(raw, f"model {entry.label!r}")
+    where = f"model {entry.label!r}"
+    spec = spec_of(raw, where)
+    trust_code = getattr(plan, "trust_recipe_code", False)
+    check_callable_trusted(spec, where, trust_code)
+    spec._trust_recipe_code = trust_code
+    spec._trust_remote_code = getattr(plan, "trust_remote_code", False)
+    return spec
 
 
 def _check(plan, kinds) -> None:
@@ -525,8 +654,8 @@ def gather(plan, kinds: list[str], folder: str, *, allow_pickle: bool = False, p
                                              f"{list(t_plan.meta.shape)}) or add the tensor to `exclude`")
                     per_model.append(moments)
                     continue
-                model = load_model(src, f"model {src.label!r}")
                 batches = load_batches(calibration_of(plan, t), src.folder, f"model {src.label!r}")
+                model = load_model(src, f"model {src.label!r}", trust_remote_code=plan.trust_remote_code)
                 if kind == "fisher":
                     per_model.append(fisher_diagonal(model, batches))
                 elif kind == "gram":

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .. import ops
 from ..checkpoint.output import ShardedWriter
-from ..checkpoint.safetensors_io import TensorMeta
+from ..checkpoint.safetensors_io import TensorMeta, check_regular
 from ..checkpoint.sources import SafetensorsSource, TensorSource
 from ..errors import MergeError
 from ..methods.base import TensorGroup
@@ -128,17 +128,18 @@ def run_sequential(plan: Plan, output, *, overwrite: bool = False, progress: boo
         raise MergeError(f"method {plan.method.name} needs a base model folder: add `base: path/to/base`")
     sink = FolderSink(plan, output, overwrite=overwrite)
     try:
-        work = sink.folder.tmp / ".work"
-        prev_dir, lam, norms = None, 1.0, []
-        for k, model in enumerate(plan.models):
-            prev = _open_delta(prev_dir) if prev_dir is not None else None
-            new_dir, lam, norms = _step(plan, model, prev, lam, norms, work, k, progress)
-            if prev_dir is not None:
-                del prev
-                shutil.rmtree(prev_dir)
-            prev_dir = new_dir
-        history = [{"name": m.label, "path": _abs(m.path)} for m in plan.recipe.models]
-        return _finish(plan, sink, prev_dir, _state(plan, plan.recipe, lam, norms, history), progress)
+        with sink.folder.writing():  # a full or read-only disk: one line
+            work = sink.folder.tmp / ".work"
+            prev_dir, lam, norms = None, 1.0, []
+            for k, model in enumerate(plan.models):
+                prev = _open_delta(prev_dir) if prev_dir is not None else None
+                new_dir, lam, norms = _step(plan, model, prev, lam, norms, work, k, progress)
+                if prev_dir is not None:
+                    del prev
+                    shutil.rmtree(prev_dir)
+                prev_dir = new_dir
+            history = [{"name": m.label, "path": _abs(m.path)} for m in plan.recipe.models]
+            return _finish(plan, sink, prev_dir, _state(plan, plan.recipe, lam, norms, history), progress)
     except BaseException:
         sink.abort()
         raise
@@ -151,6 +152,8 @@ def _abs(path: str) -> str:
 def read_state(previous) -> dict[str, Any]:
     path = Path(previous) / CONTINUAL_DIR / MANIFEST
     try:
+        if path.exists():
+            check_regular(path, "continual merge state")  # a FIFO there would block the read
         state = json.loads(path.read_text())
     except OSError:
         raise MergeError(f"{previous}: not a continual merge (no {CONTINUAL_DIR}/{MANIFEST}); start one with "
@@ -164,7 +167,8 @@ def read_state(previous) -> dict[str, Any]:
 
 def continual_add(previous, add: str, output, *, name: str | None = None, overwrite: bool = False,
                   allow_pickle: bool = False, progress: bool = False) -> Path:
-    """Add one model to the continual merge in folder `previous`; the result goes to `output`."""
+    """Add one model to the continual merge in folder `previous`; the result goes to `output`, a
+    new folder (`previous` is an input, so it is never replaced: remove it afterwards if you wish)."""
     previous = Path(previous)
     state = read_state(previous)
     if not Path(state["base"]).exists():
@@ -184,14 +188,17 @@ def continual_add(previous, add: str, output, *, name: str | None = None, overwr
                          "of the same architecture (and the same include/exclude)")
     history.append({"name": label, "path": _abs(add)})
     # the model card lists every model of the merge, not only the new one
-    plan.recipe = parse_recipe({**recipe.model_dump(), "models": [{"path": m["path"], "name": m["name"]}
-                                                                  for m in history]})
-    sink = FolderSink(plan, output, overwrite=overwrite)
+    entries = [{"path": m["path"], "name": m["name"]} for m in history]
+    plan.recipe = parse_recipe({**recipe.model_dump(exclude={"source_format"}), "models": entries})
+    # the previous merge is an input: the output is never it (not even with --overwrite), inside or around it
+    sink = FolderSink(plan, output, overwrite=overwrite, inputs=[("previous merge", str(previous))])
     try:
-        work = sink.folder.tmp / ".work"
-        new_dir, lam, norms = _step(plan, models[0], _open_delta(previous / CONTINUAL_DIR), float(state["lambda"]),
-                                    [float(x) for x in state["norms"]], work, len(history) - 1, progress)
-        return _finish(plan, sink, new_dir, _state(plan, recipe, lam, norms, history), progress)
+        with sink.folder.writing():
+            work = sink.folder.tmp / ".work"
+            new_dir, lam, norms = _step(plan, models[0], _open_delta(previous / CONTINUAL_DIR),
+                                        float(state["lambda"]), [float(x) for x in state["norms"]], work,
+                                        len(history) - 1, progress)
+            return _finish(plan, sink, new_dir, _state(plan, recipe, lam, norms, history), progress)
     except BaseException:
         sink.abort()
         raise

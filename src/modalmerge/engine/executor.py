@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -343,18 +344,24 @@ class Executor:
         try:
             t0 = time.perf_counter()
             if missing:
-                # data-aware: per-model statistics from calibration data, before the streaming merge
+                # data-aware: per-model statistics from calibration data, before the streaming merge,
+                # kept inside the output's partial folder where there is one (one removal covers
+                # both, a kill -9 included), else in $TMPDIR; removed on every way out
                 import tempfile
 
                 from .calibration import gather
 
-                scratch = tempfile.TemporaryDirectory(prefix="modalmerge-data-")
-                self.plan.data.update(gather(self.plan, missing, scratch.name, allow_pickle=self.allow_pickle,
+                place = getattr(sink, "scratch", None)
+                scratch = place("modalmerge-data-") if place else Path(tempfile.mkdtemp(prefix="modalmerge-data-"))
+                self.plan.data.update(gather(self.plan, missing, str(scratch), allow_pickle=self.allow_pickle,
                                              progress=self.progress))
             stats = self.statistics()
             t1 = time.perf_counter()
             self.apply(sink, stats)
             t2 = time.perf_counter()
+            if scratch is not None:  # not part of the output
+                self._drop_scratch(scratch, missing)
+                scratch = None
             manifest = decoupled_manifest(self.plan, stats) if self.plan.method.decoupled else None
             sink.close(manifest)
             report.seconds = {"statistics": t1 - t0, "apply": t2 - t1, "total": time.perf_counter() - t0}
@@ -371,9 +378,13 @@ class Executor:
             self._writer.shutdown(wait=True, cancel_futures=True)
             self._pool.shutdown(wait=True, cancel_futures=True)
             if scratch is not None:
-                for kind in missing:
-                    self.plan.data.pop(kind, None)
-                scratch.cleanup()
+                self._drop_scratch(scratch, missing)
+
+    def _drop_scratch(self, scratch: Path, kinds: list[str]) -> None:
+        for kind in kinds:
+            self.plan.data.pop(kind, None)
+        from ..checkpoint.output import remove_tree
+        remove_tree(scratch)
 
 
 def hash_name(name: str) -> int:

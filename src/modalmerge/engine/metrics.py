@@ -8,19 +8,19 @@ that step, else the last eval_loss (then loss) logged before it. The kernels onl
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint.sources import load_json
 from ..errors import MergeError
 
 
 def trainer_metrics(folder: Path) -> dict[str, float]:
     path = folder / "trainer_state.json"
-    if not path.is_file():
+    if not path.exists():
         return {}
+    state = load_json(path, "Trainer state", "fix it or give `loss`/`step` in the recipe")
     try:
-        state = json.loads(path.read_text())
         step = state.get("global_step")
         history = state.get("log_history") or []
     except (OSError, ValueError, AttributeError):

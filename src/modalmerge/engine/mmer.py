@@ -186,30 +186,34 @@ class ComposedSink(FolderSink):
 
     def close(self, manifest: dict[str, Any] | None = None) -> Path:
         try:
-            for w in (self.main, self.shared, self.masks):
-                w.close()
-            manifest = dict(manifest or {})
-            tasks = []
-            for entry, m in zip(manifest.get("tasks", []), self.composed.models):
-                entry = dict(entry)
-                if m.has_modality:
-                    dirname = f"{MODALITIES_DIR}/{_safe_dir(m.task)}"
-                    self._write_modality(m, _safe_dir(m.task))
-                    entry["modality"] = {"dir": dirname, **{k: v for k, v in m.parts.items()}}
-                renamed = {c: o for c, o in m.llm.items() if c != o}
-                if renamed:
-                    entry["llm_names"] = renamed
-                tasks.append(entry)
-            manifest["tasks"] = tasks
-            ddir = self.folder.tmp / DECOUPLED_DIR
-            densities = mask_densities(ddir, manifest)  # reads the dense τ*: before sparsifying it
-            manifest["shared_format"] = sparsify_shared(ddir, manifest)
-            self.storage = storage_report(self.folder.tmp, manifest, self.composed, densities)
-            manifest["storage"] = self.storage
-            return super().close(manifest)
+            with self.folder.writing():  # a full or read-only disk: one line
+                return self._compose(manifest)
         except BaseException:
             self.folder.abort()
             raise
+
+    def _compose(self, manifest: dict[str, Any] | None) -> Path:
+        for w in (self.main, self.shared, self.masks):
+            w.close()
+        manifest = dict(manifest or {})
+        tasks = []
+        for entry, m in zip(manifest.get("tasks", []), self.composed.models):
+            entry = dict(entry)
+            if m.has_modality:
+                dirname = f"{MODALITIES_DIR}/{_safe_dir(m.task)}"
+                self._write_modality(m, _safe_dir(m.task))
+                entry["modality"] = {"dir": dirname, **{k: v for k, v in m.parts.items()}}
+            renamed = {c: o for c, o in m.llm.items() if c != o}
+            if renamed:
+                entry["llm_names"] = renamed
+            tasks.append(entry)
+        manifest["tasks"] = tasks
+        ddir = self.folder.tmp / DECOUPLED_DIR
+        densities = mask_densities(ddir, manifest)  # reads the dense τ*: before sparsifying it
+        manifest["shared_format"] = sparsify_shared(ddir, manifest)
+        self.storage = storage_report(self.folder.tmp, manifest, self.composed, densities)
+        manifest["storage"] = self.storage
+        return super()._close(manifest)
 
 
 def _size(files) -> int:

@@ -150,7 +150,7 @@ def _who(src: TensorSource) -> str:
     return f"model {who(src)}"
 
 
-def layout(src: TensorSource) -> list[dict[str, Any]]:
+def layout(src: TensorSource, trust_remote_code: bool = False) -> list[dict[str, Any]]:
     """The MoE blocks of a model folder, from its config alone (the model is built on the meta
     device: no weights are read): name, experts, top_k, parameters per expert."""
     from transformers import AutoConfig
@@ -158,11 +158,12 @@ def layout(src: TensorSource) -> list[dict[str, Any]]:
     if src.folder is None or not (src.folder / "config.json").exists():
         raise MergeError(f"{_who(src)}: msmoe builds the model with transformers from its config.json, which is "
                          "not there; give a Hugging Face model folder")
-    cls = model_class(src)
+    cls = model_class(src, trust_remote_code=trust_remote_code)
     try:
-        config = AutoConfig.from_pretrained(str(src.folder))
+        config = AutoConfig.from_pretrained(str(src.folder), trust_remote_code=trust_remote_code)
         with torch.device("meta"):
-            model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+            model = cls.from_config(config, trust_remote_code=trust_remote_code) if cls.__name__.startswith("Auto") \
+                else cls(config)
     except Exception as e:  # noqa: BLE001 - any failure: transformers cannot build this config
         raise MergeError(f"{_who(src)}: transformers cannot build the model its config.json describes "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); msmoe needs a "
@@ -184,7 +185,7 @@ def _check(plan) -> list[dict[str, Any]]:
                          "and `exclude` from the recipe")
     src = plan.models[0]
     calibration_of(plan, 0)
-    blocks = layout(src)
+    blocks = layout(src, plan.trust_remote_code)
     k = plan.params.num_experts
     if k is not None:
         for b in blocks:
@@ -245,20 +246,21 @@ def summary(plan) -> dict[str, Any]:
 def run(plan, output: str | Path, *, overwrite: bool = False, tool_version: str = "?") -> dict[str, Any]:
     """Merge the experts of the plan's one model and write it to `output` (atomically); returns
     the report (also written as msmoe.json)."""
-    from .sinks import model_card
+    from .sinks import model_card, plan_inputs
 
     _check(plan)
     src = plan.models[0]
     where = f"model {src.label!r}"
-    batches = load_batches(calibration_of(plan, 0), src.folder, where)
-    out = AtomicFolder(output, overwrite=overwrite)
+    out = AtomicFolder(output, overwrite=overwrite, inputs=plan_inputs(plan))  # refused over an input
     try:
-        model = load_model(src, where)
+        batches = load_batches(calibration_of(plan, 0), src.folder, where)
+        model = load_model(src, where, trust_remote_code=plan.trust_remote_code)
         report = merge_moe_model(model, batches, plan.params)
-        model.to(_output_dtype(plan)).save_pretrained(out.tmp)
-        copy_aux_files(plan.aux_folder, out.tmp)  # tokenizer etc.; save_pretrained wrote the config
-        (out.tmp / REPORT).write_text(json.dumps(report, indent=2))
-        (out.tmp / "README.md").write_text(model_card(plan, tool_version))
+        with out.writing():  # a full or read-only disk: one line
+            model.to(_output_dtype(plan)).save_pretrained(out.tmp)
+            copy_aux_files(plan.aux_folder, out.tmp)  # tokenizer etc.; save_pretrained wrote the config
+            (out.tmp / REPORT).write_text(json.dumps(report, indent=2))
+            (out.tmp / "README.md").write_text(model_card(plan, tool_version))
         out.commit()
         return report
     except BaseException:
@@ -274,7 +276,8 @@ def recipe_for(model_path: str | Path, calibration: dict[str, Any], params: dict
 
 
 def msmoe_folder(model_path: str | Path, output: str | Path, calibration: dict[str, Any],
-                 params: dict[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
+                 params: dict[str, Any] | None = None, overwrite: bool = False, *, trust_recipe_code: bool = False,
+                 trust_remote_code: bool = False) -> dict[str, Any]:
     """`modalmerge msmoe`: merge a model folder's experts into `output` (written atomically)."""
     from .. import __version__
     from .plan import build_plan, open_models
@@ -282,5 +285,6 @@ def msmoe_folder(model_path: str | Path, output: str | Path, calibration: dict[s
 
     recipe = parse_recipe(recipe_for(model_path, calibration, params))
     base, models = open_models(recipe)
-    return run(build_plan(recipe, base, models), output, overwrite=overwrite, tool_version=__version__)
+    plan = build_plan(recipe, base, models, trust_recipe_code=trust_recipe_code, trust_remote_code=trust_remote_code)
+    return run(plan, output, overwrite=overwrite, tool_version=__version__)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..checkpoint.safetensors_io import TensorMeta
-from ..checkpoint.sources import TensorSource, adapter_base_path, open_source
+from ..checkpoint.sources import TensorSource, adapter_base_path, load_json, open_source
 from ..errors import MergeError
 from ..methods.base import Method, Params, TensorInfo
 from ..methods.registry import get_method
@@ -78,6 +78,10 @@ class Plan:
     # per-model statistics of data-aware methods, by kind: one source per model (filled by
     # engine/calibration.py before the merge, or given in memory)
     data: dict[str, list[TensorSource]] = field(default_factory=dict)
+    # what the user allowed: importing code a recipe names (calibration callables), running a
+    # model folder's own modelling code (auto_map); engine/calibration.py reads them
+    trust_recipe_code: bool = False
+    trust_remote_code: bool = False
 
     @property
     def merged(self) -> list[TensorPlan]:
@@ -133,12 +137,10 @@ def _torch_dtype(name: str | None) -> torch.dtype | None:
 
 
 def _read_model_type(folder: Path | None) -> str | None:
-    if folder is None:
+    if folder is None or not (folder / "config.json").exists():
         return None
-    try:
-        return json.loads((folder / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
+    config = load_json(folder / "config.json", "model config", "fix or replace it")
+    return config.get("model_type") if isinstance(config, dict) else None
 
 
 def open_models(recipe: Recipe, allow_pickle: bool = False,
@@ -165,7 +167,11 @@ def open_models(recipe: Recipe, allow_pickle: bool = False,
 
 
 def build_plan(recipe: Recipe, base: TensorSource | None, models: list[TensorSource],
-               chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Plan:
+               chunk_elems: int = DEFAULT_CHUNK_ELEMS, *, trust_recipe_code: bool = False,
+               trust_remote_code: bool = False) -> Plan:
+    """Check the recipe against the method and the models, and list the tensor jobs. Code named by
+    the recipe (calibration callables) or by a model folder (auto_map) that the merge would run
+    is refused here, before any work, unless the matching trust flag is given."""
     method = get_method(recipe.method)
     if method.metrics:  # plan-time hook: per-model loss/step from trainer_state.json
         from .metrics import fill_metrics
@@ -191,6 +197,8 @@ def build_plan(recipe: Recipe, base: TensorSource | None, models: list[TensorSou
     dupes = {x for x in names if names.count(x) > 1}
     if dupes:
         raise MergeError(f"two models are named {sorted(dupes)[0]!r}; give each a distinct `name` in the recipe")
+    if method.decoupled:
+        check_task_names(method.name, names)
     for entry, first in zip(recipe.models, first_model_params):
         unknown = set(entry.params) - set(method.params.per_model)
         if unknown:
@@ -198,6 +206,9 @@ def build_plan(recipe: Recipe, base: TensorSource | None, models: list[TensorSou
             raise MergeError(f"model {entry.label!r}: parameter {sorted(unknown)[0]!r} cannot be set per model "
                              f"for {method.name} (per-model parameters: {allowed})")
         method.parse_params({**first_params, **first}, where=f"models[{entry.label}].params")
+    check_fields(recipe, method, params, first_model_params)
+    check_trust(recipe, method, params, first_model_params, [s for s in (base, *models) if s is not None],
+                trust_recipe_code=trust_recipe_code, trust_remote_code=trust_remote_code)
     weights = [m.weight for m in recipe.models]
     if getattr(params, "normalize", False) and abs(sum(weights)) < 1e-12:
         raise MergeError("the model weights sum to 0, so they cannot be normalised; change a `weight`")
@@ -211,7 +222,8 @@ def build_plan(recipe: Recipe, base: TensorSource | None, models: list[TensorSou
     for name in reference.names():
         meta = reference.meta(name)
         wanted = _matches(name, include) and not _matches(name, recipe.exclude)
-        merge = wanted and meta.dtype in _FLOAT
+        # an empty tensor has no values to merge: it is copied (every model holds the same nothing)
+        merge = wanted and meta.dtype in _FLOAT and meta.numel > 0
         if wanted:
             check_tensor(name, reference, models)
         info = describer.describe(name, meta.shape)
@@ -226,7 +238,78 @@ def build_plan(recipe: Recipe, base: TensorSource | None, models: list[TensorSou
     return Plan(recipe, method, params, base, models, names, weights,
                 first_model_params, tensors, reference, folder, chunk_elems,
                 raw_params=dict(recipe.params), raw_model_params=[dict(m.params) for m in recipe.models],
-                num_layers=max(layers) + 1 if layers else 0)
+                num_layers=max(layers) + 1 if layers else 0,
+                trust_recipe_code=trust_recipe_code, trust_remote_code=trust_remote_code)
+
+
+# names that become folder names and mask keys (MMER's modalities/<name>/, TALL/EMR/MMER masks)
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
+
+
+def check_task_names(method: str, names: list[str]) -> None:
+    """A decoupled method's model names: safe as folder names, and distinct once case is folded
+    (some filesystems do not tell `Math` from `math`)."""
+    seen: dict[str, str] = {}
+    for name in names:
+        if not _SAFE_NAME.fullmatch(name) or ".." in name:
+            shown = " ".join(str(name).split())[:60]
+            raise MergeError(f"model name {shown!r} cannot name the folders and masks of a {method} merge: use at "
+                             "most 100 letters, digits, '.', '_' and '-', not starting with '.' or '-' and without "
+                             "'..'; set `name:` in its recipe entry")
+        key = name.casefold()
+        if key in seen:
+            raise MergeError(f"model names {seen[key]!r} and {name!r} differ only in case, which some filesystems do "
+                             f"not tell apart; give one another `name` in the recipe")
+        seen[key] = name
+
+
+def check_fields(recipe: Recipe, method: Method, params: Params, model_params: list[dict[str, Any]]) -> None:
+    """Refuse every recipe field the method does not apply: a field is never ignored silently."""
+    from ..methods.registry import UNWEIGHTED, USES_PARTS
+    from .calibration import calibration_readers
+
+    kinds = method.data(params)
+    readers = calibration_readers(method, params, model_params)
+    for i, entry in enumerate(recipe.models):
+        who_ = f"model {entry.label!r}"
+        if entry.calibration is not None and i not in readers:
+            why = "only the vision model's data is run" if readers else "it runs no calibration data"
+            raise MergeError(f"{who_}: field `calibration` is not used by method {method.name} with these parameters "
+                             f"({why}); remove it")
+        if entry.optimizer_state is not None and "exp_avg_sq" not in kinds:
+            raise MergeError(f"{who_}: field `optimizer_state` is not used by method {method.name} (only ota reads "
+                             "optimiser state); remove it")
+        if method.name in UNWEIGHTED and entry.weight != 1.0:
+            raise MergeError(f"{who_}: field `weight` is not used by method {method.name}; remove it, or choose a "
+                             "method that weights the models")
+    if recipe.calibration is not None:
+        if not readers:
+            raise MergeError(f"field `calibration` is not used by method {method.name} with these parameters (it runs "
+                             "no calibration data); remove it")
+        if all(recipe.models[i].calibration is not None for i in readers):
+            raise MergeError("the recipe's top-level `calibration` is not used: every model that runs data has its "
+                             "own; remove one of them")
+    if recipe.parts and method.name not in USES_PARTS:
+        raise MergeError(f"field `parts` is not used by method {method.name} (only {', '.join(sorted(USES_PARTS))} "
+                         "read it); remove it")
+
+
+def check_trust(recipe: Recipe, method: Method, params: Params, model_params: list[dict[str, Any]],
+                sources: list[TensorSource], *, trust_recipe_code: bool, trust_remote_code: bool) -> None:
+    """Refuse, before any work, code the merge would import or run without the user's consent."""
+    from .calibration import calibration_readers, check_callable_trusted, check_remote_code, loads_models, spec_of
+
+    for i in sorted(calibration_readers(method, params, model_params)):
+        entry = recipe.models[i]
+        raw = entry.calibration if entry.calibration is not None else recipe.calibration
+        if raw is not None:
+            where = f"model {entry.label!r}"
+            check_callable_trusted(spec_of(raw, where), where, trust_recipe_code)
+    if loads_models(method, params):
+        for src in sources:
+            for s in (src, getattr(src, "base", None)):
+                if s is not None:
+                    check_remote_code(s.folder, f"model {who(s)}", trust_remote_code)
 
 
 def who(src: TensorSource) -> str:

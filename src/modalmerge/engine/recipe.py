@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,17 @@ from ..errors import MergeError
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
+# Bounds on a recipe file: recipes are small, and one written by someone else must not be able
+# to exhaust memory or time (an alias bomb, a device file, nesting past the recursion limit).
+MAX_RECIPE_BYTES = 1 << 20          # the file
+MAX_DEPTH = 64                      # nested mappings/sequences
+MAX_ALIAS_NODES = 10_000            # nodes that aliases add beyond the file's own
+MAX_EXPANDED_CHARS = 4 << 20        # characters of all scalars once aliases are expanded
+
 
 class ModelEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: `weight: true` or `weight: "2"` is an error, not 1.0 or 2.0
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     path: str
     name: str | None = None
@@ -34,7 +43,7 @@ class ModelEntry(BaseModel):
 class Recipe(BaseModel):
     """A merge: which method, which models, what parameters, what to merge."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     method: str
     base: str | None = None
@@ -85,7 +94,7 @@ class Recipe(BaseModel):
 def _validation_message(e: ValidationError, where: str) -> str:
     err = e.errors()[0]
     loc = err["loc"]
-    field_name = ".".join(str(x) for x in loc)
+    field_name = ".".join(str(x) for x in loc)[:80]  # a key of the recipe's own: kept short
     if err["type"] == "missing":
         hint = " (a list of model folders, or of {path, name, weight, params})" if loc == ("models",) else ""
         return f"{where}: required field {field_name!r} is missing; add it{hint}"
@@ -93,7 +102,13 @@ def _validation_message(e: ValidationError, where: str) -> str:
         owner = ModelEntry if loc[0] == "models" and len(loc) == 3 else Recipe
         fields = ", ".join(n for n in owner.model_fields if n != "source_format")
         return f"{where}: unknown field {field_name!r}; remove or rename it (fields: {fields})"
-    return f"{where}: field {field_name!r}: {err['msg']}; fix its value"
+    return f"{where}: field {field_name!r}: {one_line(err['msg'])}; fix its value"
+
+
+def one_line(text: Any, limit: int = 200) -> str:
+    """A value quoted in an error message: one line, not too long."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[:limit] + "..."
 
 
 def parse_recipe(data: dict[str, Any] | Recipe, where: str = "recipe") -> Recipe:
@@ -104,24 +119,156 @@ def parse_recipe(data: dict[str, Any] | Recipe, where: str = "recipe") -> Recipe
         raise MergeError(f"{where}: not a recipe; write it as a YAML mapping with `method` and `models` keys")
     if "merge_method" in data or "slices" in data:
         data = from_mergekit(data, where)
+    elif "source_format" in data:  # set by the mergekit translation, not by a recipe
+        raise MergeError(f"{where}: unknown field 'source_format'; remove it")
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
         raise MergeError(_validation_message(e, where)) from None
+    except RecursionError:
+        raise MergeError(f"{where}: the recipe is nested too deeply; write it flat") from None
 
 
-def load_recipe(path: str | os.PathLike) -> Recipe:
-    p = Path(path)
+def read_recipe_text(p: Path) -> str:
+    """A recipe file's text: a regular file of at most MAX_RECIPE_BYTES, UTF-8. A device, FIFO
+    or folder is refused before it is opened for reading (reading /dev/zero or a FIFO never ends)."""
     try:
-        data = yaml.safe_load(p.read_text())
+        st = os.stat(p)
+        if stat.S_ISDIR(st.st_mode):
+            raise MergeError(f"recipe {p} is a folder; give the recipe's YAML file")
+        if not stat.S_ISREG(st.st_mode):
+            raise MergeError(f"recipe {p} is not a regular file (a device, FIFO or socket); give a YAML file")
+        if st.st_size > MAX_RECIPE_BYTES:
+            raise MergeError(f"recipe {p} is {st.st_size:,} bytes, more than the {MAX_RECIPE_BYTES:,} a recipe may "
+                             "have; check that it is the right file")
+        # O_NONBLOCK: should the path become a FIFO after the check, opening it does not wait
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise MergeError(f"recipe {p} is not a regular file; give a YAML file")
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                raw = f.read(MAX_RECIPE_BYTES + 1)
+        finally:
+            os.close(fd)
     except OSError as e:
-        raise MergeError(f"recipe {p}: cannot read it ({e.strerror}); check the path") from None
+        raise MergeError(f"recipe {p}: cannot read it ({e.strerror or e}); check the path") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise MergeError(f"recipe {p} is more than the {MAX_RECIPE_BYTES:,} bytes a recipe may have; check that it "
+                         "is the right file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MergeError(f"recipe {p}: byte {e.start} is not UTF-8 text; a recipe is a YAML text file") from None
+
+
+class _Bound(Exception):
+    """A recipe past one of the parsing bounds."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml's SafeLoader with nesting bounded while composing (the composer recurses)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _Bound(f"nested more than {MAX_DEPTH} levels deep at line {mark.line + 1}; write it flatter")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a node graph whose aliases expand it past the bounds, or refer to themselves.
+
+    Aliases share nodes, so composing is cheap whatever they expand to; the expanded size is
+    counted here once per distinct node (depth-first, iteratively) before anything is built."""
+    nodes: dict[int, int] = {}     # id -> expanded node count
+    chars: dict[int, int] = {}     # id -> expanded scalar characters
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+
+    def children(node):
+        if isinstance(node, yaml.SequenceNode):
+            return node.value
+        if isinstance(node, yaml.MappingNode):
+            return [x for pair in node.value for x in pair]
+        return []
+
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            kids = children(node)
+            nodes[key] = 1 + sum(nodes[id(c)] for c in kids)
+            chars[key] = (len(node.value) if isinstance(node, yaml.ScalarNode) else 0) + sum(chars[id(c)] for c in kids)
+            on_path.discard(key)
+            if nodes[key] - len(nodes) > MAX_ALIAS_NODES or chars[key] > MAX_EXPANDED_CHARS:
+                raise _Bound(f"its aliases (*name) expand it to more than {MAX_ALIAS_NODES:,} extra values or "
+                             f"{MAX_EXPANDED_CHARS:,} characters; write the values out")
+            continue
+        if key in nodes:
+            continue
+        if key in on_path:
+            raise _Bound(f"an alias at line {node.start_mark.line + 1} refers to a value that contains it; "
+                         "remove the recursive alias")
+        if isinstance(node, yaml.MappingNode):
+            _no_duplicate_keys(node)
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children(node) if id(c) not in nodes)
+
+
+def _no_duplicate_keys(node: yaml.MappingNode) -> None:
+    """yaml keeps the last of two equal keys; a recipe field given twice is an error instead."""
+    seen = set()
+    for key_node, _ in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+            k = (key_node.tag, key_node.value)
+            if k in seen:
+                raise _Bound(f"key {one_line(key_node.value, 60)!r} appears twice in one mapping (line "
+                             f"{key_node.start_mark.line + 1}); keep one")
+            seen.add(k)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text -> Python data, with the bounds above; every failure is a MergeError."""
+    loader = None
+    try:
+        loader = _BoundedLoader(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return loader.construct_document(node)
+    except _Bound as e:
+        raise MergeError(f"{where}: {e}") from None
+    except yaml.reader.ReaderError as e:
+        raise MergeError(f"{where}: character #x{e.character:04x} at position {e.position} is not allowed in YAML; "
+                         "a recipe is a YAML text file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None)
-        raise MergeError(f"recipe {p}: invalid YAML{at}" + (f" ({problem})" if problem else "") +
+        raise MergeError(f"{where}: invalid YAML{at}" + (f" ({one_line(problem)})" if problem else "") +
                          "; fix the syntax there") from None
+    except Exception as e:  # noqa: BLE001 - SafeLoader runs no user code: any other failure is a bad value
+        # a value yaml recognises but cannot build: a date like 2024-13-45, an int of too many digits, `!!int ''`
+        raise MergeError(f"{where}: invalid YAML value ({type(e).__name__}: {one_line(e)}); quote it or fix it") \
+            from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    p = Path(path)
+    data = parse_yaml(read_recipe_text(p), f"recipe {p}")
     return parse_recipe(data, f"recipe {p}").resolve_paths(p.parent)
 
 
@@ -142,8 +289,15 @@ _MERGEKIT_DEFAULTS = {
 }
 # mergekit parameters that are set per input model (ParameterScope.INPUT / NON_BASE)
 _MERGEKIT_PER_MODEL = ("weight", "density", "gamma", "epsilon")
-_MERGEKIT_FIELDS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
-                    "tokenizer", "chat_template", "name"}
+_MERGEKIT_FIELDS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
+# mergekit fields this tool does not apply (yet): refused, never ignored
+_MERGEKIT_NOT_IMPLEMENTED = {
+    "tokenizer_source": "not implemented yet; remove it (the output keeps the base model's tokenizer)",
+    "tokenizer": "not implemented yet; remove it (the output keeps the base model's tokenizer)",
+    "chat_template": "not implemented yet; remove it (the output keeps the base model's chat template)",
+    "name": "(a stage name of mergekit-multi) is not supported; remove it and merge one recipe at a time",
+}
+_MERGEKIT_ENTRY_FIELDS = ("model", "parameters")
 # methods whose sign election mergekit breaks towards + (native: the tensor total's sign)
 _MERGEKIT_ELECTING = ("ties", "dare_ties", "della")
 
@@ -151,7 +305,8 @@ _MERGEKIT_ELECTING = ("ties", "dare_ties", "della")
 def _mergekit_value(value: Any, where: str, key: str) -> Any:
     """A mergekit parameter value: a number, or a gradient (a list of numbers, interpolated over
     the layers: a native per-layer schedule). Name filters are not supported."""
-    if isinstance(value, list) and value and all(isinstance(x, (int, float)) for x in value):
+    if isinstance(value, list) and value and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                 for x in value):
         return {"layers": value}
     if isinstance(value, (list, dict)):
         raise MergeError(f"{where}: parameter {key!r}: mergekit filters (`filter:` lists) are not supported; "
@@ -170,22 +325,41 @@ def from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any]:
 
     if "slices" in data or "modules" in data:
         raise MergeError(f"{where}: mergekit `slices`/`modules` (layer stacking) are not supported; use `models`")
-    unknown = set(data) - _MERGEKIT_FIELDS
+    for key in _MERGEKIT_NOT_IMPLEMENTED:
+        if key in data:
+            raise MergeError(f"{where}: mergekit field {key!r} is {_MERGEKIT_NOT_IMPLEMENTED[key]}")
+    unknown = sorted(one_line(k, 60) for k in set(data) - _MERGEKIT_FIELDS)
     if unknown:
-        raise MergeError(f"{where}: unknown mergekit field(s) {', '.join(sorted(unknown))}; remove them")
+        raise MergeError(f"{where}: unknown mergekit field(s) {', '.join(unknown)}; remove them")
     name = data["merge_method"]
+    if not isinstance(name, str):
+        raise MergeError(f"{where}: `merge_method` must be a method name such as ties; fix its value")
     method = mergekit_method(name)
-    top = {k: _mergekit_value(v, where, k) for k, v in (data.get("parameters") or {}).items()}
+    top = {k: _mergekit_value(v, where, k) for k, v in _mergekit_params(data.get("parameters"), where,
+                                                                        "parameters").items()}
     model_defaults = {k: v for k, v in top.items() if k in _MERGEKIT_PER_MODEL}
     params: dict[str, Any] = dict(_MERGEKIT_DEFAULTS.get(name, {}))
     params.update({k: v for k, v in top.items() if k not in _MERGEKIT_PER_MODEL})
     base = data.get("base_model")
+    if base is not None and not isinstance(base, str):
+        raise MergeError(f"{where}: `base_model` must be a model path (a string); mergekit's LoRA references are "
+                         "not supported")
+    if not isinstance(data.get("models") or [], list):
+        raise MergeError(f"{where}: `models` must be a list of `- model: path` entries; fix it")
     base_is_input = base is not None and (name == "linear" or method.base == "forbidden")
     entries = []
     for i, entry in enumerate(data.get("models") or []):
         entry = {"model": entry} if isinstance(entry, str) else entry
         if not isinstance(entry, dict) or "model" not in entry:
             raise MergeError(f"{where}: models[{i}] has no `model`; add `model: path/to/model` to it")
+        if not isinstance(entry["model"], str):
+            raise MergeError(f"{where}: models[{i}].model must be a model path (a string); mergekit's LoRA "
+                             "references are not supported")
+        extra = [one_line(k, 60) for k in entry if k not in _MERGEKIT_ENTRY_FIELDS]
+        if extra:
+            raise MergeError(f"{where}: models[{i}] has unknown field {extra[0]!r}; a mergekit model entry has "
+                             "`model` and `parameters` only")
+        entry = {**entry, "parameters": _mergekit_params(entry.get("parameters"), where, f"models[{i}].parameters")}
         entries.append(entry)
     if base_is_input and base not in [e["model"] for e in entries]:
         entries.append({"model": base})  # linear averages the base too
@@ -205,10 +379,24 @@ def from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any]:
               "source_format": "mergekit", "params": method_params_from_mergekit(name, params, where)}
     if base is not None:
         native["copy_files_from"] = base  # mergekit takes config files from the base model
+    if data.get("out_dtype") is not None and data.get("dtype") not in (None, "float32"):
+        # with out_dtype given, mergekit's `dtype` is the arithmetic's: here it is always float32
+        raise MergeError(f"{where}: mergekit `dtype` {one_line(data['dtype'], 40)!r} (the dtype of the arithmetic, "
+                         "as `out_dtype` is given) is not applied: modalmerge computes in float32; remove `dtype` "
+                         "or set it to float32")
     dtype = data.get("out_dtype") or data.get("dtype")
     if dtype:
         native["dtype"] = dtype
     return native
+
+
+def _mergekit_params(value: Any, where: str, key: str) -> dict[str, Any]:
+    """A mergekit `parameters` mapping: {name: value}, names being strings."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise MergeError(f"{where}: `{key}` must be a mapping of parameter names to values; fix it")
+    return value
 
 
 def method_params_from_mergekit(name: str, params: dict[str, Any], where: str = "recipe") -> dict[str, Any]:
@@ -219,6 +407,9 @@ def method_params_from_mergekit(name: str, params: dict[str, Any], where: str = 
     models (native `aggregate: mean` with weights) or not at all (`sum`).
     """
     params = dict(params)
+    for flag in ("int8_mask", "normalize", "rescale"):
+        if flag in params and not isinstance(params[flag], bool):
+            raise MergeError(f"{where}: parameter {flag!r} must be true or false; fix its value")
     params.pop("int8_mask", None)  # a memory option of mergekit's, no effect on the result
     out: dict[str, Any] = {}
     normalize = params.pop("normalize", None)

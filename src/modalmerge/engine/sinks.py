@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import yaml
 
-from ..checkpoint.output import AtomicFolder, ShardedWriter, copy_aux_files
+from ..checkpoint.output import AtomicFolder, ShardedWriter, copy_aux_files, output_error
 from ..checkpoint.safetensors_io import TensorMeta
+from ..checkpoint.sources import adapter_base_path
 from .plan import Plan
 
 DECOUPLED_DIR = "decoupled"
@@ -59,18 +60,54 @@ class DictSink:
         pass
 
 
+def plan_inputs(plan: Plan) -> list[tuple[str, str]]:
+    """Every file or folder a merge of `plan` reads, as (label, path): the output may be none of
+    them, lie inside none and contain none (checkpoint/output.refuse_output_over_inputs)."""
+    r = plan.recipe
+    found: list[tuple[str, str]] = []
+
+    def add(label: str, path) -> None:
+        if path is not None and str(path) and not str(path).startswith("<memory:"):
+            found.append((label, str(path)))
+
+    def calibration(label: str, spec) -> None:
+        if isinstance(spec, dict) and isinstance(spec.get("file"), (str, Path)):
+            add(label, spec["file"])
+
+    add("base", r.base)
+    add("copy_files_from folder", r.copy_files_from)
+    calibration("calibration file", r.calibration)
+    for m in r.models:
+        add(f"model {m.label!r}", m.path)
+        add(f"optimizer_state of model {m.label!r}", m.optimizer_state)
+        calibration(f"calibration file of model {m.label!r}", m.calibration)
+        if (Path(m.path) / "adapter_config.json").is_file():
+            add(f"base of the adapter {m.label!r}", adapter_base_path(Path(m.path)))
+    # what was opened: an adapter's base found elsewhere, the models under an MMER part view
+    for src in [plan.base, *plan.models]:
+        for _ in range(4):
+            if src is None:
+                break
+            if isinstance(getattr(src, "path", None), (str, Path)):
+                add(f"input {getattr(src, 'label', '?')!r}", src.path)
+            src = getattr(src, "base", None) or getattr(src, "source", None)
+    return found
+
+
 class FolderSink:
     """A Hugging Face model folder: sharded safetensors, config/tokenizer files, a model card,
     and a `decoupled/` part for task-conditional methods. Nothing appears at the output path
-    until close() succeeds."""
+    until close() succeeds, and the output is never one of the plan's inputs (or `inputs`),
+    inside one or around one."""
 
     def __init__(self, plan: Plan, output: str | Path, overwrite: bool = False,
-                 max_shard_bytes: int | None = None, tool_version: str = "?"):
+                 max_shard_bytes: int | None = None, tool_version: str = "?",
+                 inputs: Iterable[tuple[str, str]] = ()):
         self.plan = plan
-        self.folder = AtomicFolder(output, overwrite)
-        self.tool_version = tool_version
-        kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
+        self.folder = AtomicFolder(output, overwrite, inputs=[*inputs, *plan_inputs(plan)])
         try:
+            self.tool_version = tool_version
+            kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
             entries = [(t.name, TensorMeta(t.meta.shape, t.out_dtype)) for t in plan.tensors]
             self.main = ShardedWriter(self.folder.tmp, entries, **kwargs)
             self.shared = self.masks = None
@@ -83,34 +120,48 @@ class FolderSink:
                 self.masks = ShardedWriter(
                     ddir, [(mask_name(task, t.name), TensorMeta(((t.meta.numel + 7) // 8,), torch.uint8))
                            for task in plan.model_names for t in merged], stem="masks", **kwargs)
+        except OSError as e:
+            self.folder.abort()
+            raise output_error(e, self.folder.final) from None
         except BaseException:
             self.folder.abort()
             raise
 
+    def scratch(self, prefix: str) -> Path:
+        """A folder for the merge's temporary data, inside the partial output folder."""
+        return self.folder.scratch(prefix)
+
     def write(self, name, tensor, start=0):
-        self.main.write(name, tensor, start)
+        with self.folder.writing():
+            self.main.write(name, tensor, start)
 
     def write_shared(self, name, tensor, start=0):
-        self.shared.write(name, tensor, start)
+        with self.folder.writing():
+            self.shared.write(name, tensor, start)
 
     def write_mask(self, task, name, packed, byte_start=0):
-        self.masks.write(mask_name(task, name), packed, byte_start)
+        with self.folder.writing():
+            self.masks.write(mask_name(task, name), packed, byte_start)
 
     def close(self, manifest: dict[str, Any] | None = None) -> Path:
         try:
-            for w in (self.main, self.shared, self.masks):
-                if w is not None:
-                    w.close()
-            tmp = self.folder.tmp
-            copy_aux_files(self.plan.aux_folder, tmp)
-            _fix_config_dtype(tmp / "config.json", self.plan.recipe.dtype)
-            if manifest is not None:
-                (tmp / DECOUPLED_DIR / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            (tmp / "README.md").write_text(model_card(self.plan, self.tool_version))
-            return self.folder.commit()
+            with self.folder.writing():
+                return self._close(manifest)
         except BaseException:
             self.folder.abort()
             raise
+
+    def _close(self, manifest: dict[str, Any] | None) -> Path:
+        for w in (self.main, self.shared, self.masks):
+            if w is not None:
+                w.close()
+        tmp = self.folder.tmp
+        copy_aux_files(self.plan.aux_folder, tmp)
+        _fix_config_dtype(tmp / "config.json", self.plan.recipe.dtype)
+        if manifest is not None:
+            (tmp / DECOUPLED_DIR / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        (tmp / "README.md").write_text(model_card(self.plan, self.tool_version))
+        return self.folder.commit()
 
     def abort(self) -> None:
         self.folder.abort()

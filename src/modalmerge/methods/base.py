@@ -22,9 +22,11 @@ _RANDOM_BLOCK_ELEMS = 1 << 20
 
 
 class Params(BaseModel):
-    """Base of every method's parameters: typed, with defaults; unknown keys are errors."""
+    """Base of every method's parameters: typed, with defaults; unknown keys are errors.
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    Strict: `density: true` or `density: "0.5"` is an error, not 1.0 or 0.5 (an int is still a float)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, strict=True)
 
     # Parameters a recipe may also set per input model (mergekit's "per-model scope").
     per_model: ClassVar[frozenset[str]] = frozenset()
@@ -267,16 +269,20 @@ class Method:
         from pydantic import ValidationError
         from ..errors import MergeError
 
+        if raw is not None and not isinstance(raw, dict):
+            raise MergeError(f"method {self.name}: {where} must be a mapping of parameter names to values; fix it")
         try:
             return self.params.model_validate(raw or {})
         except ValidationError as e:
             err = e.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"]) or "?"
+            # names and messages may quote recipe text: kept to one short line
+            loc = " ".join(".".join(str(x) for x in err["loc"]).split())[:80] or "?"
+            msg = " ".join(str(err["msg"]).split())[:200]
             known = ", ".join(sorted(f.alias or k for k, f in self.params.model_fields.items()))
             if err["type"] == "extra_forbidden":
                 raise MergeError(f"method {self.name}: unknown parameter {where}.{loc}; its parameters are: "
                                  f"{known or 'none'}") from None
-            raise MergeError(f"method {self.name}: {where}.{loc}: {err['msg']} (parameters: {known or 'none'})") from None
+            raise MergeError(f"method {self.name}: {where}.{loc}: {msg} (parameters: {known or 'none'})") from None
 
     def parameter_table(self) -> list[tuple[str, str, Any, str]]:
         """(name, type, default, description) for `modalmerge methods`."""

@@ -311,13 +311,18 @@ def _find_param(tensor: str, names: dict[str, Any], prefix: str) -> str | None:
 
 
 def load_composed(folder: str | Path, model_cls: Any = None, *, device: str | torch.device = "cpu",
-                  dtype: torch.dtype | None = None, **from_pretrained_kwargs) -> ComposedModel:
+                  dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                  **from_pretrained_kwargs) -> ComposedModel:
     """Load a composed (MMER) folder: the LLM with `model_cls.from_pretrained` (default
-    transformers.AutoModel) from the text weights, τ* and the masks for routing."""
+    transformers.AutoModel) from the text weights, τ* and the masks for routing. A folder whose
+    config names custom modelling code (auto_map) is refused unless `trust_remote_code`."""
+    from ..engine.calibration import check_remote_code
+
     if model_cls is None:
         from transformers import AutoModel as model_cls  # noqa: N813
     d = DecoupledFolder(folder)
-    kwargs = dict(from_pretrained_kwargs)
+    check_remote_code(d.path, f"composed model {d.path}", trust_remote_code)
+    kwargs = dict(from_pretrained_kwargs, trust_remote_code=trust_remote_code)
     if dtype is not None:
         kwargs["dtype"] = dtype
     llm = model_cls.from_pretrained(str(d.path), **kwargs).to(device).eval()
