@@ -18,6 +18,8 @@ def pytest_configure(config):
 
     config._modalmerge_cache = tempfile.mkdtemp(prefix="modalmerge-tests-cache-")
     os.environ["MODALMERGE_CACHE"] = config._modalmerge_cache
+    # hypothesis keeps its own files (.hypothesis/ in the working folder by default) there too
+    os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = os.path.join(config._modalmerge_cache, "hypothesis")
 
 
 def pytest_unconfigure(config):
