@@ -94,9 +94,9 @@ def test_random_grouping_and_measured_distinct_experts():
 def test_bad_keep_and_missing_data_are_one_line_errors(tmp_path, capsys):
     from modalmerge.cli import main
 
-    assert main(["bench", "moe", "--quick", "--keep", "9", "--data-dir", str(tmp_path), "--out", str(tmp_path)]) == 1
+    assert main(["bench", "moe", "--quick", "--keep", "9", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out")]) == 1
     assert "--keep 9 is not between 1 and the 8 experts" in capsys.readouterr().err
-    assert main(["bench", "moe", "--quick", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path)]) == 1
+    assert main(["bench", "moe", "--quick", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "does not exist" in err and err.count("\n") == 1
 

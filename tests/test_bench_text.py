@@ -145,7 +145,7 @@ def test_unknown_task_and_missing_data_are_one_line_errors(tmp_path, capsys):
     assert main(["bench", "text", "--tasks", "sst2,foo", "--out", str(tmp_path)]) == 1
     assert "unknown task 'foo'" in capsys.readouterr().err
     assert main(["bench", "text", "--tasks", "sst2", "--data-dir", str(tmp_path / "none"),
-                 "--out", str(tmp_path), "--model", str(tmp_path)]) == 1
+                 "--out", str(tmp_path / "out"), "--model", str(tmp_path / "model")]) == 1
     assert "does not exist" in capsys.readouterr().err
 
 

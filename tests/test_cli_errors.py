@@ -110,3 +110,26 @@ def test_a_fifo_among_a_model_folders_files_is_refused_not_waited_on(tmp_path, c
     out = tmp_path / "out"
     with no_hang(20):
         fails(capsys, ["merge", str(r), "--output", str(out)], out, fifo_name, "not a regular file")
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "text", "--quick", "--data-dir", "{data}", "--out", "{data}/results"],
+    ["bench", "moe", "--quick", "--data-dir", "{data}", "--out", "{data}"],
+    ["bench", "mllm", "--tiny", "--data-dir", "{data}", "--out", "{data}/x/y"],
+    ["bench", "text", "--quick", "--data-dir", "{data}", "--cache", "{tmp}"],
+])
+def test_a_benchmark_never_writes_into_its_data(tmp_path, capsys, argv):
+    data = tmp_path / "data"
+    (data / "sentconv").mkdir(parents=True)
+    argv = [a.format(data=data, tmp=tmp_path) for a in argv]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "data folder" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in data.iterdir()) == ["sentconv"]
+
+
+def test_a_benchmark_output_that_cannot_be_written_fails_before_the_run(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert cli.main(["bench", "speed", "--quick", "--out", str(tmp_path / "file" / "speed.json")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out ") and "not a writable folder" in err, err

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .options import check_bench_outputs
+
 
 def default_cache() -> Path:
     from ..bench import cache_dir
@@ -29,6 +31,7 @@ def cmd_speed(args) -> int:
     for m in methods:
         get_method(parse_method(m)[0])   # unknown names fail before anything is built
     repeats = args.repeats or (1 if args.quick else 3)
+    check_bench_outputs({"--out": args.out, "--markdown": args.markdown, "--cache": args.cache}, {})
     try:
         result = run_speed(shape, Path(args.cache or default_cache()), methods, repeats, args.threads)
     except RuntimeError as e:

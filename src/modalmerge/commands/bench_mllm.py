@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .options import set_threads
+from .options import check_bench_outputs, set_threads
 
 
 def default_cache() -> Path:
@@ -31,6 +31,7 @@ def cmd_mllm(args) -> int:
         cfg.methods = tuple(args.methods)
     if args.no_forgetting:
         cfg.forgetting = False
+    check_bench_outputs({"--out": args.out, "--cache": args.cache}, {"data folder": args.data_dir})
     cache = None if args.no_cache else Path(args.cache or default_cache())
     out = Path(args.out)
     result = mllm.run(cfg, cache=cache, data_root=args.data_dir, out=out, missing_ok=args.quick or args.tiny,

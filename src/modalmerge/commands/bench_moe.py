@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .options import command_line, set_threads
+from .options import check_bench_outputs, command_line, set_threads
 
 
 def cmd_moe(args) -> int:
     from ..bench.moe import MoeBenchConfig, markdown, run_moe_bench
 
+    check_bench_outputs({"--out": args.out, "--cache": args.cache},
+                        {"data folder": args.data_dir, "tokenizer": args.tokenizer})
     common = dict(data_dir=args.data_dir, tokenizer=args.tokenizer, cache=args.cache, seed=args.seed,
                   steps=args.steps, keep=tuple(args.keep) if args.keep else None, random_seeds=args.random_seeds,
                   balance=args.balance)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .options import command_line, set_threads
+from .options import check_bench_outputs, command_line, set_threads
 
 
 def cmd_text(args) -> int:
@@ -19,6 +19,8 @@ def cmd_text(args) -> int:
         if t not in sentconv.TASKS:
             raise MergeError(f"unknown task {t!r} in --tasks; the sentconv tasks are: {', '.join(sentconv.TASKS)}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    check_bench_outputs({"--out": args.out, "--cache": args.cache},
+                        {"data folder": args.data_dir, "model": args.model})
     common = dict(tasks=tasks, data_dir=args.data_dir, model=args.model, cache=args.cache, seed=args.seed,
                   train_examples=args.train_examples, epochs=args.epochs, lr=args.lr,
                   val_examples=args.val_examples, test_examples=args.test_examples, methods=methods)

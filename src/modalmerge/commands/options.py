@@ -44,3 +44,24 @@ def add_trust_flags(p) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model folders with custom modelling code (config auto_map) to be loaded by "
                         "transformers, which runs that code")
+
+
+def check_bench_outputs(outputs: dict[str, "str | None"], inputs: dict[str, "str | None"]) -> None:
+    """Before a benchmark runs: each folder or file it writes (results, its cache) is none of its
+    inputs (the data folder, a model or tokenizer folder), lies inside none and contains none, and
+    its parent folder can be written, so that a long run does not fail only at its end."""
+    from ..checkpoint.output import refuse_output_over_inputs
+    from ..errors import MergeError
+
+    data = inputs.get("data folder") or os.environ.get("MODALMERGE_DATA")
+    pairs = [(label, path) for label, path in {**inputs, "data folder": data}.items() if path]
+    for flag, out in outputs.items():
+        if not out:
+            continue
+        refuse_output_over_inputs(out, pairs)
+        parent = os.path.dirname(os.path.abspath(out))
+        while not os.path.exists(parent):  # folders still to be made: their first existing parent
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            raise MergeError(f"{flag} {out}: cannot write there ({parent} is not a writable folder); "
+                             "choose another path")
