@@ -93,3 +93,21 @@ def load_sd(folder: Path) -> dict[str, torch.Tensor]:
     for f in sorted(folder.glob("model-*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+def cli_fails(capsys, argv: list[str], out: Path | None, *fragments: str) -> str:
+    """The CLI contract: exit 1, one `error:` line, no traceback, nothing at the output path."""
+    from modalmerge.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 1, err
+    lines = err.strip("\n").split("\n")
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    if out is not None:
+        assert not out.exists()
+        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    return lines[0]

@@ -23,11 +23,10 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import finetunes, random_state_dict
+from conftest import cli_fails, finetunes, random_state_dict
 from modalmerge.checkpoint import safetensors_io
 from modalmerge.checkpoint.safetensors_io import SafetensorsFile, save_file
 from modalmerge.checkpoint.sources import open_source
-from modalmerge.cli import main
 from modalmerge.engine.calibration import optimizer_second_moments
 from modalmerge.errors import MergeError
 
@@ -80,22 +79,6 @@ def save_model(folder: Path, sd: dict[str, torch.Tensor]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in sd.items()}, folder / "model.safetensors")
     return folder
-
-
-def cli_fails(capsys, argv: list[str], out: Path | None, *fragments: str) -> str:
-    """The CLI contract: exit 1, one `error:` line, no traceback, nothing at the output path."""
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 1, err
-    lines = err.strip("\n").split("\n")
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-    if out is not None:
-        assert not out.exists()
-        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
-    return lines[0]
 
 
 # -- corrupt safetensors headers ---------------------------------------------------------------

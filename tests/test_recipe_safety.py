@@ -16,7 +16,7 @@ import torch
 import yaml
 
 import modalmerge
-from conftest import finetunes, random_state_dict
+from conftest import cli_fails as fails, finetunes, random_state_dict
 from modalmerge.checkpoint.safetensors_io import save_file
 from modalmerge.cli import main
 from modalmerge.errors import MergeError
@@ -79,22 +79,6 @@ def write(tmp_path: Path, data, name="r.yaml") -> Path:
     else:
         p.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
     return p
-
-
-def fails(capsys, argv: list[str], out: Path | None, *fragments: str) -> str:
-    """Run the CLI; check the failure contract; return the error line."""
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 1, err
-    lines = err.strip("\n").split("\n")
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-    if out is not None:
-        assert not out.exists()
-        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
-    return lines[0]
 
 
 def merge_fails(capsys, tmp_path, data, *fragments, extra=()) -> str:

@@ -4,7 +4,28 @@ from __future__ import annotations
 
 from ..paths import cache_dir  # a benchmark's cache folder
 
-__all__ = ["cache_dir", "minilm_path"]
+__all__ = ["cache_dir", "minilm_path", "write_cache_entry"]
+
+
+def write_cache_entry(folder, fill) -> None:
+    """Write a benchmark's cache entry `folder` whole or not at all: `fill(tmp)` writes into a
+    temporary folder beside it, which then replaces the entry; an error or an interrupt (SIGTERM
+    included) removes the temporary folder and leaves no half-written entry behind."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def minilm_path(who: str, instead: str | None = None) -> str:

@@ -32,7 +32,6 @@ import math
 import os
 import platform
 import random
-import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
@@ -42,7 +41,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import MergeError
-from . import cache_dir, minilm_path, sentconv
+from . import cache_dir, minilm_path, sentconv, write_cache_entry
 
 # (label, merge_moe_model keyword arguments); "random groups" adds a seeded grouping
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
@@ -286,16 +285,11 @@ def _load_cached(folder: Path):
 
 
 def _save_cached(folder: Path, model, meta: dict[str, Any]) -> None:
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:  # an error or an interrupt (SIGTERM included) leaves no half-written entry behind
+    def fill(tmp: Path) -> None:
         model.save_pretrained(str(tmp))
         (tmp / "train.json").write_text(json.dumps(meta, indent=2))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_cache_entry(folder, fill)
 
 
 # -- evaluation ------------------------------------------------------------------------------------

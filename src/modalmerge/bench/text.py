@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import MergeError
-from . import cache_dir, minilm_path, sentconv
+from . import cache_dir, minilm_path, sentconv, write_cache_entry
 
 # A method's default row is its own defaults; `grid` lists the settings tried on validation (the
 # main hyperparameter); `per_task` names a per-model parameter that decoupled methods choose for
@@ -250,22 +250,14 @@ MOMENTS_FILE = "optimizer_exp_avg_sq.safetensors"
 def _save(folder: Path, model: Classifier, meta: dict, moments: dict[str, torch.Tensor] | None = None) -> None:
     from safetensors.torch import save_file
 
-    import shutil
-
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    try:  # an error or an interrupt (SIGTERM included) leaves no half-written entry behind
+    def fill(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, str(tmp / "encoder.safetensors"))
         save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(tmp / "head.safetensors"))
         if moments:
             save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / MOMENTS_FILE))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_cache_entry(folder, fill)
 
 
 def _load(folder: Path) -> tuple[dict, dict, dict, dict | None] | None:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import MergeError
-from . import sentconv
+from . import sentconv, write_cache_entry
 
 if TYPE_CHECKING:
     from .text import TextBench
@@ -200,20 +200,12 @@ def _load_checkpoints(folder: Path, steps: list[int]) -> tuple[dict[int, dict], 
 def _save_checkpoints(folder: Path, states: dict[int, dict], meta: dict) -> None:
     from safetensors.torch import save_file
 
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:  # an error or an interrupt (SIGTERM included) leaves no half-written entry behind
+    def fill(tmp: Path) -> None:
         for s, sd in states.items():
             save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / f"step-{s}.safetensors"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_cache_entry(folder, fill)
 
 
 AVERAGES = [  # (label, metrics_weighted params); p = 0 is the plain average
