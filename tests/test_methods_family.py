@@ -551,3 +551,16 @@ def test_cli_mergekit_slerp_and_dare_ties_recipes_on_a_tiny_llama(llama_family, 
     fts = [load_sd(llama_family[f"ft{i}"]) for i in range(2)]
     dared = dense_dare(base, fts, 0.3, "l1")
     assert_close(merged, {n: base[n] + dense_elect(dared[n], [1.0, 1.0]) for n in base}, atol=1e-5)
+
+
+def test_the_registry_refuses_two_methods_under_one_name():
+    import dataclasses
+
+    from modalmerge.methods.registry import METHODS, table
+
+    ties = METHODS["ties"]
+    with pytest.raises(ValueError, match="two merge methods are named 'ties'"):
+        table([ties, dataclasses.replace(ties)])
+    with pytest.raises(ValueError, match="mergekit name 'ties' is claimed by 'ties' and 'other'"):
+        table([ties, dataclasses.replace(ties, name="other")])
+    assert list(table(METHODS.values())) == list(METHODS)

@@ -25,7 +25,23 @@ from .task_arithmetic import TASK_ARITHMETIC
 from .ties import TIES
 from .widen import WIDEN
 
-METHODS: dict[str, Method] = {m.name: m for m in (
+def table(methods) -> dict[str, Method]:
+    """The registry: name -> method. Two methods under one name (or one mergekit name) are a
+    programming error, never a silent choice of the last one."""
+    out: dict[str, Method] = {}
+    aliases: dict[str, str] = {}
+    for m in methods:
+        if m.name in out:
+            raise ValueError(f"two merge methods are named {m.name!r}")
+        out[m.name] = m
+        for alias in m.mergekit_names:
+            if alias in aliases:
+                raise ValueError(f"mergekit name {alias!r} is claimed by {aliases[alias]!r} and {m.name!r}")
+            aliases[alias] = m.name
+    return out
+
+
+METHODS: dict[str, Method] = table((
     LINEAR,
     TASK_ARITHMETIC,
     TIES,
@@ -50,7 +66,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     ADAMERGING,
     MMER,
     MSMOE,
-)}
+))
 
 
 # Recipe fields that only some methods apply; engine/plan.py refuses them for the others.
