@@ -133,4 +133,3 @@ def test_a_benchmark_output_that_cannot_be_written_fails_before_the_run(tmp_path
     assert cli.main(["bench", "speed", "--quick", "--out", str(tmp_path / "file" / "speed.json")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: --out ") and "not a writable folder" in err, err
-
