@@ -61,17 +61,23 @@ def test_bench_mmer_merge_is_spec7():
     assert torch.allclose(text[k], base[k] + (d.masks["a"][k].float() + d.masks["b"][k].float()) / 2 * d.shared[k])
 
 
-def test_mixed_inputs_go_through_the_runtime(tmp_path):
-    # the bench's composed folder, served by modalmerge.runtime: group ids put [CLS] and the
-    # question on the text weights and each block on its own task's; a prompt whose blocks are
-    # all one task, with text_mask="present", is exactly that task's materialised model
+def tiny_llms(vocab_size: int, max_positions: int):
+    """A tiny BERT 'LLM', its state dict, and two fine-tunes of it named a and b."""
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=64)
+    cfg = transformers.BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=max_positions)
     base_llm = transformers.BertModel(cfg).eval()
     base = mllm.llm_state(base_llm)
     g = torch.Generator().manual_seed(1)
     llms = {t: {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()} for t in ("a", "b")}
+    return cfg, base_llm, base, llms
+
+
+def test_mixed_inputs_go_through_the_runtime(tmp_path):
+    # the bench's composed folder, served by modalmerge.runtime: group ids put [CLS] and the
+    # question on the text weights and each block on its own task's; a prompt whose blocks are
+    # all one task, with text_mask="present", is exactly that task's materialised model
+    cfg, base_llm, base, llms = tiny_llms(vocab_size=30522, max_positions=64)
     for sd in llms.values():  # frozen in the bench's fine-tuning: text tokens and answers use them as stored
         sd["embeddings.word_embeddings.weight"] = base["embeddings.word_embeddings.weight"].clone()
     composed = mllm.Composer(base_llm, llms, tmp_path).compose("mmer", {}, ["a", "b"], seed=0)
@@ -95,13 +101,7 @@ def test_storage_counts_the_same_files_on_both_sides(tmp_path):
     # separate models' folders, both as the bytes of their safetensors files
     from modalmerge.commands.demo import storage_line
 
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=32)
-    base_llm = transformers.BertModel(cfg).eval()
-    base = mllm.llm_state(base_llm)
-    g = torch.Generator().manual_seed(1)
-    llms = {t: {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()} for t in ("a", "b")}
+    _, base_llm, base, llms = tiny_llms(vocab_size=64, max_positions=32)
     composer = mllm.Composer(base_llm, llms, tmp_path)
     composer.compose("mmer", {}, ["a", "b"], seed=0)
     got = composer.storage("mmer", ["a", "b"])

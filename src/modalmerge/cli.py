@@ -8,7 +8,7 @@ import json
 import sys
 
 from .commands.options import add_trust_flags, set_threads
-from .errors import MergeError
+from .errors import MergeError, one_line
 from .units import human_bytes as _human
 
 
@@ -279,7 +279,7 @@ def error_line(e: BaseException, command: str | None = None) -> str:
                  errno.EPERM: "check the permissions, or choose another path",
                  errno.EDQUOT: "the disk quota is exceeded; free space or choose another --output"}
         return f"{where}{e.strerror.lower()}; {fixes.get(e.errno, 'check the path and the disk')}"
-    return f"unexpected {type(e).__name__}: {' '.join(str(e).split())[:300]}; run with --debug for the traceback"
+    return f"unexpected {type(e).__name__}: {one_line(e, 300)}; run with --debug for the traceback"
 
 
 def main(argv: list[str] | None = None) -> int:

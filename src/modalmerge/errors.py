@@ -1,6 +1,13 @@
 """The one exception type a user sees: a one-line message naming what is wrong and how to fix it."""
 
 
+def one_line(text, limit: int = 200) -> str:
+    """Text quoted in an error message (a value from a recipe, another exception's message): one
+    line, not too long."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[:limit] + "..."
+
+
 class MergeError(Exception):
     """A user-facing error. The CLI prints `error: <message>` and exits non-zero, without a traceback.
 

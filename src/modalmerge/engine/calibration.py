@@ -39,9 +39,9 @@ from typing import Any, Iterable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from ..checkpoint.safetensors_io import check_regular
+from ..checkpoint.safetensors_io import SafetensorsFile, check_regular
 from ..checkpoint.sources import TensorSource, load_json, open_source
-from ..errors import MergeError
+from ..errors import MergeError, one_line
 
 KINDS = ("fisher", "gram", "exp_avg_sq", "adamerging", "visual_attention")
 # the kinds whose gathering loads models with transformers and runs calibration data through them
@@ -85,8 +85,6 @@ class CalibrationSpec(BaseModel):
 
 
 def spec_of(raw: dict[str, Any], where: str) -> CalibrationSpec:
-    from .recipe import one_line
-
     try:
         return CalibrationSpec.model_validate(raw)
     except ValidationError as e:
@@ -172,8 +170,6 @@ def check_callable_trusted(spec: CalibrationSpec, where: str, trusted: bool) -> 
 
 
 def _call(spec: CalibrationSpec, where: str, trusted: bool) -> Any:
-    from .recipe import one_line
-
     check_callable_trusted(spec, where, trusted)
     target = spec.callable_
     module_name, _, fn_name = target.partition(":")
@@ -199,8 +195,6 @@ def _call(spec: CalibrationSpec, where: str, trusted: bool) -> Any:
 
 def _batches_of(raw: Any, target: str, where: str) -> Iterable:
     """A callable's result as batches; its failures while iterating are one line naming it."""
-    from .recipe import one_line
-
     try:
         it = iter(raw)
     except TypeError:
@@ -524,8 +518,6 @@ def optimizer_second_moments(path: str, model_label: str, names: list[str], allo
     """exp_avg_sq per parameter: a safetensors file keyed like the parameters, or (with
     --allow-pickle) a torch optimizer.pt whose states are keyed by name or by the index of the
     parameter in `names` (param_groups' `param_names` are used when the optimizer saved them)."""
-    from ..checkpoint.safetensors_io import SafetensorsFile, check_regular
-
     p = Path(path)
     where = f"model {model_label!r}: optimizer state {p}"
     if not p.exists():
@@ -585,10 +577,9 @@ def calibration_of(plan, t: int) -> CalibrationSpec:
                          "or to this model's entry")
     where = f"model {entry.label!r}"
     spec = spec_of(raw, where)
-    trust_code = getattr(plan, "trust_recipe_code", False)
-    check_callable_trusted(spec, where, trust_code)
-    spec._trust_recipe_code = trust_code
-    spec._trust_remote_code = getattr(plan, "trust_remote_code", False)
+    check_callable_trusted(spec, where, plan.trust_recipe_code)
+    spec._trust_recipe_code = plan.trust_recipe_code
+    spec._trust_remote_code = plan.trust_remote_code
     return spec
 
 

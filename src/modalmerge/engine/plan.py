@@ -12,11 +12,13 @@ import torch
 
 from ..checkpoint.safetensors_io import TensorMeta
 from ..checkpoint.sources import TensorSource, adapter_base_path, load_json, open_source
-from ..errors import MergeError
+from ..errors import MergeError, one_line
 from ..methods.base import Method, Params, TensorInfo
-from ..methods.registry import get_method
+from ..methods.registry import UNWEIGHTED, USES_PARTS, get_method
 from ..methods import schedules
 from .architectures import Describer, spec_for
+from .calibration import (calibration_readers, check_callable_trusted, check_remote_code, loads_models,
+                          spec_of)
 from .recipe import Recipe
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -252,7 +254,7 @@ def check_task_names(method: str, names: list[str]) -> None:
     seen: dict[str, str] = {}
     for name in names:
         if not _SAFE_NAME.fullmatch(name) or ".." in name:
-            shown = " ".join(str(name).split())[:60]
+            shown = one_line(name, 60)
             raise MergeError(f"model name {shown!r} cannot name the folders and masks of a {method} merge: use at "
                              "most 100 letters, digits, '.', '_' and '-', not starting with '.' or '-' and without "
                              "'..'; set `name:` in its recipe entry")
@@ -265,9 +267,6 @@ def check_task_names(method: str, names: list[str]) -> None:
 
 def check_fields(recipe: Recipe, method: Method, params: Params, model_params: list[dict[str, Any]]) -> None:
     """Refuse every recipe field the method does not apply: a field is never ignored silently."""
-    from ..methods.registry import UNWEIGHTED, USES_PARTS
-    from .calibration import calibration_readers
-
     kinds = method.data(params)
     readers = calibration_readers(method, params, model_params)
     for i, entry in enumerate(recipe.models):
@@ -297,8 +296,6 @@ def check_fields(recipe: Recipe, method: Method, params: Params, model_params: l
 def check_trust(recipe: Recipe, method: Method, params: Params, model_params: list[dict[str, Any]],
                 sources: list[TensorSource], *, trust_recipe_code: bool, trust_remote_code: bool) -> None:
     """Refuse, before any work, code the merge would import or run without the user's consent."""
-    from .calibration import calibration_readers, check_callable_trusted, check_remote_code, loads_models, spec_of
-
     for i in sorted(calibration_readers(method, params, model_params)):
         entry = recipe.models[i]
         raw = entry.calibration if entry.calibration is not None else recipe.calibration

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..errors import MergeError
+from ..checkpoint.safetensors_io import read_regular
+from ..errors import MergeError, one_line
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -94,7 +94,7 @@ class Recipe(BaseModel):
 def _validation_message(e: ValidationError, where: str) -> str:
     err = e.errors()[0]
     loc = err["loc"]
-    field_name = ".".join(str(x) for x in loc)[:80]  # a key of the recipe's own: kept short
+    field_name = one_line(".".join(str(x) for x in loc), 80)  # a key of the recipe's own: kept short
     if err["type"] == "missing":
         hint = " (a list of model folders, or of {path, name, weight, params})" if loc == ("models",) else ""
         return f"{where}: required field {field_name!r} is missing; add it{hint}"
@@ -103,12 +103,6 @@ def _validation_message(e: ValidationError, where: str) -> str:
         fields = ", ".join(n for n in owner.model_fields if n != "source_format")
         return f"{where}: unknown field {field_name!r}; remove or rename it (fields: {fields})"
     return f"{where}: field {field_name!r}: {one_line(err['msg'])}; fix its value"
-
-
-def one_line(text: Any, limit: int = 200) -> str:
-    """A value quoted in an error message: one line, not too long."""
-    s = " ".join(str(text).split())
-    return s if len(s) <= limit else s[:limit] + "..."
 
 
 def parse_recipe(data: dict[str, Any] | Recipe, where: str = "recipe") -> Recipe:
@@ -130,31 +124,9 @@ def parse_recipe(data: dict[str, Any] | Recipe, where: str = "recipe") -> Recipe
 
 
 def read_recipe_text(p: Path) -> str:
-    """A recipe file's text: a regular file of at most MAX_RECIPE_BYTES, UTF-8. A device, FIFO
-    or folder is refused before it is opened for reading (reading /dev/zero or a FIFO never ends)."""
-    try:
-        st = os.stat(p)
-        if stat.S_ISDIR(st.st_mode):
-            raise MergeError(f"recipe {p} is a folder; give the recipe's YAML file")
-        if not stat.S_ISREG(st.st_mode):
-            raise MergeError(f"recipe {p} is not a regular file (a device, FIFO or socket); give a YAML file")
-        if st.st_size > MAX_RECIPE_BYTES:
-            raise MergeError(f"recipe {p} is {st.st_size:,} bytes, more than the {MAX_RECIPE_BYTES:,} a recipe may "
-                             "have; check that it is the right file")
-        # O_NONBLOCK: should the path become a FIFO after the check, opening it does not wait
-        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise MergeError(f"recipe {p} is not a regular file; give a YAML file")
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                raw = f.read(MAX_RECIPE_BYTES + 1)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        raise MergeError(f"recipe {p}: cannot read it ({e.strerror or e}); check the path") from None
-    if len(raw) > MAX_RECIPE_BYTES:
-        raise MergeError(f"recipe {p} is more than the {MAX_RECIPE_BYTES:,} bytes a recipe may have; check that it "
-                         "is the right file")
+    """A recipe file's text: a regular file (reading /dev/zero or a FIFO never ends) of at most
+    MAX_RECIPE_BYTES, UTF-8."""
+    raw = read_regular(p, MAX_RECIPE_BYTES, "recipe (a YAML file)")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -11,7 +11,6 @@ import yaml
 
 from ..checkpoint.output import AtomicFolder, ShardedWriter, copy_aux_files, output_error
 from ..checkpoint.safetensors_io import TensorMeta
-from ..checkpoint.sources import adapter_base_path
 from .plan import Plan
 
 DECOUPLED_DIR = "decoupled"
@@ -81,9 +80,7 @@ def plan_inputs(plan: Plan) -> list[tuple[str, str]]:
         add(f"model {m.label!r}", m.path)
         add(f"optimizer_state of model {m.label!r}", m.optimizer_state)
         calibration(f"calibration file of model {m.label!r}", m.calibration)
-        if (Path(m.path) / "adapter_config.json").is_file():
-            add(f"base of the adapter {m.label!r}", adapter_base_path(Path(m.path)))
-    # what was opened: an adapter's base found elsewhere, the models under an MMER part view
+    # what was opened besides: an adapter's base, the models under an MMER part view
     for src in [plan.base, *plan.models]:
         for _ in range(4):
             if src is None:

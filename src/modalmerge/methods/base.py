@@ -267,7 +267,7 @@ class Method:
 
     def parse_params(self, raw: dict[str, Any] | None, where: str = "params") -> Params:
         from pydantic import ValidationError
-        from ..errors import MergeError
+        from ..errors import MergeError, one_line
 
         if raw is not None and not isinstance(raw, dict):
             raise MergeError(f"method {self.name}: {where} must be a mapping of parameter names to values; fix it")
@@ -276,8 +276,8 @@ class Method:
         except ValidationError as e:
             err = e.errors()[0]
             # names and messages may quote recipe text: kept to one short line
-            loc = " ".join(".".join(str(x) for x in err["loc"]).split())[:80] or "?"
-            msg = " ".join(str(err["msg"]).split())[:200]
+            loc = one_line(".".join(str(x) for x in err["loc"]), 80) or "?"
+            msg = one_line(err["msg"])
             known = ", ".join(sorted(f.alias or k for k, f in self.params.model_fields.items()))
             if err["type"] == "extra_forbidden":
                 raise MergeError(f"method {self.name}: unknown parameter {where}.{loc}; its parameters are: "
