@@ -105,4 +105,5 @@ MMER = Method(
     statistics=mmer_statistics,
     chunkable=lambda p, info: BASE_METHODS[p.base_method].chunkable(p.base(), info),
     decoupled=True,
+    runs="composed",
 )

@@ -123,5 +123,5 @@ MSMOE = Method(
             "weighted by routing frequency; the router is unchanged (one model, calibration data, loaded whole).",
     base="forbidden", min_models=1, max_models=1,
     chunkable=lambda p, info: False,
-    whole_model=True,
+    runs="whole_model",
 )

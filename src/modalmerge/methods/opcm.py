@@ -64,5 +64,5 @@ OPCM = Method(
     summary="Continual merging: add models one at a time, projected orthogonally to the running merge "
             "(`merge --continual PREV --add MODEL`).",
     chunkable=lambda p, info: False,
-    sequential=True,
+    runs="sequential",
 )
