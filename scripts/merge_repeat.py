@@ -1,5 +1,5 @@
 """Time the same merge several times in one process (the first run may read its inputs from
-disk; later ones show the steady speed from the page cache). MODALMERGE_COMPILE=0 compares
+disk; later ones show the steady speed from the page cache). MODALMERGE_FUSED=0 compares
 the eager kernels.
 
     PYTHONPATH=src python scripts/merge_repeat.py ties --cache ~/.cache/modalmerge/bench/llama-h1024-l24-v32000-i4096-bf16-v1

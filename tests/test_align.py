@@ -372,3 +372,11 @@ def test_residual_spec_errors():
     shapes = {**_shapes("llama-gqa-untied"), "model.extra.weight": (32, 7)}
     with pytest.raises(MergeError, match="'model.extra.weight'"):
         spec_for(shapes, {**llama, "num_attention_heads": 8})
+
+
+def test_every_permutation_family_of_the_architecture_specs_has_rules():
+    # which model types align permutes is data in engine/architectures.py; the rules live in align.py
+    from modalmerge.engine.align import PERMUTATION_RULES
+    from modalmerge.engine.architectures import SPECS
+
+    assert {s.permutation for s in SPECS if s.permutation} == set(PERMUTATION_RULES)

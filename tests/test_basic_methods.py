@@ -105,11 +105,12 @@ def test_ties_sampled_global_threshold_keeps_the_right_fraction():
     from modalmerge.api import parse_recipe
     from modalmerge.checkpoint.sources import StateDictSource
     from modalmerge.engine.plan import build_plan
+    from modalmerge.methods.statistics import TaskMagnitudes
 
     recipe = parse_recipe({"method": "ties", "base": "b", "models": ["m0", "m1"]})
     plan = build_plan(recipe, StateDictSource(base), [StateDictSource(m, f"m{i}") for i, m in enumerate(models)])
     stats = Executor(plan, progress=False).statistics()
-    for t, thr in enumerate(stats["magnitudes"].thresholds):
+    for t, thr in enumerate(stats.get(TaskMagnitudes).thresholds):
         allv = torch.cat([(models[t][n] - base[n]).reshape(-1).abs() for n in base])
         kept = float((allv >= thr).float().mean())
         assert abs(kept - 0.2) < 1e-3

@@ -384,11 +384,11 @@ def test_adamerging_learns_coefficients_that_lower_entropy(bert_family, tmp_path
     assert all(torch.allclose(got[k], ta[k], atol=1e-6) for k in ta)
 
     from modalmerge.api import plan
-    from modalmerge.engine.adamerging_fit import learn_coefficients
+    from modalmerge.engine.calibration import adamerging_coefficients
 
     recipe["params"].update(steps=5, lr=0.1)
     p = plan(recipe, trust_recipe_code=True)
-    coefs = learn_coefficients(p, [calib_batches(labels=False)] * 2)
+    coefs = adamerging_coefficients(p, [calib_batches(labels=False)] * 2)
     values = torch.stack([torch.cat(list(c.values())) for c in coefs])
     assert bool(((values >= 0) & (values <= 1)).all()) and not torch.allclose(values, torch.full_like(values, 0.3))
     assert (values.unique().numel() <= 2) == (granularity == "task")

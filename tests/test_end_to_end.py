@@ -57,9 +57,9 @@ def test_dry_run_says_which_kernels_run(llama_family, tmp_path, capsys, monkeypa
     assert "kernels     eager torch\n" in capsys.readouterr().out  # linear has no fused kernels
     assert main(["merge", str(ties), "--dry-run", "--device", "cuda"]) == 0
     assert "eager torch on cuda (the fused kernels are for the CPU)" in capsys.readouterr().out
-    monkeypatch.setenv("MODALMERGE_COMPILE", "0")
+    monkeypatch.setenv("MODALMERGE_FUSED", "0")
     assert main(["merge", str(ties), "--dry-run"]) == 0
-    assert "eager torch (the fused kernels are off: MODALMERGE_COMPILE=0)" in capsys.readouterr().out
+    assert "eager torch (the fused kernels are off: MODALMERGE_FUSED=0)" in capsys.readouterr().out
 
 
 def test_include_exclude_copy_from_base(llama_family, tmp_path):

@@ -1,5 +1,7 @@
-"""The fused C kernels (ops/fused.py, ops/kernels.c) of TIES and task arithmetic against the
-eager ones. The first test of a machine builds them (a few seconds), the others load the build."""
+"""The fused C kernels (ops/fused.py; ops/kernels.c, built at install into the extension
+modalmerge.ops.ckernels) of TIES and task arithmetic against the eager ones."""
+
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -24,16 +26,25 @@ def _models(seed=0, shape=(96, 80), n=3, dtype=torch.bfloat16):
 
 @pytest.fixture
 def kernels():
-    """The built kernels; skipped on a machine without a C compiler (the eager kernels run there,
-    see test_a_failed_build_warns_once_and_the_eager_kernels_run)."""
-    try:
-        ops.fused._library()
-    except ops.fused.FusedUnavailable as e:
-        pytest.skip(f"the fused kernels cannot be built here: {e}")
+    """The built extension; skipped where it was installed without a C compiler (the eager
+    kernels run there, see test_without_the_extension_the_eager_kernels_run)."""
+    if ops.fused.ckernels is None:
+        pytest.skip(ops.fused.note())
+
+
+@pytest.fixture
+def threads():
+    """threads(n): a context in which the kernels split large blocks over n threads, as the
+    streaming executor's passes do."""
+    @contextmanager
+    def use(n: int):
+        with ops.threads.KernelThreads(n) as pool, ops.threads.threads_in_use(pool):
+            yield
+    return use
 
 
 def _merge(method, base, models, monkeypatch, compiled: bool, **kw):
-    monkeypatch.setenv("MODALMERGE_COMPILE", "1" if compiled else "0")
+    monkeypatch.setenv("MODALMERGE_FUSED", "1" if compiled else "0")
     monkeypatch.setattr(executor, "FUSED_MIN_BLOCK", 64)
     return merge_state_dicts(method, models, base=base, **kw)
 
@@ -72,9 +83,9 @@ def test_fused_equals_eager(method, params, monkeypatch):
 @pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_tensor_thresholds_equal_sorting(dtype, monkeypatch):
-    from modalmerge.methods.ties import fused_tensor_thresholds
+    from modalmerge.ops.trimmed_merge import fused_tensor_thresholds
 
-    monkeypatch.setenv("MODALMERGE_COMPILE", "1")
+    monkeypatch.setenv("MODALMERGE_FUSED", "1")
     g = torch.Generator().manual_seed(5)
     n = 20_000
     base = torch.randn(n, generator=g).to(dtype)
@@ -125,30 +136,32 @@ def test_fused_kernels_do_not_depend_on_the_thread_count(monkeypatch):
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in base)
 
 
-def test_without_a_compiler_the_eager_kernels_run(monkeypatch):
+def test_without_the_extension_the_eager_kernels_run(monkeypatch):
     base, models = _models(seed=3)
-
-    def unavailable():
-        raise ops.fused.FusedUnavailable("no compiler")
-
     eager = _merge("ties", base, models, monkeypatch, False, params={"density": 0.3}, chunk_elems=96 * 16)
-    monkeypatch.setattr(ops.fused, "_library", unavailable)
+    monkeypatch.setattr(ops.fused, "ckernels", None)  # as installed without a C compiler
+    assert not ops.fused.usable()
+    assert ops.fused.note().startswith("eager torch (the C extension modalmerge.ops.ckernels ")
+    with pytest.raises(ops.fused.FusedUnavailable, match="modalmerge.ops.ckernels"):
+        ops.fused.weighted_delta_sum(torch.zeros(4), [torch.ones(4)], torch.ones(1))
     fallback = _merge("ties", base, models, monkeypatch, True, params={"density": 0.3}, chunk_elems=96 * 16)
     assert all(torch.equal(fallback[k], eager[k]) for k in base)
     ta = _merge("task_arithmetic", base, models, monkeypatch, True, params={"lambda": 0.5})
-    monkeypatch.setenv("MODALMERGE_COMPILE", "0")
+    monkeypatch.setenv("MODALMERGE_FUSED", "0")
     assert all(torch.equal(ta[k], merge_state_dicts("task_arithmetic", models, base=base,
                                                      params={"lambda": 0.5})[k]) for k in base)
 
 
-def test_compile_switch(monkeypatch):
-    monkeypatch.setattr(ops.fused, "_broken", "")  # as in a process that has not failed to build
-    monkeypatch.setenv("MODALMERGE_COMPILE", "0")
+@pytest.mark.usefixtures("kernels")
+def test_fused_switch(monkeypatch):
+    monkeypatch.setenv("MODALMERGE_FUSED", "0")
     assert not ops.fused.usable()
+    assert ops.fused.note() == "eager torch (the fused kernels are off: MODALMERGE_FUSED=0)"
     with pytest.raises(ops.fused.FusedUnavailable):
         ops.fused.weighted_delta_sum(torch.zeros(4), [torch.ones(4)], torch.ones(1))
-    monkeypatch.setenv("MODALMERGE_COMPILE", "1")
+    monkeypatch.setenv("MODALMERGE_FUSED", "1")
     assert ops.fused.usable()
+    assert ops.fused.note().startswith("fused C kernels (modalmerge.ops.ckernels, ")
 
 
 # -- the kernels one by one, against the same arithmetic written in torch ----------------------
@@ -180,8 +193,8 @@ def _reference(base, models, thr, w, aggregate):
 @pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n_models", [1, 3, 8, 11])  # more than 8: the models go in groups, carried
-@pytest.mark.parametrize("threads", [1, 2])
-def test_kernels_equal_torch(dtype, n_models, threads, monkeypatch):
+@pytest.mark.parametrize("thread_count", [1, 2])
+def test_kernels_equal_torch(dtype, n_models, thread_count, threads, monkeypatch):
     # 150,001 elements: two threads split them (ops.fused.PARALLEL_MIN), here into 16 pieces of
     # 10,000 elements, the last one short
     monkeypatch.setattr(ops.fused, "PIECE", 10_000)
@@ -192,14 +205,10 @@ def test_kernels_equal_torch(dtype, n_models, threads, monkeypatch):
     models[0][:100] = base[:100]  # exact zeros: the tie sign decides
     thr = torch.rand(n_models, generator=g) * 0.02
     w = torch.rand(n_models, generator=g) + 0.5
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with threads(thread_count):
         total = ops.fused.trimmed_total(base, models, thr, w)
         got = {a: ops.fused.disjoint_merge(base, models, thr, w, total, -1.0, a) for a in ("mean", "sum", "max")}
         delta_sum = ops.fused.weighted_delta_sum(base, models, w)
-    finally:
-        torch.set_num_threads(before)
     for aggregate in ("mean", "sum", "max"):
         want_total, want_merged, want_delta_sum = _reference(base, models, thr, w, aggregate)
         # the same operations in the same order: the same bits
@@ -210,14 +219,10 @@ def test_kernels_equal_torch(dtype, n_models, threads, monkeypatch):
 
 @pytest.mark.usefixtures("kernels")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_keys_and_counts_equal_torch(dtype, monkeypatch):
+def test_keys_and_counts_equal_torch(dtype, threads, monkeypatch):
     monkeypatch.setattr(ops.fused, "PIECE", 10_000)  # many pieces, counted by two threads
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with threads(2):
         _keys_and_counts_equal_torch(dtype)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _keys_and_counts_equal_torch(dtype):
@@ -241,7 +246,7 @@ def _keys_and_counts_equal_torch(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_tensor_thresholds_from_a_misleading_guess_equal_sorting(dtype, monkeypatch):
     # the search starts from a sampled guess of the k-th key; a wrong guess costs rounds, not exactness
-    from modalmerge.methods import ties
+    from modalmerge.ops import trimmed_merge
 
     g = torch.Generator().manual_seed(8)
     n = 300_000
@@ -250,10 +255,10 @@ def test_tensor_thresholds_from_a_misleading_guess_equal_sorting(dtype, monkeypa
     densities = [0.2, 0.01, 0.5, 0.999]
     deltas = [(m.float() - base.float()).abs() for m in models]
     expect = [float(d.sort(descending=True).values[int(k * n) - 1]) for d, k in zip(deltas, densities)]
-    assert ties.fused_tensor_thresholds(base, models, densities, 0) == expect
+    assert trimmed_merge.fused_tensor_thresholds(base, models, densities, 0) == expect
     for guess in [[1], [65000, 65536], [2, 3], []]:  # all above, all below, nonsense, no guess
         monkeypatch.setattr(ops.sparsify, "sample_cuts", lambda *a: guess)
-        assert ties.fused_tensor_thresholds(base, models, densities, 0) == expect
+        assert trimmed_merge.fused_tensor_thresholds(base, models, densities, 0) == expect
 
 
 def test_inputs_of_mixed_dtypes_take_the_eager_kernels(monkeypatch):
@@ -265,17 +270,3 @@ def test_inputs_of_mixed_dtypes_take_the_eager_kernels(monkeypatch):
     fused = _merge("ties", base32, models, monkeypatch, True, **kw)
     eager = _merge("ties", base32, models, monkeypatch, False, **kw)
     assert all(torch.equal(fused[k], eager[k]) for k in base)
-
-
-def test_a_failed_build_warns_once_and_the_eager_kernels_run(monkeypatch, tmp_path):
-    base, models = _models(seed=6)
-    eager = _merge("ties", base, models, monkeypatch, False, params={"density": 0.3})
-    monkeypatch.setenv("MODALMERGE_CACHE", str(tmp_path))  # no cached build
-    monkeypatch.setenv("CC", "false")  # a compiler that always fails
-    monkeypatch.setattr(ops.fused, "_lib", None)
-    monkeypatch.setattr(ops.fused, "_broken", "")
-    with pytest.warns(RuntimeWarning, match="fused kernels unavailable.*false could not build kernels.c"):
-        fallback = _merge("ties", base, models, monkeypatch, True, params={"density": 0.3})
-    assert all(torch.equal(fallback[k], eager[k]) for k in base)
-    assert not ops.fused.usable()  # tried once per process, not per tensor
-    assert not list((tmp_path / "kernels").iterdir())  # no half-written build left behind

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+
+import modalmerge
 import torch
 
-from modalmerge.engine.moe import find_moe_blocks, merge_moe_model, msmoe_folder
+from modalmerge.engine.moe import find_moe_blocks, merge_moe_model, recipe_for
 from modalmerge.errors import MergeError
 from modalmerge.methods import msmoe
 
@@ -152,7 +154,8 @@ def test_msmoe_errors(tmp_path):
     LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
                                  vocab_size=VOCAB)).save_pretrained(tmp_path / "dense")
     with pytest.raises(MergeError, match="no MoE block"):
-        msmoe_folder(tmp_path / "dense", tmp_path / "o", {"callable": "test_msmoe:tokens"}, trust_recipe_code=True)
+        modalmerge.merge(recipe_for(tmp_path / "dense", {"callable": "test_msmoe:tokens"}), tmp_path / "o",
+                         trust_recipe_code=True)
     assert not (tmp_path / "o").exists()
     model = tiny_mixtral()
     with pytest.raises(MergeError, match="more than the 4 experts"):
@@ -197,7 +200,7 @@ def test_recipe_merge_writes_what_the_msmoe_command_writes(moe_folder, tmp_path,
         assert got == {**want_report, "agreement": {k: v for k, v in want_report["agreement"].items() if k != "mean_kl"}}
         assert (tmp_path / out / "config.json").read_text() == (tmp_path / "cmd" / "config.json").read_text()
         assert "method: msmoe" in (tmp_path / out / "README.md").read_text()
-    assert report.statistics["msmoe"]["layers"] == want_report["layers"] and [x["kept"] for x in want_report["layers"]] == [3, 3]
+    assert report.statistics["experts"]["layers"] == want_report["layers"] and [x["kept"] for x in want_report["layers"]] == [3, 3]
     assert report.merged_tensors == 4 and report.merged_parameters == want_report["expert_parameters"]["before"]
     # the merge did merge: 3 distinct experts per layer, the router untouched (transformers saves
     # Mixtral's experts one by one, w1/w3/w2)
@@ -229,7 +232,7 @@ def test_recipe_dry_run_says_the_memory_need_and_writes_nothing(moe_folder, tmp_
     out = capsys.readouterr().out
     assert "loaded whole (not streaming)" in out and "memory" in out and "3 of 4 experts (top-2)" in out
     assert "25.0% fewer" in out and not (tmp_path / "out").exists()
-    s = modalmerge.plan(_recipe(moe_folder), trust_recipe_code=True).summary()
+    s = modalmerge.describe(modalmerge.plan(_recipe(moe_folder), trust_recipe_code=True))
     per_expert = 2 * 12 * 16 + 16 * 12  # gate_up [2I, H] + down [H, I], by hand
     assert s["whole_model"] and s["expert_parameters"] == {"before": 2 * 4 * per_expert,
                                                            "after_distinct": 2 * 3 * per_expert, "reduction": 0.25}
@@ -291,7 +294,7 @@ def test_recipe_errors(moe_folder, tmp_path, case, match):
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
     if case not in ("two models", "base", "per-model params"):  # the plan is built: --dry-run checks too
         with pytest.raises(MergeError, match=match):
-            modalmerge.plan(recipe, trust_recipe_code=True).summary()
+            modalmerge.describe(modalmerge.plan(recipe, trust_recipe_code=True))
 
 
 def test_recipe_error_is_one_line_on_the_command_line(tmp_path, capsys):

@@ -10,12 +10,13 @@ from safetensors.torch import save_file
 from conftest import finetunes, load_sd, random_state_dict
 from modalmerge import merge_state_dicts
 from modalmerge.errors import MergeError
-from modalmerge.methods.base import TensorGroup, TensorInfo
-from modalmerge.methods.neuromerging import (
+from modalmerge.methods.base import Stats, TensorGroup, TensorInfo
+from modalmerge.methods.neuron_subspaces import (
     NeuroMergingParams,
     coordinate_coefficients,
     neuromerging_vector,
 )
+from modalmerge.methods.statistics import TaskMagnitudes
 
 
 # -- dense reference: global trim by sorting, then a loop over neurons with one SVD each --------
@@ -131,7 +132,7 @@ def test_sigma_of_one_is_a_clear_error():
             return [1.0]
 
     with pytest.raises(MergeError, match="raise `density` or set `lambda2`"):
-        neuromerging_vector(group, NeuroMergingParams(), {"magnitudes": AllRemoved()})
+        neuromerging_vector(group, NeuroMergingParams(), Stats({TaskMagnitudes: AllRemoved()}))
 
 
 def test_params_and_defaults():
@@ -169,7 +170,8 @@ def test_default_lambda2_is_one_over_one_minus_sigma():
     # boundary bin is interpolated: an error of about one value's share of ‖τ‖₁, here ~3e-4)
     recipe = parse_recipe({"method": "neuromerging", "base": "b", "models": ["m0", "m1", "m2"]})
     plan = build_plan(recipe, StateDictSource(base), [StateDictSource(m, f"m{i}") for i, m in enumerate(models)])
-    engine_sigma = max(Executor(plan, exact_stats=True, progress=False).statistics()["magnitudes"].removed_l1_fraction())
+    stats = Executor(plan, exact_stats=True, progress=False).statistics()
+    engine_sigma = max(stats.get(TaskMagnitudes).removed_l1_fraction())
     assert 0.3 < sigma < 0.9 and abs(engine_sigma - sigma) < 1e-3
     explicit = merge_state_dicts("neuromerging", models, base=base, exact_stats=True,
                                  params={"lambda2": 1 / (1 - engine_sigma)})
@@ -261,7 +263,7 @@ def test_column_neurons_transpose_and_are_not_chunked(tmp_path):
     info = TensorInfo("visual.proj", (12, 6), "linear", 1)
     group = TensorGroup(info, base["visual.proj"], torch.stack([m["visual.proj"] for m in models]),
                         ["a", "b", "c"], torch.ones(3), [{}] * 3)
-    tau = neuromerging_vector(group, NeuroMergingParams(density=1.0, lambda1=0.5), {})
+    tau = neuromerging_vector(group, NeuroMergingParams(density=1.0, lambda1=0.5), Stats())
     assert _close(base["visual.proj"] + tau, ref["visual.proj"])
 
 

@@ -437,7 +437,7 @@ def test_data_pass_scratch_lives_in_the_partial_folder(tmp_path, monkeypatch):
     covers both, a kill -9 included): nothing in $TMPDIR, nothing left after success or an interrupt."""
     import tempfile
 
-    from modalmerge.engine import calibration, executor
+    from modalmerge.engine import executor
 
     seen = []
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmpdir"))
@@ -456,7 +456,6 @@ def test_data_pass_scratch_lives_in_the_partial_folder(tmp_path, monkeypatch):
         out = tmp_path / f"out{fail}"
         plan = api.plan({"method": "task_arithmetic", "base": str(paths["base"]), "models": [str(paths["a"])]})
         sink = FolderSink(plan, out)
-        ex = executor.Executor(plan)
         monkeypatch.setattr(plan.method, "data", lambda params: ["fisher"])
 
         def fake_gather(plan_, kinds, folder, **kw):
@@ -467,7 +466,7 @@ def test_data_pass_scratch_lives_in_the_partial_folder(tmp_path, monkeypatch):
                 raise Stop
             return {}
 
-        monkeypatch.setattr(calibration, "gather", fake_gather)
+        ex = executor.Executor(plan, gather=fake_gather)
         if fail:  # an error (or an interrupt) in the data pass
             with pytest.raises(Stop):
                 ex.run(sink)

@@ -13,87 +13,72 @@ from .units import human_bytes as _human
 
 
 def cmd_merge(args) -> int:
-    from . import __version__
-    from .api import _recipe
-    from .engine.executor import Executor
-    from .engine.plan import build_plan, open_models
-    from .engine.sinks import FolderSink
+    from . import api
+    from .commands.msmoe import dry_run_lines, report_lines
+    from .engine.executor import keep_freed_memory_for_reuse
+    from .engine.mmer import storage_lines
 
     set_threads(args.threads)
     if args.continual or args.add:
         return _cmd_continual(args)
     if not args.recipe:
         raise MergeError("merge needs a recipe file (or --continual PREVIOUS_MERGE --add MODEL)")
-    recipe = _recipe(args.recipe)
+    recipe = api.load(args.recipe)
     if args.output:  # the recipe file is an input too (the models: checked where the output is opened)
         from .checkpoint.output import refuse_output_over_inputs
         refuse_output_over_inputs(args.output, [("recipe", args.recipe)])
-    if args.seed is not None:
-        recipe = recipe.model_copy(update={"seed": args.seed})
-    composed = None
-    if recipe.method == "mmer":
-        from .engine.mmer import plan_composed
-        composed = plan_composed(recipe, allow_pickle=args.allow_pickle)
-        plan = composed.plan
-    else:
-        base, models = open_models(recipe, allow_pickle=args.allow_pickle)
-        plan = build_plan(recipe, base, models, trust_recipe_code=args.trust_recipe_code,
-                          trust_remote_code=args.trust_remote_code)
+    plan = api.plan(recipe, allow_pickle=args.allow_pickle, trust_recipe_code=args.trust_recipe_code,
+                    trust_remote_code=args.trust_remote_code, seed=args.seed)
     if args.dry_run:
-        s = plan.summary()
-        if s.get("whole_model"):
-            from .commands.msmoe import dry_run_lines
-
+        s = api.describe(plan)
+        if plan.method.whole_model:
             print("\n".join(dry_run_lines(s, args.output)))
-            return 0
-        print(f"method      {s['method']}  {json.dumps(s['params'])}")
-        print(f"base        {s['base']}")
-        print(f"models      {', '.join(s['models'])}")
-        print(f"tensors     {s['tensors']} ({s['merged_tensors']} merged, {s['copied_tensors']} copied), "
-              f"{s['merged_parameters']:,} merged parameters in {s['jobs']} jobs")
-        print(f"passes      {' -> '.join(s['passes'])}")
-        print(f"kernels     {_kernels(plan, args.device)}")
-        print(f"peak memory ~{_human(s['estimated_peak_bytes'])} (estimate, besides the Python runtime)")
-        if s.get("data"):
-            d = s["data"]
-            kinds = ", ".join(f"{k} ({_human(v['stored_bytes_per_model'])}/model; {v['note']})"
-                              for k, v in d.items() if isinstance(v, dict))
-            print(f"data pass   {kinds}")
-            print(f"data memory ~{_human(d['peak_bytes'])} to compute (besides activations), "
-                  f"{_human(d['stored_bytes'])} of statistics in a temporary folder")
-        print(f"output      {_human(s['output_bytes'])} -> {args.output or '(no --output given)'}")
+        else:
+            print("\n".join(_dry_run_lines(s, plan, args)))
         return 0
     if not args.output:
         raise MergeError("merge needs --output DIR (or --dry-run to only print the plan)")
-    if plan.method.whole_model:
-        from .commands.msmoe import report_lines
-        from .engine.moe import run
-
-        print("\n".join(report_lines(run(plan, args.output, overwrite=args.overwrite, tool_version=__version__),
-                                      args.output)))
+    if args.device.startswith("cpu"):
+        keep_freed_memory_for_reuse()  # process-wide malloc settings: the command opts in, the library does not
+    report = api.merge(plan, args.output, device=args.device, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+                       exact_stats=args.exact_stats, progress=not args.no_progress)
+    if report.procedure == "whole_model":
+        print("\n".join(report_lines(report.statistics["experts"], args.output)))
         return 0
-    if plan.method.sequential:
-        from .engine.continual import run_sequential
-        run_sequential(plan, args.output, overwrite=args.overwrite, progress=not args.no_progress)
+    if report.procedure == "sequential":
         print(f"merged {len(plan.models)} model(s) one at a time with {plan.method.name} -> {args.output} "
               "(add more with --continual)")
         return 0
-    if composed is not None:
-        from .engine.mmer import compose, storage_lines
-        report, storage = compose(recipe, args.output, device=args.device, overwrite=args.overwrite,
-                                  exact_stats=args.exact_stats, progress=not args.no_progress,
-                                  tool_version=__version__, composed=composed)
-    else:
-        sink = FolderSink(plan, args.output, overwrite=args.overwrite, tool_version=__version__)
-        report = Executor(plan, device=args.device, exact_stats=args.exact_stats,
-                          progress=not args.no_progress, allow_pickle=args.allow_pickle).run(sink)
     print(f"merged {report.merged_tensors} tensors ({report.merged_parameters:,} parameters), copied "
           f"{report.copied_tensors}, in {report.seconds['total']:.1f} s -> {args.output}")
     for line in _statistics_lines(report.statistics):
         print(line)
-    if composed is not None:
-        print("\n".join(storage_lines(storage)))
+    if "storage" in report.statistics:
+        print("\n".join(storage_lines(report.statistics["storage"])))
     return 0
+
+
+def _dry_run_lines(s: dict, plan, args) -> list[str]:
+    """--dry-run of a streamed merge: the plan's tensors, passes, kernels, memory and output."""
+    lines = [
+        f"method      {s['method']}  {json.dumps(s['params'])}",
+        f"base        {s['base']}",
+        f"models      {', '.join(s['models'])}",
+        f"tensors     {s['tensors']} ({s['merged_tensors']} merged, {s['copied_tensors']} copied), "
+        f"{s['merged_parameters']:,} merged parameters in {s['jobs']} jobs",
+        f"passes      {' -> '.join(s['passes'])}",
+        f"kernels     {_kernels(plan, args.device)}",
+        f"peak memory ~{_human(s['estimated_peak_bytes'])} (estimate, besides the Python runtime)",
+    ]
+    if s.get("data"):
+        d = s["data"]
+        kinds = ", ".join(f"{k} ({_human(v['stored_bytes_per_model'])}/model; {v['note']})"
+                          for k, v in d.items() if isinstance(v, dict))
+        lines.append(f"data pass   {kinds}")
+        lines.append(f"data memory ~{_human(d['peak_bytes'])} to compute (besides activations), "
+                     f"{_human(d['stored_bytes'])} of statistics in a temporary folder")
+    lines.append(f"output      {_human(s['output_bytes'])} -> {args.output or '(no --output given)'}")
+    return lines
 
 
 def _kernels(plan, device: str) -> str:
@@ -106,9 +91,8 @@ def _kernels(plan, device: str) -> str:
     if not device.startswith("cpu"):
         return f"eager torch on {device} (the fused kernels are for the CPU)"
     if not fused.usable():
-        return "eager torch (the fused kernels are off: MODALMERGE_COMPILE=0)"
-    return (f"fused C kernels (ops/kernels.c, built once per machine) on blocks of >= {FUSED_MIN_BLOCK} "
-            "elements, eager torch below")
+        return fused.note()  # why not: the extension not built, or MODALMERGE_FUSED=0
+    return f"{fused.note()} on blocks of >= {FUSED_MIN_BLOCK} elements, eager torch below"
 
 
 def _statistics_lines(statistics: dict) -> list[str]:
@@ -134,7 +118,7 @@ def _statistics_lines(statistics: dict) -> list[str]:
 
 
 def _cmd_continual(args) -> int:
-    from .engine.continual import continual_add
+    from .api import continual_merge
 
     if not (args.continual and args.add):
         raise MergeError("a continual merge needs both --continual PREVIOUS_MERGE and --add MODEL")
@@ -143,8 +127,8 @@ def _cmd_continual(args) -> int:
     if not args.output:
         raise MergeError("merge --continual needs --output DIR, a new folder (the previous merge is an input: "
                          "it is never replaced)")
-    out = continual_add(args.continual, args.add, args.output, name=args.name, overwrite=args.overwrite,
-                        allow_pickle=args.allow_pickle, progress=not args.no_progress)
+    out = continual_merge(args.continual, args.add, args.output, name=args.name, overwrite=args.overwrite,
+                          allow_pickle=args.allow_pickle, progress=not args.no_progress)
     print(f"added {args.add} to the continual merge {args.continual} -> {out}")
     return 0
 
@@ -155,6 +139,7 @@ def cmd_methods(args) -> int:
     if args.json:
         out = {name: {"summary": m.summary, "base": m.base, "min_models": m.min_models,
                       "max_models": m.max_models, "decoupled": m.decoupled, "whole_model": m.whole_model,
+                      "runs": m.runs, "weighted": m.weighted,
                       "params": [{"name": n, "type": t, "default": d, "help": h}
                                  for n, t, d, h in m.parameter_table()]}
                for name, m in METHODS.items()}
@@ -173,7 +158,7 @@ def cmd_methods(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     parser = argparse.ArgumentParser(prog="modalmerge", description="Training-free model merging.")
     parser.add_argument("--version", action="version", version=f"modalmerge {__version__}")

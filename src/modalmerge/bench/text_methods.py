@@ -30,6 +30,7 @@ import torch
 
 from ..errors import MergeError
 from . import sentconv, write_cache_entry
+from .text_classifier import Classifier, accuracy, batches, cache_key, fine_tune, mean_loss, training_steps
 
 if TYPE_CHECKING:
     from .text import TextBench
@@ -61,7 +62,6 @@ def encoder_part(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def calibration_batches(bench: "TextBench", task: str) -> list[dict[str, torch.Tensor]]:
     """A seeded subset of the task's training texts, unlabeled, in batches of the library's default size."""
     from ..engine.calibration import CalibrationSpec
-    from .text import batches
 
     cfg = bench.cfg
     examples = sentconv.subsample(bench.tasks[task].train, cfg.calibration_examples, cfg.seed, f"{task}/calibration")
@@ -222,7 +222,6 @@ def checkpoint_study(bench: "TextBench") -> dict:
     weights it in metrics_weighted. Test accuracy of the last checkpoint and of each average."""
     from ..api import merge_state_dicts
     from ..methods.metrics_weighted import MetricsWeightedParams, metric_weights
-    from .text import Classifier, accuracy, cache_key, fine_tune, mean_loss, training_steps
 
     cfg = bench.cfg
     task = CHECKPOINT_TASK if CHECKPOINT_TASK in bench.tasks else next(iter(bench.tasks))
@@ -285,8 +284,6 @@ def checkpoint_study(bench: "TextBench") -> dict:
 
 def bench_individual(bench: "TextBench", task: str) -> float:
     """The task's model in the table (test accuracy), for comparison with its checkpoints."""
-    from .text import accuracy
-
     bench.encoder.load_state_dict(bench.finetuned[task])
     bench.evals += 1
     return accuracy(bench.classifiers[task], bench.test[task])

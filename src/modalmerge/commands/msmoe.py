@@ -50,22 +50,19 @@ def report_lines(report: dict, output) -> list[str]:
 
 
 def cmd_msmoe(args) -> int:
-    from .. import __version__
+    from .. import api
     from ..engine import moe
-    from ..engine.plan import build_plan, open_models
     from ..engine.recipe import parse_recipe
 
     recipe = parse_recipe(moe.recipe_for(args.model, _calibration(args),
                                          {"num_experts": args.experts, "held_out": args.held_out}), "msmoe")
-    base, models = open_models(recipe)
-    plan = build_plan(recipe, base, models, trust_recipe_code=args.trust_recipe_code,
-                      trust_remote_code=args.trust_remote_code)
+    plan = api.plan(recipe, trust_recipe_code=args.trust_recipe_code, trust_remote_code=args.trust_remote_code)
     if args.dry_run:
-        print("\n".join(dry_run_lines(plan.summary(), args.output)))
+        print("\n".join(dry_run_lines(api.describe(plan), args.output)))
         return 0
     if not args.output:
         raise MergeError("msmoe needs --output DIR (or --dry-run)")
-    report = moe.run(plan, args.output, overwrite=args.overwrite, tool_version=__version__)
+    report = api.merge(plan, args.output, overwrite=args.overwrite).statistics["experts"]
     print("\n".join(report_lines(report, args.output)))
     if args.json:
         print(json.dumps(report))

@@ -9,8 +9,6 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from ..errors import MergeError
-from .calibration import load_model, model_inputs
 
 
 def prediction_entropy(logits: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,12 +50,11 @@ def fit_coefficients(base: dict[str, torch.Tensor], taus: dict[str, torch.Tensor
     return lam.detach(), losses
 
 
-def learn_coefficients(plan, batches: list[list[dict]], progress: bool = False) -> list[dict[str, torch.Tensor]]:
-    """Per model, {tensor name: λ (1 value)} for every merged tensor."""
+def learn_coefficients(plan, model, inputs: list[list[dict]], progress: bool = False
+                       ) -> list[dict[str, torch.Tensor]]:
+    """Per model, {tensor name: λ (1 value)} for every merged tensor. `model`: the base model, loaded
+    (engine/calibration.py loads it); `inputs[t]`: model t's batches, as the model's keyword arguments."""
     p = plan.params
-    if plan.base is None:
-        raise MergeError("adamerging needs a base model: add `base: path/to/base` to the recipe")
-    model = load_model(plan.base, f"model {plan.base.label!r}", trust_remote_code=plan.trust_remote_code)
     for q in model.parameters():
         q.requires_grad_(False)
     names = [t.name for t in plan.merged]
@@ -68,8 +65,8 @@ def learn_coefficients(plan, batches: list[list[dict]], progress: bool = False) 
     n_models = len(plan.models)
 
     def task_entropy(t: int, step: int, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = batches[t][step % len(batches[t])]
-        out = torch.func.functional_call(model, params, args=(), kwargs=model_inputs(batch), strict=False)
+        batch = inputs[t][step % len(inputs[t])]
+        out = torch.func.functional_call(model, params, args=(), kwargs=batch, strict=False)
         return prediction_entropy(out.logits, batch.get("attention_mask"))
 
     lam, _ = fit_coefficients(base, taus, p, task_entropy, progress)

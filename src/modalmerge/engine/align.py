@@ -63,9 +63,8 @@ import torch
 
 from .. import ops
 from ..errors import MergeError
+from .architectures import permutable_model_types, permutation_rules
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
-BERT_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
 NO_RESIDUAL_HINT = "align with the residual stream left alone (--no-residual, residual=False)"
 
 
@@ -273,14 +272,17 @@ def mlp_spec(shapes: dict) -> PermSpec:
 def spec_for(shapes: dict, cfg: dict | None, residual: bool = True) -> PermSpec:
     """The permutation spec of a model from its (floating-point) tensor shapes and config.json."""
     model_type = (cfg or {}).get("model_type")
-    if model_type in LLAMA_TYPES:
-        return llama_spec(shapes, cfg, residual)
-    if model_type in BERT_TYPES:
-        return bert_spec(shapes, cfg, residual)
+    rules = permutation_rules(model_type)  # which model types follow which rules: engine/architectures.py
+    if rules:
+        return PERMUTATION_RULES[rules](shapes, cfg, residual)
     if model_type is None:
         return mlp_spec(shapes)
     raise MergeError(f"align: no permutation spec for model type {model_type!r}; supported: "
-                     f"{', '.join(LLAMA_TYPES + BERT_TYPES)} and plain MLPs")
+                     f"{', '.join(permutable_model_types())} and plain MLPs")
+
+
+# the permutation rules of each family that engine/architectures.py's specs name (ArchSpec.permutation)
+PERMUTATION_RULES = {"llama": llama_spec, "bert": bert_spec}
 
 
 def _units(w: torch.Tensor, axis: int, block: int) -> torch.Tensor:

@@ -27,13 +27,22 @@ class ArchSpec:
     # plain LLM's names (`language_model.model.layers.0.x` / `model.language_model.layers.0.x`
     # -> `model.layers.0.x`)
     llm_marker: str = ""
+    # alignment (engine/align.py, Git Re-Basin weight matching): the family of permutation rules
+    # its tensors follow (a key of align.PERMUTATION_RULES; "" for none), and the model types of
+    # this spec whose checkpoints those rules do not cover
+    permutation: str = ""
+    not_permutable: tuple[str, ...] = ()
 
 
 GENERIC = ArchSpec("generic")
 
 SPECS: tuple[ArchSpec, ...] = (
-    ArchSpec("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")),
-    ArchSpec("bert", ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "mpnet")),
+    # phi3 fuses qkv_proj and gate_up_proj, which the llama permutation rules do not split
+    ArchSpec("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"),
+             permutation="llama", not_permutable=("phi3",)),
+    # distilbert and mpnet name their tensors otherwise than the bert permutation rules expect
+    ArchSpec("bert", ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "mpnet"),
+             permutation="bert", not_permutable=("distilbert", "mpnet")),
     ArchSpec("gpt2", ("gpt2",), column_neurons=(r".*\.(c_attn|c_proj|c_fc)\.weight$",)),
     ArchSpec("clip", ("clip", "open_clip"), column_neurons=(r"^visual\.proj$", r"^text_projection$")),
     ArchSpec("t5", ("t5", "mt5")),
@@ -60,6 +69,17 @@ def spec_for(model_type: str | None) -> ArchSpec:
         if model_type in spec.model_types:
             return spec
     return GENERIC
+
+
+def permutation_rules(model_type: str | None) -> str:
+    """The family of alignment permutation rules for a config.json model_type ("" for none)."""
+    spec = spec_for(model_type)
+    return "" if model_type in spec.not_permutable else spec.permutation
+
+
+def permutable_model_types() -> tuple[str, ...]:
+    """The model types alignment can permute, in the order of SPECS."""
+    return tuple(t for spec in SPECS if spec.permutation for t in spec.model_types if t not in spec.not_permutable)
 
 
 @dataclass

@@ -16,7 +16,7 @@ line with `text` (loader `text`, tokenised by the model folder's tokenizer) or `
 Before the streaming merge, each model is loaded (transformers, per its config), the data is
 run through it, and per-tensor statistics are written to a scratch folder as safetensors; the
 executor then reads them tensor by tensor next to the weights (`TensorGroup.data[kind]`), so
-the merge itself stays streaming. Kinds:
+the merge itself stays streaming. Kinds (each one entry of DATA_KINDS, at the end of this file):
 
 - fisher: diagonal Fisher, the mean over examples of (∂ log p(y|x) / ∂θ)².
 - gram: per nn.Linear, G = XᵀX / n of its inputs (float64 accumulation), keyed by its weight.
@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import importlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -42,10 +43,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from ..checkpoint.safetensors_io import SafetensorsFile, check_regular
 from ..checkpoint.sources import TensorSource, load_json, open_source
 from ..errors import MergeError, one_line
-
-KINDS = ("fisher", "gram", "exp_avg_sq", "adamerging", "visual_attention")
-# the kinds whose gathering loads models with transformers and runs calibration data through them
-LOADING_KINDS = ("fisher", "gram", "adamerging", "visual_attention")
+from ..methods.frank import vision_index
+from .adamerging_fit import learn_coefficients
 
 TRUST_RECIPE_CODE_FIX = ("pass --trust-recipe-code (Python API: trust_recipe_code=True) if you trust this recipe, "
                          "or give `calibration: {file: data.jsonl}` instead")
@@ -95,19 +94,14 @@ def spec_of(raw: dict[str, Any], where: str) -> CalibrationSpec:
 
 def calibration_readers(method, params, model_params: list[dict[str, Any]]) -> set[int]:
     """The models whose calibration data a method runs (the indices into the recipe's models)."""
-    kinds = set(method.data(params))
-    if method.whole_model or kinds & {"fisher", "gram", "adamerging"}:
+    if method.whole_model:
         return set(range(len(model_params)))
-    if "visual_attention" in kinds:  # FRANK's `a: fit`: the vision model only
-        from ..methods.frank import vision_index
-
-        return {vision_index(params, model_params)}
-    return set()
+    return set().union(*(DATA_KINDS[k].readers(params, model_params) for k in method.data(params)))
 
 
 def loads_models(method, params) -> bool:
     """Whether the method loads model folders with transformers (to run data, or whole)."""
-    return method.whole_model or any(k in LOADING_KINDS for k in method.data(params))
+    return method.whole_model or any(DATA_KINDS[k].loads_models for k in method.data(params))
 
 
 def remote_code_file(folder: Path | None) -> str | None:
@@ -499,8 +493,6 @@ def visual_attention_profile(model, batches: list[dict], where: str = "calibrati
 def visual_attention_statistics(plan) -> list[dict[str, torch.Tensor]]:
     """FRANK's `a: fit` data: the vision model's visual_attention_profile as a [1, L] row under every
     merged tensor's name; the reasoning models, which need no data, get zeros in the same places."""
-    from ..methods.frank import vision_index
-
     v = vision_index(plan.params, plan.model_params)
     src = plan.models[v]
     where = f"model {src.label!r}"
@@ -583,26 +575,19 @@ def calibration_of(plan, t: int) -> CalibrationSpec:
     return spec
 
 
-def _check(plan, kinds) -> None:
-    for kind in kinds:
-        if kind == "visual_attention":
-            _check_vision_data(plan)
-    for t, entry in enumerate(plan.recipe.models):
-        for kind in kinds:
-            if kind == "visual_attention":
-                continue
-            if kind == "exp_avg_sq":
-                if entry.optimizer_state is None:
-                    raise MergeError(f"model {entry.label!r}: method {plan.method.name} needs the optimiser's second "
-                                     "moments; add `optimizer_state: path/exp_avg_sq.safetensors` to its entry")
-            else:
-                calibration_of(plan, t)
+def _check_calibration(plan, t: int) -> None:
+    calibration_of(plan, t)
+
+
+def _check_optimizer_state(plan, t: int) -> None:
+    entry = plan.recipe.models[t]
+    if entry.optimizer_state is None:
+        raise MergeError(f"model {entry.label!r}: method {plan.method.name} needs the optimiser's second "
+                         "moments; add `optimizer_state: path/exp_avg_sq.safetensors` to its entry")
 
 
 def _check_vision_data(plan) -> None:
     """FRANK's `a: fit`: only the vision model runs data."""
-    from ..methods.frank import vision_index
-
     v = vision_index(plan.params, plan.model_params)
     entry = plan.recipe.models[v]
     if entry.calibration is None and plan.recipe.calibration is None:
@@ -611,6 +596,159 @@ def _check_vision_data(plan) -> None:
                          "pkg.module:function}` (batches with image tokens or a visual_mask) to the recipe or to "
                          "this model's entry, or give `a` as a number")
     calibration_of(plan, v)
+
+
+def _check(plan, kinds) -> None:
+    """What each kind needs is in the recipe: the plan-wide checks first, then model by model."""
+    for kind in kinds:
+        if DATA_KINDS[kind].check_plan:
+            DATA_KINDS[kind].check_plan(plan)
+    for t in range(len(plan.recipe.models)):
+        for kind in kinds:
+            if DATA_KINDS[kind].check_model:
+                DATA_KINDS[kind].check_model(plan, t)
+
+
+def _batches_of_model(plan, t: int) -> list[dict]:
+    src = plan.models[t]
+    return load_batches(calibration_of(plan, t), src.folder, f"model {src.label!r}")
+
+
+def run_each_model(statistic: Callable[[Any, list[dict]], dict[str, torch.Tensor]]):
+    """A kind's computation that loads each model in turn and runs its calibration data through it."""
+    def compute(plan, names: list[str], allow_pickle: bool, progress: bool) -> list[dict[str, torch.Tensor]]:
+        per_model = []
+        for t, src in enumerate(plan.models):
+            batches = _batches_of_model(plan, t)
+            model = load_model(src, f"model {src.label!r}", trust_remote_code=plan.trust_remote_code)
+            per_model.append(statistic(model, batches))
+            del model
+        return per_model
+    return compute
+
+
+def second_moments_of_models(plan, names: list[str], allow_pickle: bool, progress: bool
+                             ) -> list[dict[str, torch.Tensor]]:
+    """exp_avg_sq of every model, read from its optimizer_state; every merged tensor must have one."""
+    per_model = []
+    for entry in plan.recipe.models[:len(plan.models)]:
+        moments = optimizer_second_moments(entry.optimizer_state, entry.label, names, allow_pickle)
+        for t_plan in plan.merged:
+            got = moments.get(t_plan.name)
+            if got is None or tuple(got.shape) != tuple(t_plan.meta.shape):
+                what = "has no entry" if got is None else f"has shape {list(got.shape)}"
+                raise MergeError(f"model {entry.label!r}: optimizer state {entry.optimizer_state} {what} "
+                                 f"for tensor {t_plan.name!r}; give its exp_avg_sq (shape "
+                                 f"{list(t_plan.meta.shape)}) or add the tensor to `exclude`")
+        per_model.append(moments)
+    return per_model
+
+
+def adamerging_coefficients(plan, batches: list[list[dict]], progress: bool = False
+                            ) -> list[dict[str, torch.Tensor]]:
+    """AdaMerging's λ, learned on the base model (engine/adamerging_fit.py) from each model's batches:
+    per model, {tensor name: λ (1 value)} for every merged tensor."""
+    if plan.base is None:
+        raise MergeError("adamerging needs a base model: add `base: path/to/base` to the recipe")
+    model = load_model(plan.base, f"model {plan.base.label!r}", trust_remote_code=plan.trust_remote_code)
+    return learn_coefficients(plan, model, [[model_inputs(b) for b in bs] for bs in batches], progress)
+
+
+def _adamerging(plan, names: list[str], allow_pickle: bool, progress: bool) -> list[dict[str, torch.Tensor]]:
+    return adamerging_coefficients(plan, [_batches_of_model(plan, t) for t in range(len(plan.models))], progress)
+
+
+def _float_params(plan) -> int:
+    return sum(t.meta.numel for t in plan.tensors if t.meta.dtype.is_floating_point)
+
+
+def _merged_params(plan) -> int:
+    return sum(t.meta.numel for t in plan.merged)
+
+
+def _all_models(params, model_params: list[dict[str, Any]]) -> set[int]:
+    return set(range(len(model_params)))
+
+
+def _no_models(params, model_params: list[dict[str, Any]]) -> set[int]:
+    return set()
+
+
+def _vision_model(params, model_params: list[dict[str, Any]]) -> set[int]:
+    return {vision_index(params, model_params)}
+
+
+def _visual_attention(plan, names: list[str], allow_pickle: bool, progress: bool) -> list[dict[str, torch.Tensor]]:
+    return visual_attention_statistics(plan)
+
+
+def _fisher_estimate(plan) -> dict[str, Any]:
+    # one model at a time: its weights, their gradients and the Fisher accumulator
+    params = _float_params(plan)
+    return {"stored_bytes_per_model": params * 4, "peak_bytes": params * 4 * 3,
+            "note": "one backward pass per example"}
+
+
+def _gram_estimate(plan) -> dict[str, Any]:
+    gram = sum(t.meta.shape[1] ** 2 for t in plan.merged if t.info.kind == "linear" and len(t.meta.shape) == 2)
+    return {"stored_bytes_per_model": gram * 4, "peak_bytes": _float_params(plan) * 4 + gram * 8,
+            "note": "float64 accumulation, forward passes only"}
+
+
+def _second_moments_estimate(plan) -> dict[str, Any]:
+    merged = _merged_params(plan)
+    return {"stored_bytes_per_model": merged * 4, "peak_bytes": merged * 4,
+            "note": "read from each model's optimizer_state"}
+
+
+def _adamerging_estimate(plan) -> dict[str, Any]:
+    # the base, T task vectors, the merged parameters and their gradients, all at once
+    return {"stored_bytes_per_model": len(plan.merged) * 4,
+            "peak_bytes": _float_params(plan) * 4 * 3 + _merged_params(plan) * 4 * len(plan.models),
+            "note": "not streaming: all task vectors are held while coefficients are learned"}
+
+
+def _visual_attention_estimate(plan) -> dict[str, Any]:
+    # the vision model alone, forward passes only; a [1, layers] row per merged tensor
+    return {"stored_bytes_per_model": len(plan.merged) * max(plan.num_layers, 1) * 4,
+            "peak_bytes": _float_params(plan) * 4,
+            "note": "vision model only, eager attention; each batch also holds every layer's "
+                    "attention maps (layers x batch x heads x seq^2 x 4 bytes)"}
+
+
+@dataclass(frozen=True)
+class DataKind:
+    """One kind of per-model statistic that data-aware methods name in `Method.data`; a new kind is
+    one entry of DATA_KINDS. The executor reads it as `TensorGroup.data[name]`, tensor by tensor."""
+
+    name: str
+    # gathering loads model folders with transformers and runs calibration data through them
+    loads_models: bool
+    # the models whose calibration data it runs: (params, the recipe's per-model params) -> indices
+    readers: Callable[[Any, list[dict[str, Any]]], set[int]]
+    # per model, {tensor name: statistic}: (plan, every tensor name, allow_pickle, progress)
+    compute: Callable[[Any, list[str], bool, bool], list[dict[str, torch.Tensor]]]
+    # what --dry-run says: stored bytes per model, peak bytes, a note
+    estimate: Callable[[Any], dict[str, Any]]
+    # what the recipe must give, checked before any work: once per plan, and for each model t
+    check_plan: Callable[[Any], None] | None = None
+    check_model: Callable[[Any, int], None] | None = None
+
+
+DATA_KINDS: dict[str, DataKind] = {k.name: k for k in (
+    DataKind("fisher", loads_models=True, readers=_all_models, compute=run_each_model(fisher_diagonal),
+             estimate=_fisher_estimate, check_model=_check_calibration),
+    DataKind("gram", loads_models=True, readers=_all_models, compute=run_each_model(gram_matrices),
+             estimate=_gram_estimate, check_model=_check_calibration),
+    DataKind("exp_avg_sq", loads_models=False, readers=_no_models, compute=second_moments_of_models,
+             estimate=_second_moments_estimate, check_model=_check_optimizer_state),
+    DataKind("adamerging", loads_models=True, readers=_all_models, compute=_adamerging,
+             estimate=_adamerging_estimate, check_model=_check_calibration),
+    # FRANK's `a: fit`: only the vision model runs data
+    DataKind("visual_attention", loads_models=True, readers=_vision_model, compute=_visual_attention,
+             estimate=_visual_attention_estimate, check_plan=_check_vision_data),
+)}
+KINDS = tuple(DATA_KINDS)
 
 
 def gather(plan, kinds: list[str], folder: str, *, allow_pickle: bool = False, progress: bool = False
@@ -622,38 +760,7 @@ def gather(plan, kinds: list[str], folder: str, *, allow_pickle: bool = False, p
     out: dict[str, list[TensorSource]] = {}
     names = [t.name for t in plan.tensors]
     for kind in kinds:
-        if kind == "adamerging":
-            from .adamerging_fit import learn_coefficients
-
-            per_model = learn_coefficients(plan, [load_batches(calibration_of(plan, t), src.folder,
-                                                               f"model {src.label!r}")
-                                                  for t, src in enumerate(plan.models)], progress)
-        elif kind == "visual_attention":
-            per_model = visual_attention_statistics(plan)
-        else:
-            per_model = []
-            for t, src in enumerate(plan.models):
-                entry = plan.recipe.models[t]
-                if kind == "exp_avg_sq":
-                    moments = optimizer_second_moments(entry.optimizer_state, entry.label, names, allow_pickle)
-                    for t_plan in plan.merged:
-                        got = moments.get(t_plan.name)
-                        if got is None or tuple(got.shape) != tuple(t_plan.meta.shape):
-                            what = "has no entry" if got is None else f"has shape {list(got.shape)}"
-                            raise MergeError(f"model {entry.label!r}: optimizer state {entry.optimizer_state} {what} "
-                                             f"for tensor {t_plan.name!r}; give its exp_avg_sq (shape "
-                                             f"{list(t_plan.meta.shape)}) or add the tensor to `exclude`")
-                    per_model.append(moments)
-                    continue
-                batches = load_batches(calibration_of(plan, t), src.folder, f"model {src.label!r}")
-                model = load_model(src, f"model {src.label!r}", trust_remote_code=plan.trust_remote_code)
-                if kind == "fisher":
-                    per_model.append(fisher_diagonal(model, batches))
-                elif kind == "gram":
-                    per_model.append(gram_matrices(model, batches))
-                else:
-                    raise AssertionError(f"unknown statistic kind {kind}")
-                del model
+        per_model = DATA_KINDS[kind].compute(plan, names, allow_pickle, progress)
         sources = []
         for t, stats in enumerate(per_model):
             path = Path(folder) / f"{kind}-{t}.safetensors"
@@ -668,33 +775,8 @@ def estimate(plan) -> dict[str, Any]:
     memory needed to compute them (besides activations, which depend on the data)."""
     kinds = list(plan.method.data(plan.params))
     _check(plan, kinds)
-    params = sum(t.meta.numel for t in plan.tensors if t.meta.dtype.is_floating_point)
-    merged = sum(t.meta.numel for t in plan.merged)
-    n = len(plan.models)
-    out: dict[str, Any] = {}
-    for kind in kinds:
-        if kind == "fisher":
-            # one model at a time: its weights, their gradients and the Fisher accumulator
-            out[kind] = {"stored_bytes_per_model": params * 4, "peak_bytes": params * 4 * 3,
-                         "note": "one backward pass per example"}
-        elif kind == "gram":
-            gram = sum(t.meta.shape[1] ** 2 for t in plan.merged if t.info.kind == "linear" and len(t.meta.shape) == 2)
-            out[kind] = {"stored_bytes_per_model": gram * 4, "peak_bytes": params * 4 + gram * 8,
-                         "note": "float64 accumulation, forward passes only"}
-        elif kind == "exp_avg_sq":
-            out[kind] = {"stored_bytes_per_model": merged * 4, "peak_bytes": merged * 4,
-                         "note": "read from each model's optimizer_state"}
-        elif kind == "adamerging":
-            # the base, T task vectors, the merged parameters and their gradients, all at once
-            out[kind] = {"stored_bytes_per_model": len(plan.merged) * 4,
-                         "peak_bytes": params * 4 * 3 + merged * 4 * n,
-                         "note": "not streaming: all task vectors are held while coefficients are learned"}
-        elif kind == "visual_attention":
-            # the vision model alone, forward passes only; a [1, layers] row per merged tensor
-            out[kind] = {"stored_bytes_per_model": len(plan.merged) * max(plan.num_layers, 1) * 4,
-                         "peak_bytes": params * 4,
-                         "note": "vision model only, eager attention; each batch also holds every layer's "
-                                 "attention maps (layers x batch x heads x seq^2 x 4 bytes)"}
+    out: dict[str, Any] = {kind: DATA_KINDS[kind].estimate(plan) for kind in kinds}
     out["peak_bytes"] = max(v["peak_bytes"] for v in out.values())
+    n = len(plan.models)
     out["stored_bytes"] = sum(v["stored_bytes_per_model"] for k, v in out.items() if isinstance(v, dict)) * n
     return out

@@ -27,7 +27,8 @@ from ..checkpoint.output import ShardedWriter
 from ..checkpoint.safetensors_io import TensorMeta, check_regular
 from ..checkpoint.sources import SafetensorsSource, TensorSource
 from ..errors import MergeError
-from ..methods.base import TensorGroup
+from ..methods.base import Stats, TensorGroup
+from ..methods.opcm import RunningScale
 from .plan import Plan, build_plan, open_models, who
 from .recipe import Recipe, parse_recipe
 from .sinks import FolderSink
@@ -72,7 +73,7 @@ def _step(plan: Plan, model: TensorSource, prev: TensorSource | None, lam: float
                 stack = torch.stack([prev.read(t.name).float(), tau])
                 group = TensorGroup(info=t.info, base=None, models=stack, model_names=["running", model.label],
                                     weights=torch.ones(2), model_params=[{}, {}])
-                d = plan.method.kernel(group, plan.params, {"lambda": lam}).tensor
+                d = plan.method.kernel(group, plan.params, Stats({RunningScale: RunningScale(lam)})).tensor
             sums["new"] += ops.deterministic_dot(d, d)
             yield t.name, d
 
@@ -94,7 +95,8 @@ def _step(plan: Plan, model: TensorSource, prev: TensorSource | None, lam: float
     return out, lam_new, norms
 
 
-def _finish(plan: Plan, sink: FolderSink, delta_dir: Path, state: dict[str, Any], progress: bool) -> Path:
+def _finish(plan: Plan, sink: FolderSink, delta_dir: Path, state: dict[str, Any], progress: bool,
+            tool_version: str) -> Path:
     """Write θ_0 + Δ (and the copied tensors), move Δ into continual/, write the manifest."""
     delta = _open_delta(delta_dir)
     for t in tqdm(plan.tensors, desc="writing", disable=not progress, leave=False):
@@ -110,8 +112,7 @@ def _finish(plan: Plan, sink: FolderSink, delta_dir: Path, state: dict[str, Any]
     del delta
     shutil.rmtree(delta_dir.parent, ignore_errors=True)  # the scratch folder
     (target / MANIFEST).write_text(json.dumps(state, indent=2))
-    from .. import __version__
-    sink.tool_version = __version__
+    sink.tool_version = tool_version
     return sink.close()
 
 
@@ -122,7 +123,8 @@ def _state(plan: Plan, recipe: Recipe, lam: float, norms: list[float], history: 
             "tensors": [t.name for t in plan.merged], "recipe": options}
 
 
-def run_sequential(plan: Plan, output, *, overwrite: bool = False, progress: bool = False) -> Path:
+def run_sequential(plan: Plan, output, *, overwrite: bool = False, progress: bool = False,
+                   tool_version: str = "?") -> Path:
     """`merge` with a sequential method: the recipe's models applied in order."""
     if plan.base is None or plan.recipe.base is None or plan.base.path is None:
         raise MergeError(f"method {plan.method.name} needs a base model folder: add `base: path/to/base`")
@@ -139,7 +141,8 @@ def run_sequential(plan: Plan, output, *, overwrite: bool = False, progress: boo
                     shutil.rmtree(prev_dir)
                 prev_dir = new_dir
             history = [{"name": m.label, "path": _abs(m.path)} for m in plan.recipe.models]
-            return _finish(plan, sink, prev_dir, _state(plan, plan.recipe, lam, norms, history), progress)
+            return _finish(plan, sink, prev_dir, _state(plan, plan.recipe, lam, norms, history), progress,
+                           tool_version)
     except BaseException:
         sink.abort()
         raise
@@ -166,7 +169,7 @@ def read_state(previous) -> dict[str, Any]:
 
 
 def continual_add(previous, add: str, output, *, name: str | None = None, overwrite: bool = False,
-                  allow_pickle: bool = False, progress: bool = False) -> Path:
+                  allow_pickle: bool = False, progress: bool = False, tool_version: str = "?") -> Path:
     """Add one model to the continual merge in folder `previous`; the result goes to `output`, a
     new folder (`previous` is an input, so it is never replaced: remove it afterwards if you wish)."""
     previous = Path(previous)
@@ -198,7 +201,8 @@ def continual_add(previous, add: str, output, *, name: str | None = None, overwr
             new_dir, lam, norms = _step(plan, models[0], _open_delta(previous / CONTINUAL_DIR),
                                         float(state["lambda"]), [float(x) for x in state["norms"]], work,
                                         len(history) - 1, progress)
-            return _finish(plan, sink, new_dir, _state(plan, recipe, lam, norms, history), progress)
+            return _finish(plan, sink, new_dir, _state(plan, recipe, lam, norms, history), progress,
+                           tool_version)
     except BaseException:
         sink.abort()
         raise

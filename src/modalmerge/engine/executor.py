@@ -11,14 +11,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm import tqdm
 
+from ..checkpoint.sources import TensorSource
 from ..errors import MergeError
-from ..methods.base import TensorGroup
-from ..ops import fused, pack_bits
+from ..methods.base import ElectionState, Stats, TensorGroup
+from ..ops import pack_bits
+from ..ops.threads import KernelThreads, threads_in_use
 from .plan import Plan, TensorPlan, who
 
 # statistics passes over a sample look at about one element in k (k chosen so the whole sample
@@ -34,7 +36,7 @@ SAMPLE_MIN = 1 << 16
 SAMPLE_SEGMENT = 1 << 10
 # fused kernels (ops/fused.py), for methods that have them (Method.fused), on CPU blocks of at
 # least this many elements (below it a call's overhead outweighs the passes it saves);
-# MODALMERGE_COMPILE=0 turns them off
+# MODALMERGE_FUSED=0 turns them off
 FUSED_MIN_BLOCK = 1 << 12
 
 
@@ -70,31 +72,40 @@ class Report:
     copied_tensors: int = 0
     merged_parameters: int = 0
     statistics: dict[str, Any] = field(default_factory=dict)
+    procedure: str = "streaming"  # Method.runs of the merge (engine/run.py)
 
 
 class Executor:
     def __init__(self, plan: Plan, device: str = "cpu", exact_stats: bool = False, progress: bool = True,
-                 allow_pickle: bool = False):
+                 allow_pickle: bool = False, data: dict[str, list[TensorSource]] | None = None,
+                 gather: Callable[..., dict[str, list[TensorSource]]] | None = None):
+        """`data`: a data-aware method's per-model statistics by kind, one source per model, where
+        the caller has them; `gather(plan, kinds, folder, allow_pickle=, progress=)` computes the
+        missing kinds into a scratch folder before the merge (procedures/calibration.gather)."""
         if plan.method.sequential:
             raise MergeError(f"method {plan.method.name} applies its models one at a time and writes its state to a "
                              "folder: use `modalmerge merge` / modalmerge.merge() with an output folder")
         self.plan = plan
         self.allow_pickle = allow_pickle  # for data-aware inputs (an optimizer.pt)
+        self.data = dict(data or {})
+        self.gather = gather
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise MergeError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
         self.exact_stats = exact_stats
         self.progress = progress
-        if self.device.type == "cpu":
-            keep_freed_memory_for_reuse()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modalmerge-read")
         # outputs are cast and written in a thread while the next job computes (one in flight)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modalmerge-write")
+        # the fused kernels split large blocks over torch's thread count, within run()'s passes
+        self._kernel_threads = KernelThreads(torch.get_num_threads())
         self._pending = None
         self.use_fused = self._use_fused()
 
     def _use_fused(self) -> bool:
-        return self.plan.method.fused and self.device.type == "cpu" and fused.usable()
+        # the kernel reads the stored inputs; ops.trimmed_merge runs C on them where it can, else
+        # builds the float32 stack itself (one stack either way)
+        return self.plan.method.fused and self.device.type == "cpu"
 
     # -- reading ---------------------------------------------------------------------------
     def _read_raw(self, job: Job) -> tuple[torch.Tensor | None, list[torch.Tensor], dict[str, list[torch.Tensor]], bool]:
@@ -135,7 +146,7 @@ class Executor:
         """Per-model statistics of a data-aware method for this job: a statistic shaped like the
         tensor is cut like it; another shape (a Gram matrix, a scalar) is read whole."""
         name, out = job.tensor.name, {}
-        for kind, sources in self.plan.data.items():
+        for kind, sources in self.data.items():
             if not all(name in src for src in sources):
                 continue
             if sources[0].meta(name).shape == job.tensor.meta.shape and not job.whole:
@@ -144,7 +155,8 @@ class Executor:
                 out[kind] = [src.read(name) for src in sources]
         return out
 
-    def _group(self, job: Job, raw, sample: tuple[int, int] | None = None, scheduled: bool = True) -> TensorGroup:
+    def _group(self, job: Job, raw, sample: tuple[int, int] | None = None, scheduled: bool = True,
+               tensor_stats: list | None = None, tie_totals: dict[str, float] | None = None) -> TensorGroup:
         base_raw, model_raw, data_raw, suspect = raw
         shape = job.shape
 
@@ -157,7 +169,7 @@ class Executor:
         if self.use_fused and sample is None and scheduled and not suspect and not data_raw \
                 and job.stop - job.start >= FUSED_MIN_BLOCK:
             # the kernel reads the raw inputs; shapes only (meta) until it asks for the stack
-            return self._make_group(job, scheduled, 1.0, None, {},
+            return self._make_group(job, scheduled, 1.0, None, {}, tensor_stats, tie_totals,
                                     base=None if base_raw is None else torch.empty(shape, device="meta"),
                                     models=torch.empty((n_models,) + shape, device="meta"),
                                     raw_base=base_raw, raw_models=model_raw)
@@ -180,9 +192,11 @@ class Executor:
             if tuple(values[0].shape) in (shape, (job.stop - job.start,)) and values[0].numel() == job.stop - job.start:
                 values = [prep(v).reshape(out_shape) for v in values]
             data[kind] = torch.stack([v.to(device=self.device, dtype=torch.float32) for v in values])
-        return self._make_group(job, scheduled, weight, sample, data, base=base, models=models)
+        return self._make_group(job, scheduled, weight, sample, data, tensor_stats, tie_totals,
+                                base=base, models=models)
 
-    def _make_group(self, job: Job, scheduled: bool, weight: float, sample, data, **inputs) -> TensorGroup:
+    def _make_group(self, job: Job, scheduled: bool, weight: float, sample, data, tensor_stats, tie_totals,
+                    **inputs) -> TensorGroup:
         p = self.plan
         # per-layer schedules resolved for the kernels; statistics passes see the first values
         model_params = p.params_for(job.tensor.info)[1] if scheduled else p.model_params
@@ -190,7 +204,9 @@ class Executor:
             info=job.tensor.info, model_names=p.model_names,
             weights=torch.tensor(p.weights, dtype=torch.float32, device=self.device),
             model_params=model_params, row_start=job.rows[0], seed=p.recipe.seed,
-            sample_weight=weight, is_sample=sample is not None, data=data, **inputs,
+            sample_weight=weight, is_sample=sample is not None, data=data, tensor_stats=tensor_stats,
+            # the block's sign-election bookkeeping, shared with apply()
+            election=ElectionState(exact=job.whole or sample is not None, totals=tie_totals), **inputs,
         )
 
     def _check_finite(self, job: Job, base, models) -> None:
@@ -224,9 +240,9 @@ class Executor:
     def jobs(self) -> list[Job]:
         return [Job(t, rows) for t in self.plan.merged for rows in t.chunks]
 
-    def statistics(self) -> dict[str, Any]:
+    def statistics(self) -> Stats:
         p = self.plan
-        results: dict[str, Any] = {}
+        results = Stats()
         queue = list(p.method.statistics(p.params))
         total = sum(t.meta.numel for t in p.merged)
         # sample only where the model is large enough that a sample still has >= 4M values
@@ -239,7 +255,7 @@ class Executor:
 
                 def read(job: Job):
                     if sampled and job.stop - job.start > SAMPLE_MIN:
-                        if p.data:  # per-element statistics must be sampled alike: strided, from the whole job
+                        if self.data:  # per-element statistics must be sampled alike: strided, from the whole job
                             return self._read_raw(job), ((hash_name(job.tensor.name) + job.rows[0]) % stride, stride)
                         return self._read_sample(job, stride), (0, 1)
                     return self._read_raw(job), None
@@ -247,14 +263,15 @@ class Executor:
                 for job, (raw, sample) in self._prefetched(jobs, read):
                     stat.observe(self._group(job, raw, sample, scheduled=False), p.params, results)
                     bar.update(job.stop - job.start)
-            results[stat.name] = stat.result(p.params, results)
+            result = stat.result(p.params, results)
+            results.put(stat, result)
             if self.exact_stats:
-                follow = stat.refinement(results[stat.name])
+                follow = stat.refinement(result)
                 if follow is not None:
                     queue.insert(0, follow)
         return results
 
-    def apply(self, sink, stats: dict[str, Any]) -> None:
+    def apply(self, sink, stats: Stats) -> None:
         p = self.plan
         jobs = self.jobs()
         # per chunked tensor: summed tie partials, and the chunks that used a provisional tie sign
@@ -265,18 +282,16 @@ class Executor:
         with self._bar(sum(j.stop - j.start for j in jobs), "merging") as bar:
             for job, raw in self._prefetched(jobs):
                 name = job.tensor.name
-                group = self._group(job, raw)
+                if tensor_statistic is not None and not job.whole and job.rows[0] == 0:
+                    per_tensor[name] = self._tensor_statistics(job.tensor, tensor_statistic)
+                group = self._group(job, raw, tensor_stats=per_tensor.get(name))
                 params = p.params_for(job.tensor.info)[0]
-                if tensor_statistic is not None and not job.whole:
-                    if job.rows[0] == 0:
-                        per_tensor[name] = self._tensor_statistics(job.tensor, tensor_statistic)
-                    group.tensor_stats = per_tensor[name]
                 self._write(sink, job, p.method.kernel(group, params, stats))
                 if len(job.tensor.chunks) > 1:
                     acc = tie_partials.setdefault(name, {})
-                    for key, value in group.tie_partials.items():
+                    for key, value in group.election.partials.items():
                         acc[key] = acc.get(key, 0.0) + value
-                    if group.tie_provisional:
+                    if group.election.provisional:
                         provisional.setdefault(name, []).append(job)
                     if job.rows == job.tensor.chunks[-1]:
                         self._redo_ties(sink, stats, provisional.pop(name, []), tie_partials.pop(name),
@@ -307,9 +322,7 @@ class Executor:
         if not jobs or all(v >= 0 for v in totals.values()):
             return
         for job in jobs:
-            group = self._group(job, self._read_raw(job))
-            group.tie_totals = dict(totals)
-            group.tensor_stats = tensor_stats
+            group = self._group(job, self._read_raw(job), tensor_stats=tensor_stats, tie_totals=totals)
             self._write(sink, job, self.plan.method.kernel(group, self.plan.params_for(job.tensor.info)[0], stats))
 
     def _write(self, sink, job: Job, merged) -> None:
@@ -340,8 +353,11 @@ class Executor:
     def run(self, sink) -> Report:
         report = Report()
         scratch = None
-        missing = [k for k in self.plan.method.data(self.plan.params) if k not in self.plan.data]
+        missing = [k for k in self.plan.method.data(self.plan.params) if k not in self.data]
         try:
+            if missing and self.gather is None:
+                raise MergeError(f"method {self.plan.method.name} needs per-model statistics ({', '.join(missing)})"
+                                 " that only model folders can give: pass them as `data`, or merge model folders")
             t0 = time.perf_counter()
             if missing:
                 # data-aware: per-model statistics from calibration data, before the streaming merge,
@@ -349,16 +365,15 @@ class Executor:
                 # both, a kill -9 included), else in $TMPDIR; removed on every way out
                 import tempfile
 
-                from .calibration import gather
-
                 place = getattr(sink, "scratch", None)
                 scratch = place("modalmerge-data-") if place else Path(tempfile.mkdtemp(prefix="modalmerge-data-"))
-                self.plan.data.update(gather(self.plan, missing, str(scratch), allow_pickle=self.allow_pickle,
+                self.data.update(self.gather(self.plan, missing, str(scratch), allow_pickle=self.allow_pickle,
                                              progress=self.progress))
-            stats = self.statistics()
-            t1 = time.perf_counter()
-            self.apply(sink, stats)
-            t2 = time.perf_counter()
+            with threads_in_use(self._kernel_threads):
+                stats = self.statistics()
+                t1 = time.perf_counter()
+                self.apply(sink, stats)
+                t2 = time.perf_counter()
             if scratch is not None:  # not part of the output
                 self._drop_scratch(scratch, missing)
                 scratch = None
@@ -368,7 +383,7 @@ class Executor:
             report.merged_tensors = len(self.plan.merged)
             report.copied_tensors = len(self.plan.tensors) - report.merged_tensors
             report.merged_parameters = sum(t.meta.numel for t in self.plan.merged)
-            report.statistics = {k: getattr(v, "summary", lambda: None)() for k, v in stats.items()}
+            report.statistics = stats.summaries()
             return report
         except BaseException:
             self._writer.shutdown(wait=True)  # the one write in flight lands before the abort, never after
@@ -377,12 +392,13 @@ class Executor:
         finally:
             self._writer.shutdown(wait=True, cancel_futures=True)
             self._pool.shutdown(wait=True, cancel_futures=True)
+            self._kernel_threads.close()
             if scratch is not None:
                 self._drop_scratch(scratch, missing)
 
     def _drop_scratch(self, scratch: Path, kinds: list[str]) -> None:
         for kind in kinds:
-            self.plan.data.pop(kind, None)
+            self.data.pop(kind, None)
         from ..checkpoint.output import remove_tree
         remove_tree(scratch)
 
@@ -395,7 +411,7 @@ def hash_name(name: str) -> int:
     return h
 
 
-def decoupled_manifest(plan: Plan, stats: dict[str, Any]) -> dict[str, Any]:
+def decoupled_manifest(plan: Plan, stats: Stats) -> dict[str, Any]:
     """What `decoupled/manifest.json` says: task t is θ_text + (c_t − c̄) ⊙ shared, c_t = s_t·m_t."""
     method = plan.method
     scalars = method.task_scalars(plan.params, stats, plan.model_names) if method.task_scalars else \

@@ -22,7 +22,7 @@ from ..methods.base import TensorInfo
 from ..ops.reduce import deterministic_dot
 from ..ops.similarity import gram_matrix, sign_conflicts
 from .architectures import Describer, spec_for
-from .plan import _FLOAT, _read_model_type, check_no_extra, check_tensor, who
+from .plan import FLOAT_DTYPES, check_no_extra, check_tensor, read_model_type, who
 
 CHUNK_ELEMS = 1 << 22
 
@@ -134,7 +134,7 @@ def inspect_models(base: TensorSource, models: list[TensorSource], include: list
         if not wanted(name):
             continue
         check_tensor(name, base, models, exclude_fix=fix(name))
-        (selected if base.meta(name).dtype in _FLOAT else skipped).append(name)
+        (selected if base.meta(name).dtype in FLOAT_DTYPES else skipped).append(name)
     for src in models:
         extra = [x for x in src.names() if x not in base and wanted(x)]
         if extra:
@@ -142,7 +142,7 @@ def inspect_models(base: TensorSource, models: list[TensorSource], include: list
     if not selected:
         raise MergeError("no floating-point tensor is selected; check --include and --exclude")
 
-    describer = Describer(spec_for(_read_model_type(base.folder)))
+    describer = Describer(spec_for(read_model_type(base.folder)))
     groups: dict[str, tuple[tuple, Sums]] = {}
     result = Inspection(base.label, names, skipped=skipped)
     total_elems = sum(base.meta(n).numel for n in selected)

@@ -36,8 +36,9 @@ from ..units import human_bytes as human
 from ..checkpoint.sources import SafetensorsSource, TensorSource, adapter_base_path, open_source
 from ..errors import MergeError
 from .architectures import Describer, spec_for
-from .plan import DEFAULT_CHUNK_ELEMS, Plan, _parts, _read_model_type, build_plan
+from .plan import DEFAULT_CHUNK_ELEMS, Plan, build_plan, part_patterns, read_model_type
 from .recipe import Recipe
+from .executor import Executor
 from .sinks import DECOUPLED_DIR, FolderSink
 
 MODALITIES_DIR = "modalities"
@@ -63,7 +64,7 @@ class ModelParts:
 
 
 def _describer(folder: Path | None, recipe: Recipe) -> Describer:
-    return Describer(spec_for(_read_model_type(folder)), tuple(_parts(recipe.parts)))
+    return Describer(spec_for(read_model_type(folder)), tuple(part_patterns(recipe.parts)))
 
 
 def _marker(desc: Describer, recipe: Recipe) -> str:
@@ -128,15 +129,10 @@ def _folder_of(src: TensorSource) -> Path | None:
     return src.folder
 
 
-@dataclass
-class ComposedPlan:
-    plan: Plan
-    models: list[ModelParts]
-
-
 def plan_composed(recipe: Recipe, *, allow_pickle: bool = False, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
-                  preloaded: dict[str, TensorSource] | None = None) -> ComposedPlan:
-    """Open the base and the models, split each into LLM and modality parts, plan the LLM merge."""
+                  preloaded: dict[str, TensorSource] | None = None) -> Plan:
+    """Open the base and the models, split each into LLM and modality parts, plan the LLM merge;
+    the parts are the plan's `composition` (a list of ModelParts, one per model)."""
     if recipe.base is None:
         raise MergeError("method mmer needs a base model (the LLM the models were fine-tuned from): add `base: "
                          "path/to/base` to the recipe")
@@ -156,7 +152,8 @@ def plan_composed(recipe: Recipe, *, allow_pickle: bool = False, chunk_elems: in
         models.append(ModelParts(entry.label, src, mapping, parts, folder))
     views = [PartView(m.source, m.llm, m.task) for m in models]
     plan = build_plan(recipe, base_view, views, chunk_elems)
-    return ComposedPlan(plan, models)
+    plan.composition = models
+    return plan
 
 
 def _safe_dir(task: str) -> str:
@@ -166,10 +163,10 @@ def _safe_dir(task: str) -> str:
 class ComposedSink(FolderSink):
     """FolderSink + every model's modality part, the extended manifest and the storage report."""
 
-    def __init__(self, composed: ComposedPlan, output, overwrite: bool = False,
+    def __init__(self, plan: Plan, output, overwrite: bool = False,
                  max_shard_bytes: int | None = None, tool_version: str = "?"):
-        super().__init__(composed.plan, output, overwrite, max_shard_bytes, tool_version)
-        self.composed = composed
+        super().__init__(plan, output, overwrite, max_shard_bytes, tool_version)
+        self.parts: list[ModelParts] = plan.composition
         self.max_shard_bytes = max_shard_bytes
         self.storage: dict[str, Any] | None = None
 
@@ -197,7 +194,7 @@ class ComposedSink(FolderSink):
             w.close()
         manifest = dict(manifest or {})
         tasks = []
-        for entry, m in zip(manifest.get("tasks", []), self.composed.models):
+        for entry, m in zip(manifest.get("tasks", []), self.parts):
             entry = dict(entry)
             if m.has_modality:
                 dirname = f"{MODALITIES_DIR}/{_safe_dir(m.task)}"
@@ -211,7 +208,7 @@ class ComposedSink(FolderSink):
         ddir = self.folder.tmp / DECOUPLED_DIR
         densities = mask_densities(ddir, manifest)  # reads the dense τ*: before sparsifying it
         manifest["shared_format"] = sparsify_shared(ddir, manifest)
-        self.storage = storage_report(self.folder.tmp, manifest, self.composed, densities)
+        self.storage = storage_report(self.folder.tmp, manifest, self.parts, densities)
         manifest["storage"] = self.storage
         return super()._close(manifest)
 
@@ -242,7 +239,7 @@ def mask_densities(ddir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             "shared_density": nnz / total if total else 0.0, "merged_parameters": total}
 
 
-def storage_report(folder: Path, manifest: dict[str, Any], composed: ComposedPlan,
+def storage_report(folder: Path, manifest: dict[str, Any], parts: list[ModelParts],
                    densities: dict[str, Any]) -> dict[str, Any]:
     """Bytes of each part of the composed folder against the separate models, and mask densities."""
     ddir = folder / DECOUPLED_DIR
@@ -250,7 +247,7 @@ def storage_report(folder: Path, manifest: dict[str, Any], composed: ComposedPla
     shared = _size(ddir.glob("shared*.safetensors"))
     masks = _size(ddir.glob("masks*.safetensors"))
     modalities = _size((folder / MODALITIES_DIR).rglob("*.safetensors")) if (folder / MODALITIES_DIR).exists() else 0
-    separate = sum(m.bytes() for m in composed.models)
+    separate = sum(m.bytes() for m in parts)
     composed_bytes = text + shared + masks + modalities
     return {
         "text_weights": text, "shared": shared, "shared_format": manifest.get("shared_format", "dense"),
@@ -259,16 +256,12 @@ def storage_report(folder: Path, manifest: dict[str, Any], composed: ComposedPla
     }
 
 
-def compose(recipe: Recipe, output, *, device: str = "cpu", overwrite: bool = False, allow_pickle: bool = False,
-            exact_stats: bool = False, progress: bool = False, max_shard_bytes: int | None = None,
-            chunk_elems: int = DEFAULT_CHUNK_ELEMS, tool_version: str = "?", composed: ComposedPlan | None = None):
-    """Run an MMER composition into `output`; returns (Report, storage report)."""
-    from .executor import Executor
-
-    composed = composed or plan_composed(recipe, allow_pickle=allow_pickle, chunk_elems=chunk_elems)
-    sink = ComposedSink(composed, output, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+def compose(plan: Plan, output, *, device: str = "cpu", overwrite: bool = False, exact_stats: bool = False,
+            progress: bool = False, max_shard_bytes: int | None = None, tool_version: str = "?"):
+    """Run a composition planned by plan_composed into `output`; returns (Report, storage report)."""
+    sink = ComposedSink(plan, output, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
                         tool_version=tool_version)
-    report = Executor(composed.plan, device=device, exact_stats=exact_stats, progress=progress).run(sink)
+    report = Executor(plan, device=device, exact_stats=exact_stats, progress=progress).run(sink)
     return report, sink.storage
 
 
@@ -284,8 +277,4 @@ def storage_lines(s: dict[str, Any]) -> list[str]:
         lines.append(f"  mask {task}: keeps {100 * s['mask_density_of_shared'][task]:.2f}% of tau*'s non-zeros "
                      f"({100 * d:.2f}% of all merged parameters)")
     return lines
-
-
-def is_mmer(recipe: Recipe) -> bool:
-    return recipe.method == "mmer"
 

@@ -273,18 +273,3 @@ def recipe_for(model_path: str | Path, calibration: dict[str, Any], params: dict
     """The recipe `modalmerge msmoe MODEL …` stands for."""
     return {"method": "msmoe", "models": [str(model_path)], "calibration": calibration,
             "params": {k: v for k, v in (params or {}).items() if v is not None}}
-
-
-def msmoe_folder(model_path: str | Path, output: str | Path, calibration: dict[str, Any],
-                 params: dict[str, Any] | None = None, overwrite: bool = False, *, trust_recipe_code: bool = False,
-                 trust_remote_code: bool = False) -> dict[str, Any]:
-    """`modalmerge msmoe`: merge a model folder's experts into `output` (written atomically)."""
-    from .. import __version__
-    from .plan import build_plan, open_models
-    from .recipe import parse_recipe
-
-    recipe = parse_recipe(recipe_for(model_path, calibration, params))
-    base, models = open_models(recipe)
-    plan = build_plan(recipe, base, models, trust_recipe_code=trust_recipe_code, trust_remote_code=trust_remote_code)
-    return run(plan, output, overwrite=overwrite, tool_version=__version__)
-

@@ -14,14 +14,15 @@ from ..checkpoint.safetensors_io import TensorMeta
 from ..checkpoint.sources import TensorSource, adapter_base_path, load_json, open_source
 from ..errors import MergeError, one_line
 from ..methods.base import Method, Params, TensorInfo
-from ..methods.registry import UNWEIGHTED, USES_PARTS, get_method
+from ..methods.registry import METHODS, get_method
 from ..methods import schedules
 from .architectures import Describer, spec_for
 from .calibration import (calibration_readers, check_callable_trusted, check_remote_code, loads_models,
                           spec_of)
+from .metrics import fill_metrics
 from .recipe import Recipe
 
-_FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 DEFAULT_CHUNK_ELEMS = 1 << 22
 
 
@@ -77,9 +78,8 @@ class Plan:
             per_model = [schedules.resolve(m, key, self.num_layers) for m in self.raw_model_params]
             self._by_layer[key] = (params, per_model)
         return self._by_layer[key]
-    # per-model statistics of data-aware methods, by kind: one source per model (filled by
-    # engine/calibration.py before the merge, or given in memory)
-    data: dict[str, list[TensorSource]] = field(default_factory=dict)
+    # the composed procedure's layout of the model folders (engine/mmer.py: each model's parts)
+    composition: Any = None
     # what the user allowed: importing code a recipe names (calibration callables), running a
     # model folder's own modelling code (auto_map); engine/calibration.py reads them
     trust_recipe_code: bool = False
@@ -94,11 +94,8 @@ class Plan:
         return len(self.models) + (self.base is not None)
 
     def summary(self) -> dict[str, Any]:
-        """What --dry-run prints: tensors, passes, memory and output size estimates."""
-        if self.method.whole_model:  # M-SMoE: the model is loaded whole, not streamed
-            from .moe import summary
-
-            return summary(self)
+        """The streaming estimates --dry-run prints: tensors, passes, memory and output size
+        (engine/run.describe adds what other procedures know: a data pass, a whole model)."""
         merged = self.merged
         largest = max((min(t.meta.numel, t.row_elems * max(r1 - r0 for r0, r1 in t.chunks)) for t in merged),
                       default=0)
@@ -108,11 +105,6 @@ class Plan:
         peak = largest * 4 * (n_in * 4) + 2 * largest * 4 * n_in
         out_bytes = sum(t.meta.numel * t.out_dtype.itemsize for t in self.tensors)
         stats = [s.name + (" (sampled)" if s.sampled else "") for s in self.method.statistics(self.params)]
-        data = None
-        if self.method.data(self.params):
-            from .calibration import estimate
-
-            data = estimate(self)
         return {
             "method": self.method.name,
             "params": self.params.model_dump(by_alias=True),
@@ -126,7 +118,7 @@ class Plan:
             "passes": [f"statistics: {s}" for s in stats] + ["apply"],
             "estimated_peak_bytes": int(peak),
             "output_bytes": int(out_bytes),
-            "data": data,
+            "data": None,
         }
 
 
@@ -138,7 +130,7 @@ def _torch_dtype(name: str | None) -> torch.dtype | None:
     return None if name is None else getattr(torch, name)
 
 
-def _read_model_type(folder: Path | None) -> str | None:
+def read_model_type(folder: Path | None) -> str | None:
     if folder is None or not (folder / "config.json").exists():
         return None
     config = load_json(folder / "config.json", "model config", "fix or replace it")
@@ -176,16 +168,49 @@ def build_plan(recipe: Recipe, base: TensorSource | None, models: list[TensorSou
     is refused here, before any work, unless the matching trust flag is given."""
     method = get_method(recipe.method)
     if method.metrics:  # plan-time hook: per-model loss/step from trainer_state.json
-        from .metrics import fill_metrics
         filled = fill_metrics(recipe.models, method.metrics)
         recipe = recipe.model_copy(update={"models": [m.model_copy(update={"params": f})
                                                       for m, f in zip(recipe.models, filled)]})
-    try:  # schedules: validated with their first values; resolved per tensor by Plan.params_for
+    params, first_model_params = method_params(recipe, method)
+    check_contract(recipe, method, base, models)
+    check_fields(recipe, method, params, first_model_params)
+    check_trust(recipe, method, params, first_model_params, [s for s in (base, *models) if s is not None],
+                trust_recipe_code=trust_recipe_code, trust_remote_code=trust_remote_code)
+    weights = [m.weight for m in recipe.models]
+    if getattr(params, "normalize", False) and abs(sum(weights)) < 1e-12:
+        raise MergeError("the model weights sum to 0, so they cannot be normalised; change a `weight`")
+    reference = base if base is not None else models[0]
+    folder = Path(recipe.copy_files_from) if recipe.copy_files_from else reference.folder
+    tensors = tensor_jobs(recipe, method, params, reference, models, folder, chunk_elems)
+    layers = [t.info.layer for t in tensors if t.merge and t.info.layer is not None]
+    return Plan(recipe, method, params, base, models, [m.label for m in recipe.models], weights,
+                first_model_params, tensors, reference, folder, chunk_elems,
+                raw_params=dict(recipe.params), raw_model_params=[dict(m.params) for m in recipe.models],
+                num_layers=max(layers) + 1 if layers else 0,
+                trust_recipe_code=trust_recipe_code, trust_remote_code=trust_remote_code)
+
+
+def method_params(recipe: Recipe, method: Method) -> tuple[Params, list[dict[str, Any]]]:
+    """The method's parameters and each model's overrides, validated with the first value of each
+    per-layer schedule (Plan.params_for resolves them per tensor)."""
+    try:
         first_params = schedules.resolve(recipe.params, None, 1)
         first_model_params = [schedules.resolve(m.params, None, 1) for m in recipe.models]
     except ValueError as e:
         raise MergeError(f"method {method.name}: {e}; write it as {{layers: [0.2, 0.5, 1.0]}}") from None
     params = method.parse_params(first_params)
+    for entry, first in zip(recipe.models, first_model_params):
+        unknown = set(entry.params) - set(method.params.per_model)
+        if unknown:
+            allowed = ", ".join(sorted(method.params.per_model)) or "none"
+            raise MergeError(f"model {entry.label!r}: parameter {sorted(unknown)[0]!r} cannot be set per model "
+                             f"for {method.name} (per-model parameters: {allowed})")
+        method.parse_params({**first_params, **first}, where=f"models[{entry.label}].params")
+    return params, first_model_params
+
+
+def check_contract(recipe: Recipe, method: Method, base: TensorSource | None, models: list[TensorSource]) -> None:
+    """The method's input contract: a base required or forbidden, how many models, distinct names."""
     n = len(models)
     if method.base == "required" and base is None:
         raise MergeError(f"method {method.name} needs a base model: add `base: path/to/base` to the recipe")
@@ -201,47 +226,36 @@ def build_plan(recipe: Recipe, base: TensorSource | None, models: list[TensorSou
         raise MergeError(f"two models are named {sorted(dupes)[0]!r}; give each a distinct `name` in the recipe")
     if method.decoupled:
         check_task_names(method.name, names)
-    for entry, first in zip(recipe.models, first_model_params):
-        unknown = set(entry.params) - set(method.params.per_model)
-        if unknown:
-            allowed = ", ".join(sorted(method.params.per_model)) or "none"
-            raise MergeError(f"model {entry.label!r}: parameter {sorted(unknown)[0]!r} cannot be set per model "
-                             f"for {method.name} (per-model parameters: {allowed})")
-        method.parse_params({**first_params, **first}, where=f"models[{entry.label}].params")
-    check_fields(recipe, method, params, first_model_params)
-    check_trust(recipe, method, params, first_model_params, [s for s in (base, *models) if s is not None],
-                trust_recipe_code=trust_recipe_code, trust_remote_code=trust_remote_code)
-    weights = [m.weight for m in recipe.models]
-    if getattr(params, "normalize", False) and abs(sum(weights)) < 1e-12:
-        raise MergeError("the model weights sum to 0, so they cannot be normalised; change a `weight`")
 
-    reference = base if base is not None else models[0]
+
+def tensor_jobs(recipe: Recipe, method: Method, params: Params, reference: TensorSource,
+                models: list[TensorSource], folder: Path | None, chunk_elems: int) -> list[TensorPlan]:
+    """Every tensor of the reference model: merged (when selected, floating-point and not empty,
+    after checking that every model has it alike) or copied, described by the architecture spec
+    and cut into row blocks."""
     out_dtype = _torch_dtype(recipe.dtype)
-    folder = Path(recipe.copy_files_from) if recipe.copy_files_from else reference.folder
-    describer = Describer(spec_for(_read_model_type(folder)), tuple((k, v) for k, v in _parts(recipe.parts)))
+    describer = Describer(spec_for(read_model_type(folder)), tuple((k, v) for k, v in part_patterns(recipe.parts)))
     include = recipe.include or ["*"]
+
+    def wanted(name: str) -> bool:
+        return _matches(name, include) and not _matches(name, recipe.exclude)
+
     tensors: list[TensorPlan] = []
     for name in reference.names():
         meta = reference.meta(name)
-        wanted = _matches(name, include) and not _matches(name, recipe.exclude)
         # an empty tensor has no values to merge: it is copied (every model holds the same nothing)
-        merge = wanted and meta.dtype in _FLOAT and meta.numel > 0
-        if wanted:
+        merge = wanted(name) and meta.dtype in FLOAT_DTYPES and meta.numel > 0
+        if wanted(name):
             check_tensor(name, reference, models)
         info = describer.describe(name, meta.shape)
-        dtype = out_dtype if (out_dtype is not None and meta.dtype in _FLOAT) else meta.dtype
+        dtype = out_dtype if (out_dtype is not None and meta.dtype in FLOAT_DTYPES) else meta.dtype
         plan = TensorPlan(name, meta, dtype, merge, info)
         plan.chunks = _chunks(plan, method, params, chunk_elems) if merge else [(0, max(meta.shape[0], 1) if meta.shape else 1)]
         tensors.append(plan)
-    check_no_extra(reference, models, lambda x: _matches(x, include) and not _matches(x, recipe.exclude))
+    check_no_extra(reference, models, wanted)
     if not any(t.merge for t in tensors):
         raise MergeError("no tensor is selected for merging; check `include` and `exclude`")
-    layers = [t.info.layer for t in tensors if t.merge and t.info.layer is not None]
-    return Plan(recipe, method, params, base, models, names, weights,
-                first_model_params, tensors, reference, folder, chunk_elems,
-                raw_params=dict(recipe.params), raw_model_params=[dict(m.params) for m in recipe.models],
-                num_layers=max(layers) + 1 if layers else 0,
-                trust_recipe_code=trust_recipe_code, trust_remote_code=trust_remote_code)
+    return tensors
 
 
 # names that become folder names and mask keys (MMER's modalities/<name>/, TALL/EMR/MMER masks)
@@ -278,7 +292,7 @@ def check_fields(recipe: Recipe, method: Method, params: Params, model_params: l
         if entry.optimizer_state is not None and "exp_avg_sq" not in kinds:
             raise MergeError(f"{who_}: field `optimizer_state` is not used by method {method.name} (only ota reads "
                              "optimiser state); remove it")
-        if method.name in UNWEIGHTED and entry.weight != 1.0:
+        if not method.weighted and entry.weight != 1.0:
             raise MergeError(f"{who_}: field `weight` is not used by method {method.name}; remove it, or choose a "
                              "method that weights the models")
     if recipe.calibration is not None:
@@ -288,8 +302,9 @@ def check_fields(recipe: Recipe, method: Method, params: Params, model_params: l
         if all(recipe.models[i].calibration is not None for i in readers):
             raise MergeError("the recipe's top-level `calibration` is not used: every model that runs data has its "
                              "own; remove one of them")
-    if recipe.parts and method.name not in USES_PARTS:
-        raise MergeError(f"field `parts` is not used by method {method.name} (only {', '.join(sorted(USES_PARTS))} "
+    if recipe.parts and not method.reads_parts:
+        readers = sorted(m.name for m in METHODS.values() if m.reads_parts)
+        raise MergeError(f"field `parts` is not used by method {method.name} (only {', '.join(readers)} "
                          "read it); remove it")
 
 
@@ -326,9 +341,9 @@ def check_tensor(name: str, reference: TensorSource, models: list[TensorSource],
     """That every model has tensor `name` with the reference's shape, and a float dtype where it has one."""
     meta = reference.meta(name)
     for src in models:
-        if meta.dtype not in _FLOAT:
+        if meta.dtype not in FLOAT_DTYPES:
             # copied from the reference, whatever the models hold, unless they hold weights there
-            if name in src and src.meta(name).dtype in _FLOAT:
+            if name in src and src.meta(name).dtype in FLOAT_DTYPES:
                 raise MergeError(f"tensor {name!r} is {_dtype_name(meta.dtype)} in model {who(reference)} but "
                                  f"{_dtype_name(src.meta(name).dtype)} in model {who(src)}; only floating-point "
                                  f"tensors are merged: {exclude_fix}, or fix the checkpoint")
@@ -341,7 +356,7 @@ def check_tensor(name: str, reference: TensorSource, models: list[TensorSource],
             raise MergeError(f"tensor {name!r} has shape {list(other.shape)} in model {who(src)} but "
                              f"{list(meta.shape)} in {who(reference)}; these cannot be merged: {exclude_fix}, or "
                              "merge models of one architecture")
-        if other.dtype not in _FLOAT:
+        if other.dtype not in FLOAT_DTYPES:
             raise MergeError(f"tensor {name!r} is {_dtype_name(other.dtype)} in model {who(src)} but "
                              f"{_dtype_name(meta.dtype)} in {who(reference)}; only floating-point tensors are "
                              f"merged: {exclude_fix}, or fix the checkpoint")
@@ -358,7 +373,7 @@ def check_no_extra(reference: TensorSource, models: list[TensorSource], wanted,
                              f"{exclude_fix}, or merge models of one architecture")
 
 
-def _parts(parts: dict[str, str]):
+def part_patterns(parts: dict[str, str]):
     # recipe: {llm: "language_model.*", encoder: "vision_tower.*"} -> regexes on names
     for part, pattern in parts.items():
         yield fnmatch.translate(pattern).replace("\\Z", ""), part

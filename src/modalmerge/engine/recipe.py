@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..checkpoint.safetensors_io import read_regular
 from ..errors import MergeError, one_line
+from ..methods.base import MergekitForm, Method
+from ..methods.registry import mergekit_method
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -244,21 +246,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     return parse_recipe(data, f"recipe {p}").resolve_paths(p.parent)
 
 
-# mergekit 0.1.5's methods and their defaults (merge_methods/registry.py, generalized_task_arithmetic.py)
-# mergekit's methods, their defaults and the native parameters that reproduce their semantics
-_MERGEKIT_DEFAULTS = {
-    "linear": {"normalize": True},
-    "task_arithmetic": {"normalize": False, "lambda": 1.0},
-    "ties": {"normalize": True, "lambda": 1.0, "density": 1.0},
-    # mergekit's `rescale: true` (its default for DARE and DELLA) matches each tensor's L1 norm
-    "dare_linear": {"normalize": False, "lambda": 1.0, "density": 1.0, "rescale": True},
-    "dare_ties": {"normalize": False, "lambda": 1.0, "density": 1.0, "rescale": True},
-    "breadcrumbs": {"normalize": False, "lambda": 1.0, "density": 1.0, "gamma": 0.01},
-    "della": {"normalize": True, "lambda": 1.0, "density": 1.0, "epsilon": 0.15, "rescale": True},
-    "della_linear": {"normalize": False, "lambda": 1.0, "density": 1.0, "epsilon": 0.15, "rescale": True},
-    "model_stock": {"filter_wise": False},
-    "slerp": {},
-}
+# mergekit 0.1.5's recipes; what each method means in native parameters is its Method.mergekit
+# (methods/base.py MergekitForm)
 # mergekit parameters that are set per input model (ParameterScope.INPUT / NON_BASE)
 _MERGEKIT_PER_MODEL = ("weight", "density", "gamma", "epsilon")
 _MERGEKIT_FIELDS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
@@ -270,8 +259,6 @@ _MERGEKIT_NOT_IMPLEMENTED = {
     "name": "(a stage name of mergekit-multi) is not supported; remove it and merge one recipe at a time",
 }
 _MERGEKIT_ENTRY_FIELDS = ("model", "parameters")
-# methods whose sign election mergekit breaks towards + (native: the tensor total's sign)
-_MERGEKIT_ELECTING = ("ties", "dare_ties", "della")
 
 
 def _mergekit_value(value: Any, where: str, key: str) -> Any:
@@ -293,8 +280,6 @@ def from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any]:
     a base model is no task vector for the task-vector methods, but linear averages it with the
     others (mergekit always adds the base to the inputs), and SLERP interpolates from it.
     """
-    from ..methods.registry import mergekit_method
-
     if "slices" in data or "modules" in data:
         raise MergeError(f"{where}: mergekit `slices`/`modules` (layer stacking) are not supported; use `models`")
     for key in _MERGEKIT_NOT_IMPLEMENTED:
@@ -306,11 +291,11 @@ def from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any]:
     name = data["merge_method"]
     if not isinstance(name, str):
         raise MergeError(f"{where}: `merge_method` must be a method name such as ties; fix its value")
-    method = mergekit_method(name)
+    method, form = mergekit_form(name)
     top = {k: _mergekit_value(v, where, k) for k, v in _mergekit_params(data.get("parameters"), where,
                                                                         "parameters").items()}
     model_defaults = {k: v for k, v in top.items() if k in _MERGEKIT_PER_MODEL}
-    params: dict[str, Any] = dict(_MERGEKIT_DEFAULTS.get(name, {}))
+    params: dict[str, Any] = dict(form.defaults)
     params.update({k: v for k, v in top.items() if k not in _MERGEKIT_PER_MODEL})
     base = data.get("base_model")
     if base is not None and not isinstance(base, str):
@@ -318,7 +303,7 @@ def from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any]:
                          "not supported")
     if not isinstance(data.get("models") or [], list):
         raise MergeError(f"{where}: `models` must be a list of `- model: path` entries; fix it")
-    base_is_input = base is not None and (name == "linear" or method.base == "forbidden")
+    base_is_input = base is not None and (form.base_is_input or method.base == "forbidden")
     entries = []
     for i, entry in enumerate(data.get("models") or []):
         entry = {"model": entry} if isinstance(entry, str) else entry
@@ -346,9 +331,9 @@ def from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any]:
         mp.update({k: _mergekit_value(v, where, f"{entry['model']}.{k}")
                    for k, v in (entry.get("parameters") or {}).items()})
         weight = mp.pop("weight", 1.0)
-        models.append({"path": entry["model"], "weight": weight, "params": _model_params_from_mergekit(name, mp)})
+        models.append({"path": entry["model"], "weight": weight, "params": per_model_params_from_mergekit(form, mp)})
     native = {"method": method.name, "base": None if base_is_input else base, "models": models,
-              "source_format": "mergekit", "params": method_params_from_mergekit(name, params, where)}
+              "source_format": "mergekit", "params": method_params_from_mergekit(form, params, where)}
     if base is not None:
         native["copy_files_from"] = base  # mergekit takes config files from the base model
     if data.get("out_dtype") is not None and data.get("dtype") not in (None, "float32"):
@@ -371,13 +356,23 @@ def _mergekit_params(value: Any, where: str, key: str) -> dict[str, Any]:
     return value
 
 
-def method_params_from_mergekit(name: str, params: dict[str, Any], where: str = "recipe") -> dict[str, Any]:
-    """mergekit's shared parameters → native ones with the same semantics.
+def mergekit_form(name: str) -> tuple[Method, MergekitForm]:
+    """The method a mergekit `merge_method` stands for, and its mergekit form."""
+    method = mergekit_method(name)
+    return method, next(f for f in method.mergekit if f.name == name)
+
+
+def method_params_from_mergekit(form: MergekitForm | str, params: dict[str, Any], where: str = "recipe"
+                                ) -> dict[str, Any]:
+    """mergekit's shared parameters → native ones with the same semantics (`form`: the method's
+    MergekitForm, or mergekit's name of the method).
 
     TIES: mergekit trims per tensor keeping at least one entry (`k = max(1, int(density·n))`);
     its elections send exact zero sums to +1; `normalize` divides by the weights of the agreeing
     models (native `aggregate: mean` with weights) or not at all (`sum`).
     """
+    if isinstance(form, str):
+        form = mergekit_form(form)[1]
     params = dict(params)
     for flag in ("int8_mask", "normalize", "rescale"):
         if flag in params and not isinstance(params[flag], bool):
@@ -385,29 +380,22 @@ def method_params_from_mergekit(name: str, params: dict[str, Any], where: str = 
     params.pop("int8_mask", None)  # a memory option of mergekit's, no effect on the result
     out: dict[str, Any] = {}
     normalize = params.pop("normalize", None)
-    if name in _MERGEKIT_ELECTING:
+    if form.electing:
         out["aggregate"] = "mean" if normalize in (None, True) else "sum"
         out["tie"] = "positive"
-        if name == "ties":
-            out["scope"] = "tensor"
-            out["keep_min"] = 1
     elif normalize is not None:
         out["normalize"] = normalize
     if "rescale" in params:
         rescale = params.pop("rescale")
-        if name in ("dare_linear", "dare_ties", "della", "della_linear"):
+        if form.rescale:
             out["rescale"] = "l1" if rescale else "none"  # mergekit rescales to the L1 norm, not 1/p
         elif rescale:
-            raise MergeError(f"{where}: `rescale: true` is not supported for mergekit method {name!r}")
-    if name == "breadcrumbs":
-        out["scope"] = "tensor"
-    out.update(_model_params_from_mergekit(name, params))
+            raise MergeError(f"{where}: `rescale: true` is not supported for mergekit method {form.name!r}")
+    out.update(form.native)
+    out.update(per_model_params_from_mergekit(form, params))
     return out
 
 
-def _model_params_from_mergekit(name: str, params: dict[str, Any]) -> dict[str, Any]:
+def per_model_params_from_mergekit(form: MergekitForm, params: dict[str, Any]) -> dict[str, Any]:
     """Renames of mergekit's per-model (tensor) parameters; also applied to the global ones."""
-    if name == "breadcrumbs":
-        renames = {"density": "keep_fraction", "gamma": "top_remove_fraction"}
-        return {renames.get(k, k): v for k, v in params.items()}
-    return dict(params)
+    return {form.per_model_renames.get(k, k): v for k, v in params.items()}

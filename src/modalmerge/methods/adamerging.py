@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from ..errors import MergeError
-from .base import Merged, Method, Params, TensorGroup
+from .base import Merged, Method, Params, Stats, TensorGroup
 
 
 class AdaMergingParams(Params):
@@ -21,11 +21,11 @@ class AdaMergingParams(Params):
     steps: int = Field(500, ge=0, description="optimisation steps (one calibration batch per model each)")
 
 
-def adamerging(group: TensorGroup, p: AdaMergingParams, stats: dict) -> Merged:
+def adamerging(group: TensorGroup, p: AdaMergingParams, stats: Stats) -> Merged:
     if "adamerging" not in group.data:
         raise MergeError(f"tensor {group.name!r}: no AdaMerging coefficient for it; give one per model and tensor")
     lam = group.data["adamerging"].reshape(group.num_models)
-    tau = group.take_task_vectors()
+    tau = group.task_vectors()
     return Merged(group.base + (tau * lam.reshape((-1,) + (1,) * (tau.dim() - 1))).sum(dim=0))
 
 
@@ -33,4 +33,5 @@ ADAMERGING = Method(
     "adamerging", adamerging, AdaMergingParams,
     summary="Task arithmetic whose task-wise or layer-wise coefficients minimise prediction entropy on unlabeled data.",
     data=lambda p: ("adamerging",),
+    weighted=False,
 )

@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from types import UnionType
-from typing import Any, Callable, ClassVar, Literal, Union, get_args, get_origin
+from typing import Any, Callable, ClassVar, Generic, Literal, TypeVar, Union, get_args, get_origin
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .. import ops
+from ..errors import MergeError, one_line
 
 # Random values are generated in fixed blocks of rows, so a chunk of a tensor sees the same
 # numbers whatever the chunking, order or parallelism of the run (spec: seeded per tensor).
@@ -44,9 +45,53 @@ class TensorInfo:
     part: str = "all"                   # llm | encoder | projector | all (multimodal layouts)
 
 
+class ElectionState:
+    """The sign-election bookkeeping one block's kernel shares with the engine (spec 0's tie
+    rule): exact zero sums Σ_t x_t = 0 take the sign of the total over the whole tensor, ties to
+    +. The engine makes one per block; elections are keyed so a kernel may hold several.
+
+    For a whole tensor (or a statistics sample) the sign is exact. For a row block the tensor's
+    total is not known yet: + is used provisionally, and the kernel reports with settle() whether
+    that sign decided anything; the engine sums the blocks' `partials` and runs such a block again
+    with `totals` known when the finished tensor's total turns out negative (exact ties are rare).
+    """
+
+    def __init__(self, exact: bool, totals: dict[str, float] | None = None):
+        self.exact = exact                                  # the block is a whole tensor or a sample
+        self.totals: dict[str, float] = dict(totals or {})  # whole-tensor totals, when known
+        self.partials: dict[str, float] = {}                # this block's contributions
+        self.provisional = False                            # a provisional + decided some element
+        self._guessed: set[str] = set()                     # elections that used a provisional +
+
+    def tie_sign(self, total: torch.Tensor, key: str = "elect") -> float:
+        """The sign for exact zeros of an election whose block sum is `total` (Σ_t x_t)."""
+        partial = ops.deterministic_sum(total)
+        self.partials[key] = self.partials.get(key, 0.0) + partial
+        if self.exact:
+            return 1.0 if partial >= 0 else -1.0
+        if key in self.totals:
+            return 1.0 if self.totals[key] >= 0 else -1.0
+        self._guessed.add(key)
+        return 1.0
+
+    def rule(self, key: str = "elect") -> Callable[[torch.Tensor], float]:
+        """tie_sign for one election, as the tie rule ops.trimmed_merge asks."""
+        return lambda total: self.tie_sign(total, key)
+
+    def settle(self, total: torch.Tensor, merged: torch.Tensor, key: str = "elect") -> None:
+        """After an election that used tie_sign(key): note whether a provisional sign decided
+        any element (see ops.tie_positions)."""
+        if key in self._guessed and bool(ops.tie_positions(total, merged).any()):
+            self.provisional = True
+
+
 @dataclass
 class TensorGroup:
-    """The N inputs of one merge job: one tensor, or a block of its rows, from every model."""
+    """The N inputs of one merge job: one tensor, or a block of its rows, from every model.
+
+    Kernels read it and never change it: a kernel that works in place takes its own copy
+    (task_vectors(), inputs().task_vectors()). What kernels and the engine share for the block
+    is `election`."""
 
     info: TensorInfo
     base: torch.Tensor | None           # float32, the chunk's shape
@@ -58,10 +103,6 @@ class TensorGroup:
     seed: int = 0
     sample_weight: float = 1.0          # statistics passes over a sample: elements each stands for
     is_sample: bool = False             # a flat random sample (statistics pass), not a row block
-    # sign-election tie bookkeeping, see tie_sign(); keyed by election so a kernel may hold several
-    tie_totals: dict[str, float] = field(default_factory=dict)    # whole-tensor totals, when known
-    tie_partials: dict[str, float] = field(default_factory=dict)  # this chunk's contributions
-    tie_provisional: bool = False       # a provisional sign decided some element of this chunk
     tensor_stats: list | None = None    # Method.tensor_statistic of each model over the whole tensor
     # data-aware methods: per-model statistics gathered from calibration data or optimiser state
     # before the merge, by kind ("fisher", "gram", ...), each stacked [T, ...] float32; a tensor
@@ -69,14 +110,17 @@ class TensorGroup:
     data: dict[str, torch.Tensor] = field(default_factory=dict)
     # the block's inputs as stored (e.g. bfloat16), for methods with fused kernels
     # (Method.fused): the engine then leaves `base` and `models` on the meta device (shapes
-    # only) until a kernel asks for them with materialize()
+    # only); the kernel reads them through inputs()
     raw_base: torch.Tensor | None = None
     raw_models: list[torch.Tensor] | None = None
+    # sign-election bookkeeping shared with the engine (default: a block on its own)
+    election: ElectionState | None = None
 
     def __post_init__(self):
-        self._provisional: set[str] = set()
         self.num_models = int(self.models.shape[0])
         self.chunk_shape = tuple(self.models.shape[1:])
+        if self.election is None:
+            self.election = ElectionState(exact=self.is_whole or self.is_sample)
 
     @property
     def name(self) -> str:
@@ -84,63 +128,30 @@ class TensorGroup:
 
     @property
     def fused_inputs(self) -> bool:
-        """The float32 stack was not built: a fused kernel reads raw_base / raw_models."""
+        """The float32 stack was not built: the kernel reads the stored inputs (inputs())."""
         return self.raw_models is not None and self.models.is_meta
 
-    def materialize(self) -> None:
-        """Build the float32 base and models stack from the raw inputs (an eager fallback)."""
-        if not self.fused_inputs:
-            return
-        shape = self.chunk_shape
-        self.models = torch.stack([m.reshape(shape).to(torch.float32) for m in self.raw_models])
-        if self.raw_base is not None:
-            self.base = self.raw_base.reshape(shape).to(torch.float32, copy=True)  # never the caller's tensor
+    def inputs(self) -> ops.trimmed_merge.Inputs:
+        """The block's inputs for ops.trimmed_merge's operations, which choose C or torch."""
+        if self.fused_inputs:
+            return ops.trimmed_merge.Inputs(self.raw_base, self.raw_models, self.chunk_shape, c_kernels=True)
+        return ops.trimmed_merge.Inputs(self.base, self.models, self.chunk_shape)
 
     @property
     def is_whole(self) -> bool:
         return not self.is_sample and self.row_start == 0 and self.chunk_shape == self.info.shape
 
     def task_vectors(self) -> torch.Tensor:
-        """τ_t = θ_t − θ_0, stacked [T, ...] (a new tensor)."""
+        """τ_t = θ_t − θ_0, stacked [T, ...] float32 (a new tensor the caller owns)."""
         if self.base is None:
             raise ValueError("this method needs a base model")
+        if self.fused_inputs:
+            return self.inputs().task_vectors()
         return self.models - self.base.unsqueeze(0)
-
-    def take_task_vectors(self) -> torch.Tensor:
-        """τ_t computed in place of the models stack, which it replaces (saves a [T, ...] copy)."""
-        if self.base is None:
-            raise ValueError("this method needs a base model")
-        deltas = self.models.sub_(self.base.unsqueeze(0))
-        self.models = None  # type: ignore[assignment]  # the stack now holds task vectors
-        return deltas
 
     def weights_like(self, x: torch.Tensor) -> torch.Tensor:
         """The model weights shaped to broadcast over a [T, ...] stack."""
         return self.weights.reshape((-1,) + (1,) * (x.dim() - 1))
-
-    def tie_sign(self, total: torch.Tensor, key: str = "elect") -> float:
-        """The sign that decides exact zero sums Σ_t x_t = 0 in an election: the sign of the
-        total over the whole tensor, ties to + (spec 0). `total` is this block's Σ_t x_t.
-
-        For a whole tensor the answer is exact. For a row block the tensor's total is not known
-        yet: + is used provisionally; the kernel then reports, with settle_ties(), whether the
-        sign decided anything, and the engine runs such a block again with `tie_totals` filled
-        in when the finished tensor's total turns out negative (exact ties are rare).
-        """
-        partial = ops.deterministic_sum(total)
-        self.tie_partials[key] = self.tie_partials.get(key, 0.0) + partial
-        if self.is_whole or self.is_sample:
-            return 1.0 if partial >= 0 else -1.0
-        if key in self.tie_totals:
-            return 1.0 if self.tie_totals[key] >= 0 else -1.0
-        self._provisional.add(key)
-        return 1.0
-
-    def settle_ties(self, total: torch.Tensor, merged: torch.Tensor, key: str = "elect") -> None:
-        """After an election that used tie_sign(key): note whether the provisional sign decided
-        any element (see ops.tie_positions)."""
-        if key in self._provisional and bool(ops.tie_positions(total, merged).any()):
-            self.tie_provisional = True
 
     def per_model(self, params: Params, key: str) -> list:
         """A parameter's value for each model: the model's override, else the method-wide value."""
@@ -197,29 +208,105 @@ class Merged:
     masks: dict[str, torch.Tensor] | None = None
 
 
-class Statistic:
-    """One statistics pass: it observes every merged tensor, then gives a result to the kernels.
+R = TypeVar("R")
+
+
+class Statistic(Generic[R]):
+    """One statistics pass: it observes every merged tensor, then gives a result (an R) to the kernels.
 
     `sampled` statistics may see a seeded random sample of each tensor's elements (with
     `group.sample_weight` saying how many elements each one stands for); others see everything.
+    Kernels ask for the result by the statistic's class: stats.get(TaskMagnitudes).
     """
 
     name: str = "stat"
     sampled: bool = False
 
-    def observe(self, group: TensorGroup, params: Params, prior: dict[str, Any]) -> None:
+    @property
+    def provides(self) -> type["Statistic"]:
+        """The class whose result this pass gives (a refinement gives its original's)."""
+        return type(self)
+
+    def observe(self, group: TensorGroup, params: Params, prior: "Stats") -> None:
         raise NotImplementedError
 
-    def result(self, params: Params, prior: dict[str, Any]) -> Any:
+    def result(self, params: Params, prior: "Stats") -> R:
         raise NotImplementedError
 
-    def refinement(self, result: Any) -> "Statistic | None":
+    def refinement(self, result: R) -> "Statistic[R] | None":
         """A further pass that makes an approximate result exact (run when exact statistics are
         asked for); its result replaces this one's."""
         return None
 
 
-Kernel = Callable[[TensorGroup, Any, dict[str, Any]], Merged]
+class Stats:
+    """What the kernels know about the whole model: each statistics pass's result, by the class of
+    the statistic (stats.get(TaskMagnitudes) is a MagnitudeResult), and values the engine gives
+    otherwise (OPCM's running scale), by their own class."""
+
+    def __init__(self, values: dict[type, Any] | None = None):
+        self._values: dict[type, Any] = dict(values or {})
+        self._names: dict[type, str] = {}
+
+    def put(self, statistic: Statistic[R], result: R) -> None:
+        self._values[statistic.provides] = result
+        self._names[statistic.provides] = statistic.name
+
+    def get(self, kind: type[Statistic[R]] | type[R]) -> R:
+        try:
+            return self._values[kind]
+        except KeyError:
+            raise KeyError(f"no {kind.__name__} result: the method must list it in its statistics") from None
+
+    def __contains__(self, kind: type) -> bool:
+        return kind in self._values
+
+    def summaries(self) -> dict[str, Any]:
+        """For the merge report: each pass's name and its result's summary(), if it has one."""
+        return {self._names.get(k, k.__name__): getattr(v, "summary", lambda: None)()
+                for k, v in self._values.items()}
+
+
+Kernel = Callable[[TensorGroup, Any, Stats], Merged]
+
+
+def parse_params(params: type[Params], raw: dict[str, Any] | None, method: str, where: str = "params") -> Params:
+    """`raw` validated as method `method`'s parameters; a one-line MergeError naming the field."""
+    if raw is not None and not isinstance(raw, dict):
+        raise MergeError(f"method {method}: {where} must be a mapping of parameter names to values; fix it")
+    try:
+        return params.model_validate(raw or {})
+    except ValidationError as e:
+        err = e.errors()[0]
+        # names and messages may quote recipe text: kept to one short line
+        loc = one_line(".".join(str(x) for x in err["loc"]), 80) or "?"
+        msg = one_line(err["msg"])
+        known = ", ".join(sorted(f.alias or k for k, f in params.model_fields.items()))
+        if err["type"] == "extra_forbidden":
+            raise MergeError(f"method {method}: unknown parameter {where}.{loc}; its parameters are: "
+                             f"{known or 'none'}") from None
+        raise MergeError(f"method {method}: {where}.{loc}: {msg} (parameters: {known or 'none'})") from None
+
+
+@dataclass(frozen=True)
+class MergekitForm:
+    """How mergekit 0.1.5 names a method (merge_methods/registry.py) and what its recipes mean, in this
+    method's native parameters; engine/recipe.py applies it and knows no method by name."""
+
+    name: str  # mergekit's `merge_method`
+    # mergekit's defaults (generalized_task_arithmetic.py), applied before the recipe's parameters
+    defaults: dict[str, Any] = field(default_factory=dict)
+    # mergekit per-model parameter -> native name (applied to the top-level defaults too)
+    per_model_renames: dict[str, str] = field(default_factory=dict)
+    # mergekit's sign election: its ties break towards + and `normalize` divides by the agreeing
+    # models' weights (native: `tie: positive`, `aggregate: mean`, or `sum` without normalize)
+    electing: bool = False
+    # takes mergekit's `rescale` (mergekit rescales to the L1 norm: native `rescale: l1`)
+    rescale: bool = False
+    # native parameters that reproduce mergekit's behaviour; the recipe's own may override them
+    native: dict[str, Any] = field(default_factory=dict)
+    # mergekit adds the base to the inputs and this method averages it with the others
+    base_is_input: bool = False
 
 
 @dataclass
@@ -242,17 +329,24 @@ class Method:
     # tensor merged in blocks (a whole tensor's kernel computes it itself). Lets a tensor-scoped
     # method still merge large tensors in row blocks. The statistic is called one model at a
     # time as (params, info, base or None, model [whole tensor, storage dtype], model_params,
-    # fused: whether the engine uses the fused kernels) -> value
+    # fused: whether the engine lets the C kernels read them) -> value
     tensor_statistic: Callable[[Any], Callable[..., Any] | None] | None = None
-    # the kernel has fused kernels (ops.fused) for the CPU: the engine then hands it the raw
-    # inputs (TensorGroup.raw_models) instead of a float32 stack
+    # the kernel reads its inputs only through group.inputs() (ops.trimmed_merge's operations,
+    # which run the C kernels where they can): the engine may then hand it the stored inputs
+    # (TensorGroup.raw_models) instead of building a float32 stack
     fused: bool = False
     # task-conditional: writes a shared vector and per-task masks besides the merged model
     decoupled: bool = False
+    # whether the kernel applies the models' recipe `weight` (engine/plan.py refuses a weight
+    # the method would ignore)
+    weighted: bool = True
+    # whether the method reads the recipe's `parts` (name patterns of a multimodal model's parts,
+    # TensorInfo.part); engine/plan.py refuses `parts` for the others
+    reads_parts: bool = False
     # per-task scalars of a decoupled method, from its statistics (default: 1 each)
-    task_scalars: Callable[[Any, dict[str, Any], list[str]], list[float]] | None = None
-    # names used by mergekit for this method, for its recipe format
-    mergekit_names: tuple[str, ...] = ()
+    task_scalars: Callable[[Any, Stats, list[str]], list[float]] | None = None
+    # the mergekit methods this method stands for, and how their recipes translate
+    mergekit: tuple[MergekitForm, ...] = ()
     # per-model metrics (loss, step) the engine fills in at plan time from a checkpoint folder's
     # trainer_state.json where the recipe does not give them (engine/metrics.py)
     metrics: tuple[str, ...] = ()
@@ -270,6 +364,10 @@ class Method:
     data: Callable[[Any], tuple[str, ...]] = field(default=lambda p: ())
 
     @property
+    def mergekit_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.mergekit)
+
+    @property
     def sequential(self) -> bool:
         return self.runs == "sequential"
 
@@ -278,23 +376,7 @@ class Method:
         return self.runs == "whole_model"
 
     def parse_params(self, raw: dict[str, Any] | None, where: str = "params") -> Params:
-        from pydantic import ValidationError
-        from ..errors import MergeError, one_line
-
-        if raw is not None and not isinstance(raw, dict):
-            raise MergeError(f"method {self.name}: {where} must be a mapping of parameter names to values; fix it")
-        try:
-            return self.params.model_validate(raw or {})
-        except ValidationError as e:
-            err = e.errors()[0]
-            # names and messages may quote recipe text: kept to one short line
-            loc = one_line(".".join(str(x) for x in err["loc"]), 80) or "?"
-            msg = one_line(err["msg"])
-            known = ", ".join(sorted(f.alias or k for k, f in self.params.model_fields.items()))
-            if err["type"] == "extra_forbidden":
-                raise MergeError(f"method {self.name}: unknown parameter {where}.{loc}; its parameters are: "
-                                 f"{known or 'none'}") from None
-            raise MergeError(f"method {self.name}: {where}.{loc}: {msg} (parameters: {known or 'none'})") from None
+        return parse_params(self.params, raw, self.name, where)
 
     def parameter_table(self) -> list[tuple[str, str, Any, str]]:
         """(name, type, default, description) for `modalmerge methods`."""

@@ -16,8 +16,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from .base import Merged, Method, Params, TensorGroup
-from .dare import linear_merge
+from .base import Merged, MergekitForm, Method, Params, Stats, TensorGroup
+from .combine import linear_merge
 
 
 class BreadcrumbsParams(Params):
@@ -47,7 +47,7 @@ def keep_band(x: torch.Tensor, keep_fraction: float, top_remove_fraction: float)
     return x * keep
 
 
-def breadcrumbs(group: TensorGroup, p: BreadcrumbsParams, stats: dict) -> Merged:
+def breadcrumbs(group: TensorGroup, p: BreadcrumbsParams, stats: Stats) -> Merged:
     deltas = group.task_vectors()
     per_row = p.scope == "row" and len(group.info.shape) >= 2
     rows = deltas.shape[1] if per_row else 1
@@ -62,5 +62,7 @@ BREADCRUMBS = Method(
     "breadcrumbs", breadcrumbs, BreadcrumbsParams,
     summary="Per row, drop each task vector's largest outliers and small entries; add the sum to the base.",
     chunkable=lambda p, info: p.scope == "row" and len(info.shape) >= 2,
-    mergekit_names=("breadcrumbs",),
+    mergekit=(MergekitForm("breadcrumbs", defaults={"normalize": False, "lambda": 1.0, "density": 1.0, "gamma": 0.01},
+                           per_model_renames={"density": "keep_fraction", "gamma": "top_remove_fraction"},
+                           native={"scope": "tensor"}),),
 )

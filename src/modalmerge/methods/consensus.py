@@ -1,7 +1,7 @@
 """Consensus merging (spec 6): keep the entries of τ_MTL that at least `min_agree` TALL masks
 keep, dropping "selfish" (one task) and "catastrophic" (no task) weights; one model out.
 
-θ = θ_0 + α·(1{Σ_t m_t ≥ k} ⊙ τ_MTL), with the TALL masks m_t of `tall.py` (same λ).
+θ = θ_0 + α·(1{Σ_t m_t ≥ k} ⊙ τ_MTL), with the TALL masks m_t of `task_masks.py` (same λ).
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from pydantic import Field
 
 from ..errors import MergeError
-from .base import Merged, Method, TensorGroup
-from .tall import TallParams, shared_chunkable, shared_statistics, shared_vector, tall_masks
+from .base import Merged, Method, Stats, TensorGroup
+from .task_masks import TallParams, shared_chunkable, shared_statistics, shared_vector, tall_masks
 
 # α without validation data (spec 6): 1.0 on a TIES vector; 0.3-0.4 on a plain sum, where we take
 # 0.3, task arithmetic's default λ here, since both scale the same summed task vectors.
@@ -28,7 +28,7 @@ class ConsensusParams(TallParams):
         return DEFAULT_ALPHA[self.shared] if self.alpha is None else self.alpha
 
 
-def consensus(group: TensorGroup, p: ConsensusParams, stats: dict) -> Merged:
+def consensus(group: TensorGroup, p: ConsensusParams, stats: Stats) -> Merged:
     if p.min_agree > group.num_models:
         raise MergeError(f"consensus: min_agree {p.min_agree} is more than the {group.num_models} models, so "
                          f"every entry of tensor {group.name!r} would be dropped; lower min_agree")

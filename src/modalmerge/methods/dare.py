@@ -15,14 +15,10 @@ import torch
 from pydantic import Field
 
 from .. import ops
-from .base import Merged, Method, Params, TensorGroup
-from .statistics import TaskMagnitudes, trim_global, trim_per_tensor
-from .ties import elect_merge
-
-Rescale = Literal["inverse", "l1", "none"]
-
-# mergekit's guard: a norm this small is not rescaled to (nothing meaningful to match)
-_L1_EPS = 1e-7
+from .base import Merged, MergekitForm, Method, Params, Stats, TensorGroup
+from .combine import elected_merge, linear_merge
+from .drop_rescale import Rescale, drop_and_rescale
+from .statistics import TaskMagnitudes
 
 
 class DareLinearParams(Params):
@@ -50,56 +46,12 @@ class DareTiesParams(Params):
     scope: Literal["global", "tensor"] = Field("global", description="trim threshold over the whole model or per tensor")
 
 
-def l1_match(pruned: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-    """Scale `pruned` so its L1 norm equals `original`'s (whole tensor; mergekit's RescaleNorm.l1)."""
-    before = ops.deterministic_sum(original.abs())
-    after = ops.deterministic_sum(pruned.abs())
-    if before < _L1_EPS or after < _L1_EPS:
-        return pruned
-    return pruned * (before / after)
-
-
-def rescale_survivors(pruned: torch.Tensor, original: torch.Tensor, keep_prob, rescale: str) -> torch.Tensor:
-    """Undo the shrinkage of a random drop: ÷ keep probability (a number or per element), or L1 match."""
-    if rescale == "inverse":
-        return pruned / keep_prob
-    if rescale == "l1":
-        return l1_match(pruned, original)
-    return pruned
-
-
-def drop_and_rescale(group: TensorGroup, deltas: torch.Tensor, densities: list[float], rescale: str) -> torch.Tensor:
-    """DARE on each task vector (in place): keep with probability density, rescale the survivors."""
-    for t, density in enumerate(densities):
-        if density >= 1:
-            continue  # nothing dropped, nothing to rescale (mergekit does the same)
-        keep = group.uniform(t) < density
-        deltas[t] = rescale_survivors(deltas[t] * keep, deltas[t], density, rescale)
-    return deltas
-
-
-def weighted(group: TensorGroup, deltas: torch.Tensor) -> torch.Tensor:
-    """w_t · x_t, stacked."""
-    return deltas * group.weights_like(deltas)
-
-
-def linear_merge(group: TensorGroup, deltas: torch.Tensor, lam: float, normalize: bool) -> Merged:
-    """θ_0 + λ Σ_t w_t x_t (weights ÷ their sum when normalising)."""
-    w = group.weights / group.weights.sum() if normalize else group.weights
-    return Merged(group.base + lam * ops.weighted_sum(deltas, w))
-
-
-def ties_merge(group: TensorGroup, deltas: torch.Tensor, lam: float, aggregate: str, tie: str = "tensor") -> Merged:
-    """θ_0 + λ · elect-and-disjoint-merge of w_t x_t (TIES steps 2-4, on already sparse vectors)."""
-    return Merged(torch.add(group.base, elect_merge(group, weighted(group, deltas), aggregate, tie=tie), alpha=lam))
-
-
-def dare_linear(group: TensorGroup, p: DareLinearParams, stats: dict) -> Merged:
+def dare_linear(group: TensorGroup, p: DareLinearParams, stats: Stats) -> Merged:
     deltas = drop_and_rescale(group, group.task_vectors(), group.per_model(p, "density"), p.rescale)
     return linear_merge(group, deltas, p.lam, p.normalize)
 
 
-def dare_ties_deltas(group: TensorGroup, p: DareTiesParams, stats: dict) -> torch.Tensor:
+def dare_ties_deltas(group: TensorGroup, p: DareTiesParams, stats: Stats) -> torch.Tensor:
     """The sparse task vectors DARE-TIES elects on: optional TIES trim, then the random drop."""
     deltas = group.task_vectors()
     if p.trim:
@@ -107,14 +59,14 @@ def dare_ties_deltas(group: TensorGroup, p: DareTiesParams, stats: dict) -> torc
         if all(d >= 1 for d in trim_densities):
             pass
         elif p.scope == "global":
-            trim_global(deltas, stats["magnitudes"].thresholds)
+            ops.trimmed_merge.trim_(deltas, stats.get(TaskMagnitudes).thresholds)
         else:
-            deltas = trim_per_tensor(deltas, trim_densities)
+            deltas = ops.trimmed_merge.trim_per_tensor_(deltas, trim_densities)
     return drop_and_rescale(group, deltas, group.per_model(p, "density"), p.rescale)
 
 
-def dare_ties(group: TensorGroup, p: DareTiesParams, stats: dict) -> Merged:
-    return ties_merge(group, dare_ties_deltas(group, p, stats), p.lam, p.aggregate, p.tie)
+def dare_ties(group: TensorGroup, p: DareTiesParams, stats: Stats) -> Merged:
+    return elected_merge(group, dare_ties_deltas(group, p, stats), p.lam, p.aggregate, p.tie)
 
 
 DARE_LINEAR = Method(
@@ -122,7 +74,8 @@ DARE_LINEAR = Method(
     summary="Drop task-vector entries at random, rescale the rest, add their weighted sum to the base.",
     # an L1 rescale needs each whole tensor's norms
     chunkable=lambda p, info: p.rescale != "l1",
-    mergekit_names=("dare_linear",),
+    mergekit=(MergekitForm("dare_linear", defaults={"normalize": False, "lambda": 1.0, "density": 1.0,
+                                                    "rescale": True}, rescale=True),),
 )
 
 DARE_TIES = Method(
@@ -130,5 +83,6 @@ DARE_TIES = Method(
     summary="DARE's random drop and rescale, then TIES's sign election and disjoint merge.",
     statistics=lambda p: [TaskMagnitudes("trim_density")] if p.trim and p.scope == "global" else [],
     chunkable=lambda p, info: p.rescale != "l1" and not (p.trim and p.scope == "tensor"),
-    mergekit_names=("dare_ties",),
+    mergekit=(MergekitForm("dare_ties", defaults={"normalize": False, "lambda": 1.0, "density": 1.0,
+                                                  "rescale": True}, electing=True, rescale=True),),
 )

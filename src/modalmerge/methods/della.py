@@ -14,8 +14,9 @@ from typing import Literal
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
-from .base import Merged, Method, Params, TensorGroup
-from .dare import Rescale, linear_merge, rescale_survivors, ties_merge
+from .base import Merged, MergekitForm, Method, Params, Stats, TensorGroup
+from .combine import elected_merge, linear_merge
+from .drop_rescale import Rescale, rescale_survivors
 
 
 class _MagpruneParams(Params):
@@ -79,11 +80,11 @@ def magprune(group: TensorGroup, deltas: torch.Tensor, p: _MagpruneParams) -> to
     return deltas
 
 
-def della(group: TensorGroup, p: DellaParams, stats: dict) -> Merged:
-    return ties_merge(group, magprune(group, group.task_vectors(), p), p.lam, p.aggregate, p.tie)
+def della(group: TensorGroup, p: DellaParams, stats: Stats) -> Merged:
+    return elected_merge(group, magprune(group, group.task_vectors(), p), p.lam, p.aggregate, p.tie)
 
 
-def della_linear(group: TensorGroup, p: DellaLinearParams, stats: dict) -> Merged:
+def della_linear(group: TensorGroup, p: DellaLinearParams, stats: Stats) -> Merged:
     return linear_merge(group, magprune(group, group.task_vectors(), p), p.lam, p.normalize)
 
 
@@ -96,12 +97,14 @@ DELLA = Method(
     "della", della, DellaParams,
     summary="Drop task-vector entries at random, larger ones less often (per row), then TIES's election.",
     chunkable=_chunkable,
-    mergekit_names=("della",),
+    mergekit=(MergekitForm("della", defaults={"normalize": True, "lambda": 1.0, "density": 1.0, "epsilon": 0.15,
+                                              "rescale": True}, electing=True, rescale=True),),
 )
 
 DELLA_LINEAR = Method(
     "della_linear", della_linear, DellaLinearParams,
     summary="DELLA's magnitude-ranked random drop, then the weighted sum of the task vectors.",
     chunkable=_chunkable,
-    mergekit_names=("della_linear",),
+    mergekit=(MergekitForm("della_linear", defaults={"normalize": False, "lambda": 1.0, "density": 1.0,
+                                                     "epsilon": 0.15, "rescale": True}, rescale=True),),
 )

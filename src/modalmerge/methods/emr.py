@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .. import ops
-from .base import Merged, Method, Params, Statistic, TensorGroup
+from .base import Merged, Method, Params, Statistic, Stats, TensorGroup
 
 
 class EmrParams(Params):
@@ -37,7 +37,7 @@ def unified(taus: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torc
     return sigma * (taus.abs() * agree).amax(dim=0), agree
 
 
-class EmrScales(Statistic):
+class EmrScales(Statistic["EmrResult"]):
     """Whole-model sums Σ|τ_t| and Σ|M_t ⊙ τ_uni| per task, plus each tensor's tie sign."""
 
     name = "emr"
@@ -49,7 +49,7 @@ class EmrScales(Statistic):
         # zero-sum entries with σ = +1 and with σ = −1, and the tensor's total Σ_t τ_t
         self.parts: dict[str, list] = {}
 
-    def observe(self, group: TensorGroup, params: Params, prior: dict[str, Any]) -> None:
+    def observe(self, group: TensorGroup, params: Params, prior: Stats) -> None:
         taus = weighted_task_vectors(group)
         T = taus.shape[0]
         if self.numerator is None:
@@ -73,7 +73,7 @@ class EmrScales(Statistic):
                 part[2][t] += ops.deterministic_sum(kept[t] * zero)
         part[3] += ops.deterministic_sum(taus)
 
-    def result(self, params: Params, prior: dict[str, Any]) -> "EmrResult":
+    def result(self, params: Params, prior: Stats) -> "EmrResult":
         T = len(self.numerator or [])
         denominator = [0.0] * T
         ties: dict[str, float] = {}
@@ -97,8 +97,8 @@ class EmrResult:
         return {"lambdas": self.lambdas}
 
 
-def emr(group: TensorGroup, p: EmrParams, stats: dict) -> Merged:
-    result: EmrResult = stats["emr"]
+def emr(group: TensorGroup, p: EmrParams, stats: Stats) -> Merged:
+    result = stats.get(EmrScales)
     taus = weighted_task_vectors(group)
     uni, agree = unified(taus, ops.elect_sign(taus, result.tie_signs[group.name]))
     lam = torch.tensor(result.lambdas, dtype=torch.float32, device=taus.device)
@@ -113,5 +113,5 @@ EMR = Method(
     min_models=2,
     statistics=lambda p: [EmrScales()],
     decoupled=True,
-    task_scalars=lambda p, stats, names: list(stats["emr"].lambdas),
+    task_scalars=lambda p, stats, names: list(stats.get(EmrScales).lambdas),
 )

@@ -4,12 +4,10 @@ F_t comes from calibration data (engine/calibration.py: mean squared gradient of
 over 256 examples by default) as `group.data["fisher"]`; λ_t are the recipe weights.
 """
 
-from typing import Any
-
 import torch
 from pydantic import Field
 
-from .base import Merged, Method, Params, Statistic, TensorGroup
+from .base import Merged, Method, Params, Statistic, Stats, TensorGroup
 
 
 class FisherParams(Params):
@@ -17,7 +15,7 @@ class FisherParams(Params):
     normalize_fisher: bool = Field(False, description="divide each model's Fisher by its L2 norm over the whole model")
 
 
-class FisherNorms(Statistic):
+class FisherNorms(Statistic[list[float]]):
     """Per model, ‖F_t‖₂ over every merged tensor (for normalize_fisher)."""
 
     name = "fisher_norms"
@@ -25,32 +23,32 @@ class FisherNorms(Statistic):
     def __init__(self):
         self.sq: torch.Tensor | None = None
 
-    def observe(self, group: TensorGroup, params: Params, prior: dict[str, Any]) -> None:
+    def observe(self, group: TensorGroup, params: Params, prior: Stats) -> None:
         f = group.data.get("fisher")
         if f is None:
             return
         s = f.double().reshape(group.num_models, -1).square().sum(dim=1).cpu()
         self.sq = s if self.sq is None else self.sq + s
 
-    def result(self, params: Params, prior: dict[str, Any]) -> list[float]:
+    def result(self, params: Params, prior: Stats) -> list[float]:
         return [] if self.sq is None else [max(float(v), 1e-300) ** 0.5 for v in self.sq]
 
 
-def fisher_weights(group: TensorGroup, p: FisherParams, stats: dict) -> torch.Tensor:
+def fisher_weights(group: TensorGroup, p: FisherParams, stats: Stats) -> torch.Tensor:
     """λ_t · max(F_t, floor) shaped like the models stack; a tensor no Fisher covers (not a
     trained parameter) counts as equal Fishers, i.e. the weighted average."""
     f = group.data.get("fisher")
     if f is None:
         f = torch.ones_like(group.models)
     else:
-        norms = stats.get("fisher_norms")
+        norms = stats.get(FisherNorms) if FisherNorms in stats else None
         if p.normalize_fisher and norms:
             f = f / torch.tensor(norms, dtype=f.dtype, device=f.device).reshape((-1,) + (1,) * (f.dim() - 1))
         f = f.clamp_min(p.floor) if p.floor > 0 else f.clone()
     return f.mul_(group.weights_like(f))
 
 
-def fisher(group: TensorGroup, p: FisherParams, stats: dict) -> Merged:
+def fisher(group: TensorGroup, p: FisherParams, stats: Stats) -> Merged:
     w = fisher_weights(group, p, stats)
     return Merged((w * group.models).sum(dim=0) / w.sum(dim=0))
 

@@ -39,7 +39,7 @@ from pydantic import Field
 
 from .. import ops
 from ..errors import MergeError
-from .base import Merged, Method, Params, Statistic, TensorGroup, TensorInfo
+from .base import Merged, Method, Params, Statistic, Stats, TensorGroup, TensorInfo
 
 DATA_KIND = "visual_attention"
 
@@ -119,7 +119,7 @@ class FrankStats:
         return out
 
 
-class FrankStatistic(Statistic):
+class FrankStatistic(Statistic[FrankStats]):
     """Per block and model, ‖τ_t^(l)‖² over the block's merged tensors (every element); with
     `a: fit`, also the vision model's per-layer visual-attention shares, fitted into a."""
 
@@ -129,7 +129,7 @@ class FrankStatistic(Statistic):
         self.sq: dict[int, list[float]] = {}
         self.shares: list[float] | None = None
 
-    def observe(self, group: TensorGroup, params: Params, prior: dict[str, Any]) -> None:
+    def observe(self, group: TensorGroup, params: Params, prior: Stats) -> None:
         if params.a == "fit" and self.shares is None and DATA_KIND in group.data:
             self.shares = [float(v) for v in group.data[DATA_KIND][roles(group, params).index("vision")].reshape(-1)]
         if not is_block(group.info):
@@ -139,7 +139,7 @@ class FrankStatistic(Statistic):
         for t in range(group.num_models):
             acc[t] += ops.deterministic_dot(tau[t], tau[t])
 
-    def result(self, params: Params, prior: dict[str, Any]) -> FrankStats:
+    def result(self, params: Params, prior: Stats) -> FrankStats:
         if params.a != "fit":
             return FrankStats(self.sq, float(params.a), fitted=False)
         if self.shares is None:
@@ -150,19 +150,19 @@ class FrankStatistic(Statistic):
         return FrankStats(self.sq, a, fitted=True, shares=self.shares, intercept=c)
 
 
-def frank(group: TensorGroup, p: FrankParams, stats: dict) -> Merged:
+def frank(group: TensorGroup, p: FrankParams, stats: Stats) -> Merged:
     r = roles(group, p)
     vision = r.index("vision")
     if not is_block(group.info):
         return Merged(group.models[vision].clone())
-    fs: FrankStats = stats["frank"]
+    fs = stats.get(FrankStatistic)
     num_layers = max(fs.norms) + 1
     w_v = vision_prior(fs.a, num_layers)[group.info.layer]
     w = [w_v if role == "vision" else 1.0 - w_v for role in r]
     mass = [wt * n for wt, n in zip(w, fs.norms[group.info.layer])]
     total = sum(mass)
     lam = [m / total if total > 0 else 0.0 for m in mass]
-    return Merged(ops.weighted_sum(group.take_task_vectors(), lam).add_(group.base))
+    return Merged(ops.weighted_sum(group.task_vectors(), lam).add_(group.base))
 
 
 FRANK = Method(
@@ -173,4 +173,6 @@ FRANK = Method(
     min_models=2,
     statistics=lambda p: [FrankStatistic()],
     data=lambda p: (DATA_KIND,) if p.a == "fit" else (),
+    weighted=False,
+    reads_parts=True,
 )

@@ -3,14 +3,14 @@
 from pydantic import Field
 
 from .. import ops
-from .base import Merged, Method, Params, TensorGroup
+from .base import Merged, MergekitForm, Method, Params, Stats, TensorGroup
 
 
 class LinearParams(Params):
     normalize: bool = Field(True, description="divide the weights by their sum")
 
 
-def linear(group: TensorGroup, p: LinearParams, stats) -> Merged:
+def linear(group: TensorGroup, p: LinearParams, stats: Stats) -> Merged:
     w = group.weights
     if p.normalize:
         w = w / w.sum()
@@ -20,5 +20,5 @@ def linear(group: TensorGroup, p: LinearParams, stats) -> Merged:
 LINEAR = Method(
     "linear", linear, LinearParams, base="optional", min_models=1,
     summary="Weighted average of the models' weights (model soup).",
-    mergekit_names=("linear",),
+    mergekit=(MergekitForm("linear", defaults={"normalize": True}, base_is_input=True),),
 )

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from .. import ops
 from ..errors import MergeError
-from .base import Merged, Method, Params, TensorGroup
+from .base import Merged, Method, Params, Stats, TensorGroup
 
 
 class MetricsWeightedParams(Params):
@@ -38,7 +38,7 @@ def metric_weights(p: MetricsWeightedParams, values: list[float], recipe_weights
     return [w / total for w in raw]
 
 
-def metrics_weighted(group: TensorGroup, p: MetricsWeightedParams, stats: dict) -> Merged:
+def metrics_weighted(group: TensorGroup, p: MetricsWeightedParams, stats: Stats) -> Merged:
     values = group.per_model(p, p.metric)
     missing = [n for n, v in zip(group.model_names, values) if v is None]
     if missing:

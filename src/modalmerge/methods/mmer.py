@@ -12,23 +12,34 @@ that ride along unchanged, is the engine's business (engine/mmer.py).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import Field, field_validator
 
 from .. import ops
-from .base import Merged, Method, Params, Statistic, TensorGroup
-from .neuromerging import NEUROMERGING, neuromerging_vector
-from .tall import masked_merge
-from .task_arithmetic import TASK_ARITHMETIC
-from .ties import TIES, ties_vector
+from .base import Merged, Method, Params, Statistic, Stats, TensorGroup, TensorInfo, parse_params
+from .combine import TaskArithmeticParams
+from .neuron_subspaces import NeuroMergingParams, neuromerging_statistics, neuromerging_vector, neuron_chunkable
+from .sign_election import TiesParams, ties_statistics, ties_vector
+from .task_masks import masked_merge
 
-# the merges that may supply τ*; each gives the merged task vector of a chunk (λ included)
+
+@dataclass(frozen=True)
+class BaseMerge:
+    """A merge that may supply τ*: its parameters, statistics passes and row-block rule (as the
+    method of that name declares them)."""
+
+    params: type[Params]
+    statistics: Callable[[Any], list[Statistic]]
+    chunkable: Callable[[Any, TensorInfo], bool]
+
+
 BASE_METHODS = {
-    "ties": TIES,
-    "neuromerging": NEUROMERGING,
-    "task_arithmetic": TASK_ARITHMETIC,
+    "ties": BaseMerge(TiesParams, ties_statistics, lambda p, info: True),
+    "neuromerging": BaseMerge(NeuroMergingParams, neuromerging_statistics, neuron_chunkable),
+    "task_arithmetic": BaseMerge(TaskArithmeticParams, lambda p: [], lambda p, info: True),
 }
 
 
@@ -45,9 +56,9 @@ class MmerParams(Params):
     @field_validator("base_params")
     @classmethod
     def _check_base_params(cls, v, info):
-        method = BASE_METHODS.get(info.data.get("base_method", "ties"))
-        if method is not None:
-            method.parse_params(v, where="base_params")
+        name = info.data.get("base_method", "ties")
+        if name in BASE_METHODS:
+            parse_params(BASE_METHODS[name].params, v, name, where="base_params")
         return v
 
     def base(self) -> Params:
@@ -58,13 +69,18 @@ class MmerParams(Params):
         return BASE_METHODS[self.base_method].params.model_validate(raw)
 
 
-class _BaseStatistic(Statistic):
-    """A statistics pass of the base method, shown the base method's parameters."""
+class BaseStatistic(Statistic):
+    """A statistics pass of the base method, shown the base method's parameters; its result is
+    the inner pass's (stats.get(TaskMagnitudes))."""
 
     def __init__(self, inner: Statistic):
         self.inner = inner
         self.name = inner.name
         self.sampled = inner.sampled
+
+    @property
+    def provides(self) -> type[Statistic]:
+        return self.inner.provides
 
     def observe(self, group, params, prior):
         self.inner.observe(group, params.base(), prior)
@@ -74,10 +90,10 @@ class _BaseStatistic(Statistic):
 
     def refinement(self, result):
         follow = self.inner.refinement(result)
-        return _BaseStatistic(follow) if follow is not None else None
+        return BaseStatistic(follow) if follow is not None else None
 
 
-def shared_vector(group: TensorGroup, p: MmerParams, stats: dict, taus: torch.Tensor) -> torch.Tensor:
+def shared_vector(group: TensorGroup, p: MmerParams, stats: Stats, taus: torch.Tensor) -> torch.Tensor:
     """τ* of this chunk from the task vectors `taus` (left unchanged)."""
     bp = p.base()
     if p.base_method == "ties":
@@ -85,16 +101,16 @@ def shared_vector(group: TensorGroup, p: MmerParams, stats: dict, taus: torch.Te
     if p.base_method == "task_arithmetic":
         w = group.weights / group.weights.sum() if bp.normalize else group.weights
         return ops.weighted_sum(taus, w).mul_(bp.lam)
-    return neuromerging_vector(group, bp, stats)  # consumes the models stack (taus is a copy)
+    return neuromerging_vector(group, bp, stats)
 
 
-def mmer(group: TensorGroup, p: MmerParams, stats: dict) -> Merged:
+def mmer(group: TensorGroup, p: MmerParams, stats: Stats) -> Merged:
     taus = group.task_vectors()
     return masked_merge(group, taus, shared_vector(group, p, stats, taus), group.per_model(p, "lambda"))
 
 
 def mmer_statistics(p: MmerParams) -> list[Statistic]:
-    return [_BaseStatistic(s) for s in BASE_METHODS[p.base_method].statistics(p.base())]
+    return [BaseStatistic(s) for s in BASE_METHODS[p.base_method].statistics(p.base())]
 
 
 MMER = Method(
@@ -106,4 +122,5 @@ MMER = Method(
     chunkable=lambda p, info: BASE_METHODS[p.base_method].chunkable(p.base(), info),
     decoupled=True,
     runs="composed",
+    reads_parts=True,
 )

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from .. import ops
 from ..errors import MergeError
-from .base import Merged, Method, Params, TensorGroup
+from .base import Merged, MergekitForm, Method, Params, Stats, TensorGroup
 
 
 class ModelStockParams(Params):
@@ -47,7 +47,7 @@ def _row_cosine(tau: torch.Tensor) -> torch.Tensor:
     return total / (n * (n - 1) / 2)
 
 
-def model_stock(group: TensorGroup, p: ModelStockParams, stats: dict) -> Merged:
+def model_stock(group: TensorGroup, p: ModelStockParams, stats: Stats) -> Merged:
     n = group.num_models
     tau = group.task_vectors()
     rows = tau.shape[1] if p.filter_wise and len(group.info.shape) >= 2 else 1
@@ -71,5 +71,6 @@ MODEL_STOCK = Method(
     min_models=2,
     # the cosine of a whole tensor needs all of it; per-row cosines do not
     chunkable=lambda p, info: p.filter_wise and len(info.shape) >= 2,
-    mergekit_names=("model_stock",),
+    mergekit=(MergekitForm("model_stock", defaults={"filter_wise": False}),),
+    weighted=False,
 )

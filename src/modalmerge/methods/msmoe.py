@@ -29,7 +29,7 @@ import torch
 from pydantic import Field
 
 from ..errors import MergeError
-from .base import Merged, Method, Params, TensorGroup
+from .base import Merged, Method, Params, Stats, TensorGroup
 
 
 class MsmoeParams(Params):
@@ -111,7 +111,7 @@ def merge_experts(gate_up: torch.Tensor, down: torch.Tensor, freq: torch.Tensor,
     return gate_up_out, down_out
 
 
-def _no_tensor_kernel(group: TensorGroup, p: MsmoeParams, stats: dict) -> Merged:
+def _no_tensor_kernel(group: TensorGroup, p: MsmoeParams, stats: Stats) -> Merged:
     raise MergeError("method msmoe merges the experts inside one whole model folder (it runs the model on "
                      "calibration data), not tensor by tensor: use modalmerge.merge(recipe, output) or "
                      "`modalmerge merge RECIPE --output DIR`")
@@ -124,4 +124,5 @@ MSMOE = Method(
     base="forbidden", min_models=1, max_models=1,
     chunkable=lambda p, info: False,
     runs="whole_model",
+    weighted=False,
 )

@@ -12,10 +12,12 @@ model is θ_0 + Δ. The whole-model norms need a statistics pass, so the engine
 output folder's `continual/` part; the kernel here is one step for one tensor.
 """
 
+from dataclasses import dataclass
+
 import torch
 from pydantic import Field
 
-from .base import Merged, Method, Params, TensorGroup, TensorInfo
+from .base import Merged, Method, Params, Stats, TensorGroup, TensorInfo
 
 
 class OpcmParams(Params):
@@ -53,10 +55,17 @@ def opcm_step(info: TensorInfo, delta: torch.Tensor, lam: float, tau: torch.Tens
     return delta * lam + added
 
 
-def opcm(group: TensorGroup, p: OpcmParams, stats: dict) -> Merged:
-    """One step for one whole tensor: group.models = [Δ, τ_t] (no base), stats['lambda'] = λ."""
+@dataclass(frozen=True)
+class RunningScale:
+    """λ of the running merge, which the continual engine gives the kernel in its Stats."""
+
+    lam: float
+
+
+def opcm(group: TensorGroup, p: OpcmParams, stats: Stats) -> Merged:
+    """One step for one whole tensor: group.models = [Δ, τ_t] (no base), stats.get(RunningScale) = λ."""
     delta, tau = group.models[0], group.models[1]
-    return Merged(opcm_step(group.info, delta, float(stats["lambda"]), tau, p.alpha))
+    return Merged(opcm_step(group.info, delta, stats.get(RunningScale).lam, tau, p.alpha))
 
 
 OPCM = Method(
@@ -65,4 +74,5 @@ OPCM = Method(
             "(`merge --continual PREV --add MODEL`).",
     chunkable=lambda p, info: False,
     runs="sequential",
+    weighted=False,
 )

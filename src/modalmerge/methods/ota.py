@@ -10,14 +10,12 @@ and entries masked in every model revert to the base. λ_t are the recipe weight
 Decision: the spec gives no default density; 0.2, TIES's, is used.
 """
 
-from typing import Any
-
 import torch
 from pydantic import Field
 
 from .. import ops
 from ..errors import MergeError
-from .base import Merged, Method, Params, Statistic, TensorGroup
+from .base import Merged, Method, Params, Statistic, Stats, TensorGroup
 
 
 class OtaParams(Params):
@@ -35,7 +33,7 @@ def saliency(group: TensorGroup) -> torch.Tensor:
     return v.clamp_min(0) * group.task_vectors().square()
 
 
-class SaliencyThresholds(Statistic):
+class SaliencyThresholds(Statistic[list[float]]):
     """Per model, a histogram of its saliency over every merged tensor → its keep threshold."""
 
     name = "saliency"
@@ -45,7 +43,7 @@ class SaliencyThresholds(Statistic):
         self.counts: list[torch.Tensor] | None = None
         self.densities: list[float] = []
 
-    def observe(self, group: TensorGroup, params: Params, prior: dict[str, Any]) -> None:
+    def observe(self, group: TensorGroup, params: Params, prior: Stats) -> None:
         s = saliency(group).reshape(group.num_models, -1)
         if self.counts is None:
             self.counts = [torch.zeros(ops.sparsify.HIST_BINS, dtype=torch.float64) for _ in range(len(s))]
@@ -53,7 +51,7 @@ class SaliencyThresholds(Statistic):
         for t in range(len(s)):
             self.counts[t] += ops.magnitude_histogram(s[t], group.sample_weight)[0].cpu()
 
-    def result(self, params: Params, prior: dict[str, Any]) -> list[float]:
+    def result(self, params: Params, prior: Stats) -> list[float]:
         return [0.0 if d >= 1 else ops.threshold_from_histogram(c, d)
                 for c, d in zip(self.counts or [], self.densities)]
 
@@ -61,24 +59,25 @@ class SaliencyThresholds(Statistic):
         return ExactSaliencyThresholds(self, result)
 
 
-class ExactSaliencyThresholds(Statistic):
+class ExactSaliencyThresholds(Statistic[list[float]]):
     """Second pass (exact statistics): the exact k-th largest saliency, k = int(density · n)."""
 
     name = "saliency"
+    provides = SaliencyThresholds
 
     def __init__(self, approx: SaliencyThresholds, thresholds: list[float]):
         self.approx = thresholds
         self.bounds = [ops.sparsify.boundary_bin(c, d) for c, d in zip(approx.counts or [], approx.densities)]
         self.values: list[list[torch.Tensor]] = [[] for _ in self.bounds]
 
-    def observe(self, group: TensorGroup, params: Params, prior: dict[str, Any]) -> None:
+    def observe(self, group: TensorGroup, params: Params, prior: Stats) -> None:
         s = saliency(group).reshape(group.num_models, -1)
         for t, bound in enumerate(self.bounds):
             if bound is not None:
                 lo, hi, _ = bound
                 self.values[t].append(s[t][(s[t] >= lo) & (s[t] < hi)].cpu())
 
-    def result(self, params: Params, prior: dict[str, Any]) -> list[float]:
+    def result(self, params: Params, prior: Stats) -> list[float]:
         out = []
         for t, bound in enumerate(self.bounds):
             if bound is None:
@@ -90,10 +89,10 @@ class ExactSaliencyThresholds(Statistic):
         return out
 
 
-def ota(group: TensorGroup, p: OtaParams, stats: dict) -> Merged:
+def ota(group: TensorGroup, p: OtaParams, stats: Stats) -> Merged:
     v = group.data.get("exp_avg_sq")
     s = saliency(group)
-    thresholds = stats["saliency"]
+    thresholds = stats.get(SaliencyThresholds)
     keep = torch.stack([s[t] >= thresholds[t] for t in range(group.num_models)]).float()
     omega = (v.clamp_min(0).sqrt() + p.epsilon).mul_(keep).mul_(group.weights_like(s))
     total = omega.sum(dim=0)

@@ -69,13 +69,6 @@ METHODS: dict[str, Method] = table((
 ))
 
 
-# Recipe fields that only some methods apply; engine/plan.py refuses them for the others.
-# Methods whose kernels ignore the models' `weight`:
-UNWEIGHTED = frozenset({"slerp", "model_stock", "widen", "frank", "adamerging", "opcm", "msmoe"})
-# Methods that read `parts` (the recipe's name patterns of multimodal parts; TensorInfo.part):
-USES_PARTS = frozenset({"mmer", "frank"})
-
-
 def get_method(name: str) -> Method:
     try:
         return METHODS[name]

@@ -10,7 +10,7 @@ Every other tensor is the λ-weighted average.
 import torch
 from pydantic import Field
 
-from .base import Merged, Method, Params, TensorGroup
+from .base import Merged, Method, Params, Stats, TensorGroup
 
 
 class RegMeanParams(Params):
@@ -42,7 +42,7 @@ def regmean_solve(weights: torch.Tensor, grams: torch.Tensor, lam: torch.Tensor,
     return torch.linalg.solve(lhs, rhs).T.float()
 
 
-def regmean(group: TensorGroup, p: RegMeanParams, stats: dict) -> Merged:
+def regmean(group: TensorGroup, p: RegMeanParams, stats: Stats) -> Merged:
     grams = group.data.get("gram")
     if grams is None or group.models.dim() != 3 or grams.shape[-1] != group.models.shape[-1]:
         return Merged(weighted_average(group))

@@ -14,7 +14,7 @@ import math
 from pydantic import Field
 
 from .. import ops
-from .base import Merged, Method, Params, TensorGroup
+from .base import Merged, MergekitForm, Method, Params, Stats, TensorGroup
 
 DOT_THRESHOLD = 0.9995
 
@@ -23,7 +23,7 @@ class SlerpParams(Params):
     t: float = Field(0.5, ge=0, le=1, description="position between the first model (0) and the second (1)")
 
 
-def slerp(group: TensorGroup, p: SlerpParams, stats: dict) -> Merged:
+def slerp(group: TensorGroup, p: SlerpParams, stats: Stats) -> Merged:
     v0, v1 = group.models[0], group.models[1]
     t = p.t
     n0 = math.sqrt(ops.deterministic_dot(v0, v0))
@@ -42,5 +42,6 @@ SLERP = Method(
     base="forbidden", min_models=2, max_models=2,
     # the angle is between whole tensors
     chunkable=lambda p, info: False,
-    mergekit_names=("slerp",),
+    mergekit=(MergekitForm("slerp"),),
+    weighted=False,
 )

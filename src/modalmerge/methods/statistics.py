@@ -7,10 +7,10 @@ from typing import Any
 import torch
 
 from .. import ops
-from .base import Params, Statistic, TensorGroup
+from .base import Params, Statistic, Stats, TensorGroup
 
 
-class TaskMagnitudes(Statistic):
+class TaskMagnitudes(Statistic["MagnitudeResult"]):
     """Per task, histograms of |τ_t| (count and L1 mass) over every merged tensor.
 
     Gives each task's global trim threshold for its density (spec 2: TIES's whole-model top-k)
@@ -35,7 +35,7 @@ class TaskMagnitudes(Statistic):
         self._pool: list[tuple[torch.Tensor, float]] = []  # ([T, n] task vectors, sample weight)
         self._pooled = 0
 
-    def observe(self, group: TensorGroup, params: Params, prior: dict[str, Any]) -> None:
+    def observe(self, group: TensorGroup, params: Params, prior: Stats) -> None:
         deltas = group.task_vectors().reshape(group.num_models, -1)
         if self.counts is None:
             self.counts = [torch.zeros(ops.sparsify.HIST_BINS, dtype=torch.float64) for _ in range(len(deltas))]
@@ -62,7 +62,7 @@ class TaskMagnitudes(Statistic):
         self._add(torch.cat([d for d, _ in self._pool], dim=1), weights)
         self._pool, self._pooled = [], 0
 
-    def result(self, params: Params, prior: dict[str, Any]) -> "MagnitudeResult":
+    def result(self, params: Params, prior: Stats) -> "MagnitudeResult":
         self._flush()
         return MagnitudeResult(self.counts or [], self.mass or [], params, self.density_key, self.model_params)
 
@@ -70,11 +70,12 @@ class TaskMagnitudes(Statistic):
         return ExactThresholds(self.name, result)
 
 
-class ExactThresholds(Statistic):
+class ExactThresholds(Statistic["MagnitudeResult"]):
     """Second pass: collect the values inside each task's boundary histogram bin and select
     the exact k-th largest |τ_t| among them."""
 
     sampled = False
+    provides = TaskMagnitudes
 
     def __init__(self, name: str, approx: "MagnitudeResult"):
         self.name = name
@@ -83,7 +84,7 @@ class ExactThresholds(Statistic):
         self.values: list[list[torch.Tensor]] = [[] for _ in self.bounds]
         self.l1_total = [0.0 for _ in self.bounds]
 
-    def observe(self, group: TensorGroup, params: Params, prior: dict[str, Any]) -> None:
+    def observe(self, group: TensorGroup, params: Params, prior: Stats) -> None:
         deltas = group.task_vectors()
         for t, bound in enumerate(self.bounds):
             if bound is None:
@@ -92,7 +93,7 @@ class ExactThresholds(Statistic):
             mag = deltas[t].abs().reshape(-1)
             self.values[t].append(mag[(mag >= lo) & (mag < hi)].cpu())
 
-    def result(self, params: Params, prior: dict[str, Any]) -> "MagnitudeResult":
+    def result(self, params: Params, prior: Stats) -> "MagnitudeResult":
         thresholds = []
         for t, bound in enumerate(self.bounds):
             if bound is None:
@@ -108,6 +109,7 @@ class ExactThresholds(Statistic):
             below = ops.mass_below(self.approx.mass[t], lo) + float(inside[inside < thr].double().sum())
             self.approx.exact_removed[t] = below
         self.approx.thresholds = thresholds
+        self.approx.removed = None  # computed again from the exact thresholds
         return self.approx
 
 
@@ -118,47 +120,18 @@ class MagnitudeResult:
         self.densities = [mp.get(density_key, default) for mp in model_params] or []
         self.thresholds = [ops.threshold_from_histogram(c, d) for c, d in zip(counts, self.densities)]
         self.exact_removed: list[float | None] = [None] * len(counts)
+        self.removed: list[float] | None = None  # removed_l1_fraction(), once asked for
 
     def removed_l1_fraction(self) -> list[float]:
         """Per task: ‖τ − trim(τ)‖₁ / ‖τ‖₁ (exact after an exact-statistics refinement)."""
+        if self.removed is None:
+            self.removed = self._removed_l1_fraction()
+        return self.removed
+
+    def _removed_l1_fraction(self) -> list[float]:
         out = []
         for t, (m, thr) in enumerate(zip(self.mass, self.thresholds)):
             total = float(m.sum())
             below = self.exact_removed[t] if self.exact_removed[t] is not None else ops.mass_below(m, thr)
             out.append(below / total if total > 0 else 0.0)
         return out
-
-
-def trim_global(deltas: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
-    """Zero each task vector's entries below its task's global threshold (in place)."""
-    for t, thr in enumerate(thresholds):
-        ops.trim_magnitude_(deltas[t], thr)
-    return deltas
-
-
-def per_tensor_thresholds(numel: int, densities: list[float], min_keep: int, select) -> list[float]:
-    """Each task vector's k-th largest magnitude in a tensor of `numel` elements, k =
-    int(density · numel) but at least `min_keep`: 0.0 where everything is kept, +inf where
-    nothing is. `select(tasks, ks)` returns the k-th largest |τ_t| of each task asked for."""
-    ks = [min(max(int(d * numel), min_keep), numel) for d in densities]
-    selected = [t for t, k in enumerate(ks) if 0 < k < numel]
-    thresholds = [0.0 if k >= numel else float("inf") for k in ks]
-    if selected:
-        for t, v in zip(selected, select(selected, [ks[t] for t in selected])):
-            thresholds[t] = v
-    return thresholds
-
-
-def top_k_thresholds(deltas: torch.Tensor, densities: list[float], min_keep: int = 0) -> list[float]:
-    """per_tensor_thresholds of the stacked task vectors `deltas` [T, ...]."""
-    def select(tasks: list[int], ks: list[int]) -> list[float]:
-        rows = deltas if len(tasks) == len(deltas) else deltas[tasks]  # no copy when all are selected
-        return ops.kth_largest_magnitudes(rows, ks)
-
-    return per_tensor_thresholds(deltas[0].numel(), densities, min_keep, select)
-
-
-def trim_per_tensor(deltas: torch.Tensor, densities: list[float], min_keep: int = 0) -> torch.Tensor:
-    """Keep each task vector's top int(density · numel) magnitudes (at least `min_keep`) within
-    this tensor, ties at the edge kept (in place)."""
-    return trim_global(deltas, top_k_thresholds(deltas, densities, min_keep))

@@ -13,69 +13,15 @@ mask); the `decoupled/` part holds τ_MTL and the bit-packed masks, from which
 
 from __future__ import annotations
 
-from typing import Literal
+from .base import Merged, Method, Stats, TensorGroup
+from .task_masks import TallParams, masked_merge, shared_chunkable, shared_statistics, shared_vector
 
-import torch
-from pydantic import Field
-
-from .. import ops
-from .base import Merged, Method, Params, Statistic, TensorGroup
-from .statistics import TaskMagnitudes
-from .ties import TiesParams, ties_vector
+__all__ = ["TALL", "TallParams"]
 
 
-class TallParams(Params):
-    per_model = frozenset({"lambda", "density"})
-
-    lam: float = Field(0.6, alias="lambda", ge=0,
-                       description="mask threshold λ_t (per model; 0.2-0.6 tuned on validation, 0.6 without)")
-    shared: Literal["sum", "ties"] = Field("sum", description="shared vector: sum of task vectors, or unscaled "
-                                                              "TIES with disjoint sum")
-    density: float = Field(0.2, gt=0, le=1, description="shared: ties only: kept fraction of each task vector")
-    scope: Literal["global", "tensor"] = Field("global", description="shared: ties only: trim threshold scope")
-
-
-def ties_params(p: TallParams) -> TiesParams:
-    """The TIES settings of a `shared: ties` vector: unscaled, disjoint sum."""
-    return TiesParams.model_validate({"density": p.density, "scope": p.scope, "aggregate": "sum", "lambda": 1.0})
-
-
-def shared_vector(group: TensorGroup, p: TallParams, stats: dict, taus: torch.Tensor) -> torch.Tensor:
-    """τ_MTL for this chunk, from the task vectors `taus` (left unchanged)."""
-    if p.shared == "sum":
-        return ops.weighted_sum(taus, group.weights)
-    return ties_vector(group, ties_params(p), stats, deltas=taus.clone())
-
-
-def tall_masks(taus: torch.Tensor, shared: torch.Tensor, lambdas: list[float]) -> torch.Tensor:
-    """m_t = 1{|τ_t| ≥ λ_t·|τ_MTL − τ_t|}, stacked [T, ...] bool."""
-    lam = torch.tensor(lambdas, dtype=taus.dtype, device=taus.device).reshape((-1,) + (1,) * (taus.dim() - 1))
-    return taus.abs() >= lam * (shared.unsqueeze(0) - taus).abs()
-
-
-def masked_merge(group: TensorGroup, taus: torch.Tensor, shared: torch.Tensor, lambdas: list[float]) -> Merged:
-    """TALL masks of `shared` (MMER's decoupling too): text weights θ_0 + m̄ ⊙ shared, the shared
-    vector, and one mask per model."""
-    masks = tall_masks(taus, shared, lambdas)
-    mean_mask = masks.to(torch.float32).mean(dim=0)
-    return Merged(group.base + mean_mask * shared, shared=shared,
-                  masks={name: masks[t] for t, name in enumerate(group.model_names)})
-
-
-def tall(group: TensorGroup, p: TallParams, stats: dict) -> Merged:
+def tall(group: TensorGroup, p: TallParams, stats: Stats) -> Merged:
     taus = group.task_vectors()
     return masked_merge(group, taus, shared_vector(group, p, stats, taus), group.per_model(p, "lambda"))
-
-
-def shared_statistics(p: TallParams) -> list[Statistic]:
-    if p.shared == "ties" and p.scope == "global":
-        return [TaskMagnitudes()]
-    return []
-
-
-def shared_chunkable(p: TallParams, info) -> bool:
-    # a per-tensor TIES trim needs the whole tensor; everything else is element-wise
-    return p.shared == "sum" or p.scope == "global"
 
 
 TALL = Method(

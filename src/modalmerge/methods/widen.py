@@ -15,7 +15,7 @@ Convolutions are flattened to [out, in·k…]. No global λ; the recipe's weight
 import torch
 from pydantic import Field
 
-from .base import Merged, Method, Params, TensorGroup
+from .base import Merged, Method, Params, Stats, TensorGroup
 
 
 class WidenParams(Params):
@@ -48,7 +48,7 @@ def _as_columns(group: TensorGroup, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def widen(group: TensorGroup, p: WidenParams, stats: dict) -> Merged:
+def widen(group: TensorGroup, p: WidenParams, stats: Stats) -> Merged:
     base = group.base
     deltas = group.task_vectors()
     if base.dim() < 2:
@@ -74,4 +74,5 @@ WIDEN = Method(
     summary="Weight each input column by how far its magnitude and direction moved (ranked, softmax over models).",
     min_models=1,
     chunkable=lambda p, info: False,
+    weighted=False,
 )

@@ -11,6 +11,7 @@ from .sparsify import (
     trim_magnitude_,
 )
 from . import fused  # noqa: F401  (ops.fused: the fused C kernels)
+from . import trimmed_merge  # noqa: F401  (ops.trimmed_merge: TIES's trim and merge, C or torch)
 from .assignment import best_permutation
 from .bits import pack_bits, unpack_bits
 from .reduce import deterministic_dot, deterministic_sum, weighted_sum

@@ -17,7 +17,7 @@ def elect_sign(x: torch.Tensor, tie_sign: float | None = None, total: torch.Tens
 
     Spec decision: where the sum is exactly 0 use the sign of the total over the tensor, and
     ties of that go to +. The caller passes that tensor-level sign when `x` is a chunk of a
-    larger tensor (TensorGroup.tie_sign); by default it is computed from `x` itself.
+    larger tensor (methods.base.ElectionState.tie_sign); by default it is computed from `x` itself.
     """
     if total is None:
         total = x.sum(dim=0)

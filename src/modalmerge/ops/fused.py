@@ -1,4 +1,5 @@
-"""Fused CPU kernels for the apply pass's hot paths: C (kernels.c), called through ctypes.
+"""Fused CPU kernels for the apply pass's hot paths: C (kernels.c), in the extension module
+modalmerge.ops.ckernels.
 
 In eager torch, TIES over a block of T models is about nine passes over a [T, block] float32
 stack (convert, subtract, trim, sum, align, clamp, sum, sign, sum), each reading and writing
@@ -9,53 +10,41 @@ cuts at a time. Per element the operations and their order are torch's (kernels.
 without fused multiply-adds), so a kernel gives the bits of the same operations written in
 torch, and agrees with the eager kernels (torch's reductions over the stack) to float rounding;
 every kernel is element-wise or an integer count, so results do not depend on the thread count
-or on the block boundaries. A call on a large block is split into pieces that the torch threads take as each
-gets free (ctypes releases the GIL).
+or on the block boundaries. Within `threads_in_use(pool)`, a call on a large block is split
+into pieces that the pool's threads take as each gets free (the module releases the GIL).
 
-kernels.c is compiled once per machine by the system's C compiler ($CC, else cc, gcc or clang;
-about 5 s) into $MODALMERGE_CACHE/kernels (default ~/.cache/modalmerge/kernels), keyed by the
-source, compiler, flags and host; later processes load it in milliseconds. (The kernels were
-first written for torch.compile, whose compiler stack costs a process ~3.5 s to load even with
-its cache warm: more than the kernels saved on most merges.) MODALMERGE_COMPILE=0 turns them
-off. Where they cannot be built (no compiler), the first call warns once and the eager kernels
-run.
+The module is built when the package is built or installed (setup.py); nothing is compiled or
+cached at run time. Where it was not built (no C compiler at install time), or with
+MODALMERGE_FUSED=0, the kernels raise FusedUnavailable and the eager kernels run; note() says
+which in one line.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from ..paths import cache_dir
+from .threads import in_use
 
-_SOURCE = Path(__file__).with_name("kernels.c")
-# torch's IEEE semantics: no -ffast-math, and no fused multiply-adds (which round once where
-# torch rounds twice, and only in the vectorised part of a loop)
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-std=gnu11", "-fPIC", "-shared"]
-_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # kernels.c's codes
+try:
+    from . import ckernels
+    _NOT_LOADED = ""
+except ModuleNotFoundError:  # installed without a C compiler
+    ckernels = None
+    _NOT_LOADED = "was not built: reinstall with a C compiler"
+except ImportError as e:  # built, but it does not load here (another Python, a missing symbol)
+    ckernels = None
+    _NOT_LOADED = f"could not be loaded ({(str(e).splitlines() or [type(e).__name__])[0]}): reinstall modalmerge"
+
+_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # kernels.h's codes
 _AGGREGATES = {"mean": 0, "sum": 1, "max": 2}
-_GROUP = 8  # kernels.c's GROUP: models folded per pass
+_GROUP = 8  # kernels.h's MM_GROUP: models folded per pass
 PARALLEL_MIN = 1 << 16  # elements per thread from which a call is split over threads
 PIECE = 1 << 18  # elements per piece of a split call (whole tiles of kernels.c's counts)
 COUNT_BINS = 1 << 16  # boundary_low_counts' bins (the low 16 bits)
-
-_lib = None
-_broken = ""  # why the build failed in this process, if it did
-_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+SWITCH = "MODALMERGE_FUSED"  # =0 turns the kernels off
 
 
 class FusedUnavailable(RuntimeError):
@@ -63,80 +52,27 @@ class FusedUnavailable(RuntimeError):
 
 
 def usable() -> bool:
-    """Not switched off (MODALMERGE_COMPILE=0) and not failed to build in this process."""
-    return not _broken and os.environ.get("MODALMERGE_COMPILE", "").strip() != "0"
+    """The extension is built and loaded, and not switched off (MODALMERGE_FUSED=0)."""
+    return ckernels is not None and os.environ.get(SWITCH, "").strip() != "0"
 
 
-# -- building and loading ----------------------------------------------------------------------
-
-def _library():
-    global _lib, _broken
-    if _broken:
-        raise FusedUnavailable(f"the fused kernels failed to build: {_broken}")
+def note() -> str:
+    """One line for --dry-run: which kernels a CPU merge runs, and if eager, why."""
+    if ckernels is None:
+        return f"eager torch (the C extension modalmerge.ops.ckernels {_NOT_LOADED or 'is not installed'})"
     if not usable():
-        raise FusedUnavailable("the fused kernels are off (MODALMERGE_COMPILE=0)")
-    if _lib is None:
-        with _lock:
-            if _lib is None:
-                try:
-                    _lib = _declare(ctypes.CDLL(str(_build())))
-                except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-                    _broken = str(e) or type(e).__name__
-                    warnings.warn(f"modalmerge: fused kernels unavailable ({e}); using eager torch "
-                                  "(set MODALMERGE_COMPILE=0 to skip the attempt)", RuntimeWarning)
-                    raise FusedUnavailable(str(e)) from e
-    return _lib
+        return f"eager torch (the fused kernels are off: {SWITCH}=0)"
+    return f"fused C kernels (modalmerge.ops.ckernels, {ckernels.instruction_set()} code)"
 
 
-def _compiler() -> str:
-    cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
-    if cc is None:
-        raise RuntimeError("no C compiler found: install gcc or clang, or set CC")
-    return cc
+def _kernels():
+    if not usable():
+        raise FusedUnavailable(note())
+    return ckernels
 
 
-def _build() -> Path:
-    """The compiled kernels.c for this machine: from the cache, else built into it (atomically,
-    so processes building at the same time do not see each other's half-written file)."""
-    cc = _compiler()
-    text = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join(s if isinstance(s, bytes) else s.encode() for s in
-                                    (text, cc, " ".join(_FLAGS), platform.machine(), platform.node()))).hexdigest()[:16]
-    folder = cache_dir("kernels")
-    target = folder / f"kernels-{key}.so"
-    if target.exists():
-        return target
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:  # a read-only home: build for this process only
-        folder = Path(tempfile.mkdtemp(prefix="modalmerge-kernels-"))
-        target = folder / target.name
-    partial = folder / f".{target.name}.{os.getpid()}"
-    error = ""
-    # a compiler without -march=native (some non-x86 ones) still builds the portable variant
-    for flags in (_FLAGS, [f for f in _FLAGS if f != "-march=native"]):
-        done = subprocess.run([cc, *flags, "-o", str(partial), str(_SOURCE)], capture_output=True, text=True)
-        if done.returncode == 0:
-            os.replace(partial, target)
-            return target
-        error = (done.stderr.strip().splitlines() or ["exit status %d" % done.returncode])[-1]
-    raise RuntimeError(f"{cc} could not build {_SOURCE.name}: {error}")
+# -- threads -------------------------------------------------------------------------------------
 
-
-def _declare(lib):
-    p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    signatures = {
-        "mm_trimmed_total": [i32, p, p, i32, p, p, p, i64],
-        "mm_disjoint": [i32, i32, p, p, i32, p, p, p, ctypes.c_float, p, p, i64],
-        "mm_weighted_delta_sum": [i32, p, p, i32, p, p, i64],
-        "mm_magnitude_keys": [i32, p, p, i64, p, p, i32, p],
-        "mm_count_at_least": [p, i64, p, i32, p],
-        "mm_boundary_low_counts": [i32, p, p, i64, ctypes.c_uint32, p],
-    }
-    for name, args in signatures.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, None
-    return lib
 
 
 # -- calling -------------------------------------------------------------------------------------
@@ -148,8 +84,8 @@ def _inputs(base: torch.Tensor, models: list[torch.Tensor]) -> tuple[int, torch.
         raise FusedUnavailable("the kernels take CPU inputs of one dtype (bfloat16, float16 or float32)")
     base = base.reshape(-1).contiguous()
     models = [m.reshape(-1).contiguous() for m in models]
-    if any(m.numel() != base.numel() for m in models):
-        raise ValueError("the models and the base differ in size")
+    if any(m.numel() != base.numel() or m.device.type != "cpu" for m in models):
+        raise ValueError("the models and the base differ in size or device")
     return _DTYPES[dtype], base, models
 
 
@@ -157,23 +93,16 @@ def _floats(x) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.float32).reshape(-1).contiguous()
 
 
-def _at(t: torch.Tensor, start: int) -> int:
-    return t.data_ptr() + start * t.element_size()
-
-
-def _array(tensors: list[torch.Tensor], start: int):
-    return (ctypes.c_void_p * len(tensors))(*[_at(t, start) for t in tensors])
-
-
 def _workers(n: int) -> int:
-    return max(1, min(torch.get_num_threads(), n // PARALLEL_MIN))
+    """Threads for a call on n elements: the pool in use, one per PARALLEL_MIN elements."""
+    pool = in_use()
+    return 1 if pool is None else max(1, min(pool.threads, n // PARALLEL_MIN))
 
 
 def _each_piece(n: int, workers: int, call) -> None:
     """call(worker, start, stop) over [0, n) in pieces of PIECE elements, which `workers` threads
-    (the calling one among them) take as each gets free: a thread slowed by the reading and
-    writing threads takes fewer pieces instead of holding up the others at the end."""
-    global _pool, _pool_size
+    of the pool in use (the calling one among them) take as each gets free: a thread slowed by
+    the reading and writing threads takes fewer pieces instead of holding up the others at the end."""
     if workers == 1:
         call(0, 0, n)
         return
@@ -183,27 +112,20 @@ def _each_piece(n: int, workers: int, call) -> None:
         for start in pieces:
             call(worker, start, min(start + PIECE, n))
 
-    with _lock:
-        if _pool_size < workers - 1:
-            _pool = ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="modalmerge-kernel")
-            _pool_size = workers - 1
-        pool = _pool
-    helpers = [pool.submit(work, w) for w in range(1, workers)]
-    work(0)
-    for h in helpers:
-        h.result()
+    in_use().run(workers, work)
 
 
 # -- what the methods call -------------------------------------------------------------------
 
 def trimmed_total(base: torch.Tensor, models: list[torch.Tensor], thresholds, weights) -> torch.Tensor:
     """Σ_t w_t · trim(θ_t − θ_0), trim keeping |·| ≥ thresholds[t]: TIES's election sums, float32."""
-    lib = _library()
+    kernels = _kernels()
     dtype, base, models = _inputs(base, models)
     thr, w = _floats(thresholds), _floats(weights)
     out = torch.empty(base.numel(), dtype=torch.float32)
-    _each_piece(base.numel(), _workers(base.numel()), lambda i, a, b: lib.mm_trimmed_total(
-        dtype, _at(base, a), _array(models, a), len(models), thr.data_ptr(), w.data_ptr(), _at(out, a), b - a))
+    addresses = [m.data_ptr() for m in models]
+    _each_piece(base.numel(), _workers(base.numel()), lambda i, a, b: kernels.trimmed_total(
+        dtype, base.data_ptr(), addresses, thr.data_ptr(), w.data_ptr(), out.data_ptr(), a, b - a))
     return out
 
 
@@ -212,27 +134,31 @@ def disjoint_merge(base: torch.Tensor, models: list[torch.Tensor], thresholds, w
     """TIES's merged task vector from the raw inputs: γ = sign(total) (exact zeros → tie_sign),
     then the disjoint mean (weighted), sum or max of the trimmed, weighted task vectors agreeing
     with γ; as ops.elect_sign + ops.disjoint_merge on the stack."""
-    lib = _library()
+    kernels = _kernels()
     dtype, base, models = _inputs(base, models)
     thr, w = _floats(thresholds), _floats(weights)
     total = total.reshape(-1).to(torch.float32).contiguous()
+    if total.numel() != base.numel():
+        raise ValueError("the total and the base differ in size")
     out = torch.empty(base.numel(), dtype=torch.float32)
-    # the weights counted so far, carried between groups of models (kernels.c's GROUP)
+    # the weights counted so far, carried between groups of models (kernels.h's MM_GROUP)
     count = torch.empty(base.numel() if len(models) > _GROUP else 0, dtype=torch.float32)
-    _each_piece(base.numel(), _workers(base.numel()), lambda i, a, b: lib.mm_disjoint(
-        dtype, _AGGREGATES[aggregate], _at(base, a), _array(models, a), len(models), thr.data_ptr(), w.data_ptr(),
-        _at(total, a), float(tie_sign), _at(count, a), _at(out, a), b - a))
+    addresses = [m.data_ptr() for m in models]
+    _each_piece(base.numel(), _workers(base.numel()), lambda i, a, b: kernels.disjoint(
+        dtype, _AGGREGATES[aggregate], base.data_ptr(), addresses, thr.data_ptr(), w.data_ptr(), total.data_ptr(),
+        float(tie_sign), count.data_ptr(), out.data_ptr(), a, b - a))
     return out
 
 
 def weighted_delta_sum(base: torch.Tensor, models: list[torch.Tensor], weights) -> torch.Tensor:
     """Σ_t w_t (θ_t − θ_0) in model order, float32, from the raw inputs."""
-    lib = _library()
+    kernels = _kernels()
     dtype, base, models = _inputs(base, models)
     w = _floats(weights)
     out = torch.empty(base.numel(), dtype=torch.float32)
-    _each_piece(base.numel(), _workers(base.numel()), lambda i, a, b: lib.mm_weighted_delta_sum(
-        dtype, _at(base, a), _array(models, a), len(models), w.data_ptr(), _at(out, a), b - a))
+    addresses = [m.data_ptr() for m in models]
+    _each_piece(base.numel(), _workers(base.numel()), lambda i, a, b: kernels.weighted_delta_sum(
+        dtype, base.data_ptr(), addresses, w.data_ptr(), out.data_ptr(), a, b - a))
     return out
 
 
@@ -241,24 +167,26 @@ def magnitude_keys(base: torch.Tensor, model: torch.Tensor, cuts: Sequence[int] 
     15 bits of |τ|'s float32 pattern, shifted left, and 1 where its low 16 bits are not all zero;
     unsigned 16-bit values in an int16 tensor. And, counted in the same pass, how many keys are at
     or above each cut (as count_at_least)."""
-    lib = _library()
+    kernels = _kernels()
     dtype, base, (model,) = _inputs(base, [model])
     n = base.numel()
     keys = torch.empty(n, dtype=torch.int16)
-    return keys, _counted(n, cuts, lambda a, b, cut_array, m, row: lib.mm_magnitude_keys(
-        dtype, _at(base, a), _at(model, a), b - a, _at(keys, a), cut_array, m, row))
+    return keys, _counted(n, cuts, lambda a, b, cut_array, m, row: kernels.magnitude_keys(
+        dtype, base.data_ptr(), model.data_ptr(), keys.data_ptr(), cut_array, m, row, a, b - a))
 
 
 def count_at_least(keys: torch.Tensor, cuts: list[int]) -> list[int]:
     """For each cut (0 ≤ cut ≤ 2^16), how many of magnitude_keys' keys are at or above it."""
-    lib = _library()
-    return _counted(keys.numel(), cuts, lambda a, b, cut_array, m, row: lib.mm_count_at_least(
-        _at(keys, a), b - a, cut_array, m, row))
+    kernels = _kernels()
+    if keys.dtype != torch.int16 or keys.device.type != "cpu" or not keys.is_contiguous():
+        raise ValueError("count_at_least takes magnitude_keys' keys (a contiguous int16 CPU tensor)")
+    return _counted(keys.numel(), cuts, lambda a, b, cut_array, m, row: kernels.count_at_least(
+        keys.data_ptr(), cut_array, m, row, a, b - a))
 
 
 def _counted(n: int, cuts, call) -> list[int]:
-    """call(start, stop, cuts, number of cuts, counts row) over the pieces of n elements, one row
-    of counts per thread; the rows' sums."""
+    """call(start, stop, cuts' address, number of cuts, counts row's address) over the pieces of n
+    elements, one row of counts per thread; the rows' sums."""
     workers = _workers(n)
     cut_array = torch.tensor(list(cuts) or [0], dtype=torch.int32)  # read as uint32
     counts = torch.zeros((workers, cut_array.numel()), dtype=torch.int64)
@@ -269,10 +197,10 @@ def _counted(n: int, cuts, call) -> list[int]:
 def boundary_low_counts(base: torch.Tensor, model: torch.Tensor, high: int) -> torch.Tensor:
     """int64 counts of the low 16 bits of |τ|'s float32 pattern over the elements whose top 15
     bits are `high`: what ops.sparsify.kth_by_counting needs where the k-th key has low bits."""
-    lib = _library()
+    kernels = _kernels()
     dtype, base, (model,) = _inputs(base, [model])
     workers = _workers(base.numel())
     counts = torch.zeros((workers, COUNT_BINS), dtype=torch.int64)
-    _each_piece(base.numel(), workers, lambda i, a, b: lib.mm_boundary_low_counts(
-        dtype, _at(base, a), _at(model, a), b - a, high, counts[i].data_ptr()))
+    _each_piece(base.numel(), workers, lambda i, a, b: kernels.boundary_low_counts(
+        dtype, base.data_ptr(), model.data_ptr(), high, counts[i].data_ptr(), a, b - a))
     return counts.sum(0)

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import torch
 
+from .threads import in_use
+
 # |x| as float32 bits is monotonic in |x|. Dropping the low 12 of the 23 mantissa bits leaves
 # 2^19 bins, each spanning a relative width of 2^-11 (about 5e-4) of its values.
 _HIST_SHIFT = 12
@@ -72,10 +74,11 @@ def kth_largest_magnitudes(x: torch.Tensor, ks: Sequence[int]) -> list[float]:
         low, _ = _boundary(torch.bincount(low_bits, minlength=1 << 16), rest)
         return _float_of((high << 16) | low)
 
-    if len(ks) == 1 or n < _PARALLEL_MIN:
+    pool = in_use()
+    if pool is None or len(ks) == 1 or n < _PARALLEL_MIN:
         return [one(t) for t in range(len(ks))]
-    # bincount and boolean indexing run on one thread: long rows go to a small pool instead
-    return list(_row_pool().map(one, range(len(ks))))
+    # bincount and boolean indexing run on one thread: long rows share the merge's kernel threads
+    return pool.map(one, range(len(ks)))
 
 
 # flagged keys: (top 15 bits of |x|'s float32 pattern) << 1 | (its low 16 bits are not all
@@ -145,17 +148,6 @@ def _float_of(bits: int) -> float:
 
 
 _PARALLEL_MIN = 1 << 18
-_pool = None
-
-
-def _row_pool():
-    global _pool
-    if _pool is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _pool = ThreadPoolExecutor(max_workers=max(1, min(4, torch.get_num_threads())),
-                                   thread_name_prefix="modalmerge-select")
-    return _pool
 
 
 def _boundary(counts: torch.Tensor, k: int) -> tuple[int, int]:

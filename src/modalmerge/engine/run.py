@@ -1,0 +1,130 @@
+"""The one way a merge runs: plan it, then hand it to the procedure its method declares.
+
+`Method.runs` says which procedure a method needs; `PROCEDURES` maps each kind to the function
+that runs it. Nothing here (or in the faces, cli.py and api.py, which call this module) tests a
+method's name: a new method that streams needs no change here, and a new kind of procedure is one
+entry in the two tables below.
+
+- streaming    the streaming executor over every selected tensor (engine/executor.py), after a
+               data pass for data-aware methods (procedures/calibration.py)
+- composed     model folders split into language model and modality parts; the language models
+               streamed with the method's kernel, encoders and projectors kept (engine/mmer.py)
+- sequential   models applied one at a time, state kept in the output (engine/continual.py)
+- whole_model  one model loaded whole and run on calibration data (procedures/moe.py)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint.sources import TensorSource
+from ..errors import MergeError
+from ..methods.registry import get_method
+from . import calibration, moe  # moved to procedures/ at the end of the move
+from . import continual, mmer
+from .executor import Executor, Report
+from .plan import DEFAULT_CHUNK_ELEMS, Plan, build_plan, open_models
+from .recipe import Recipe
+from .sinks import DictSink, FolderSink
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a planned merge is run and written (the same for every procedure)."""
+
+    device: str = "cpu"
+    overwrite: bool = False
+    allow_pickle: bool = False
+    exact_stats: bool = False
+    progress: bool = False
+    max_shard_bytes: int | None = None
+    tool_version: str = "?"
+
+
+def plan_merge(recipe: Recipe, *, allow_pickle: bool = False, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+               trust_recipe_code: bool = False, trust_remote_code: bool = False,
+               preloaded: dict[str, TensorSource] | None = None) -> Plan:
+    """Open the models and check the recipe: the plan of a folder merge, or of an in-memory one
+    (`preloaded` sources), whose composed methods stream as usual (no folders to split)."""
+    method = get_method(recipe.method)
+    if method.runs == "composed" and not preloaded:
+        return mmer.plan_composed(recipe, allow_pickle=allow_pickle, chunk_elems=chunk_elems)
+    base, models = open_models(recipe, allow_pickle=allow_pickle, preloaded=preloaded)
+    return build_plan(recipe, base, models, chunk_elems, trust_recipe_code=trust_recipe_code,
+                      trust_remote_code=trust_remote_code)
+
+
+def run_merge(plan: Plan, output: str | Path, options: RunOptions = RunOptions()) -> Report:
+    """Run a planned merge into the folder `output` (written atomically) with its method's procedure."""
+    start = time.perf_counter()
+    report = PROCEDURES[plan.method.runs](plan, output, options)
+    report.procedure = plan.method.runs
+    report.seconds.setdefault("total", time.perf_counter() - start)
+    return report
+
+
+def merge_in_memory(plan: Plan, device: str = "cpu", exact_stats: bool = False,
+                    data: dict[str, list[TensorSource]] | None = None) -> DictSink:
+    """Run a planned merge of in-memory sources into a DictSink (the streaming executor; `data`:
+    a data-aware method's per-model statistics, which cannot be computed from state dicts)."""
+    if plan.method.runs in ("sequential", "whole_model"):
+        what = {"sequential": "applies its models one at a time and keeps its state in an output folder",
+                "whole_model": "loads and runs a whole model folder on calibration data"}[plan.method.runs]
+        raise MergeError(f"method {plan.method.name} {what}, which state dicts cannot give: use "
+                         "modalmerge.merge(recipe, output) with model folders")
+    sink = DictSink(plan)
+    # the data pass's own checks say what state dicts lack (e.g. calibration data)
+    Executor(plan, device=device, exact_stats=exact_stats, progress=False, data=data,
+             gather=calibration.gather).run(sink)
+    return sink
+
+
+def describe(plan: Plan) -> dict[str, Any]:
+    """What --dry-run prints: the procedure's own summary of the plan."""
+    return DESCRIPTIONS[plan.method.runs](plan)
+
+
+def _stream(plan: Plan, output, o: RunOptions) -> Report:
+    sink = FolderSink(plan, output, overwrite=o.overwrite, max_shard_bytes=o.max_shard_bytes,
+                      tool_version=o.tool_version)
+    return Executor(plan, device=o.device, exact_stats=o.exact_stats, progress=o.progress,
+                    allow_pickle=o.allow_pickle, gather=calibration.gather).run(sink)
+
+
+def _compose(plan: Plan, output, o: RunOptions) -> Report:
+    report, storage = mmer.compose(plan, output, device=o.device, overwrite=o.overwrite, exact_stats=o.exact_stats,
+                                   progress=o.progress, max_shard_bytes=o.max_shard_bytes,
+                                   tool_version=o.tool_version)
+    report.statistics["storage"] = storage
+    return report
+
+
+def _sequential(plan: Plan, output, o: RunOptions) -> Report:
+    start = time.perf_counter()
+    continual.run_sequential(plan, output, overwrite=o.overwrite, progress=o.progress, tool_version=o.tool_version)
+    merged = plan.merged
+    return Report(seconds={"total": time.perf_counter() - start}, merged_tensors=len(merged),
+                  copied_tensors=len(plan.tensors) - len(merged), merged_parameters=sum(t.meta.numel for t in merged))
+
+
+def _whole_model(plan: Plan, output, o: RunOptions) -> Report:
+    start = time.perf_counter()
+    report = moe.run(plan, output, overwrite=o.overwrite, tool_version=o.tool_version)
+    experts = report["expert_parameters"]
+    return Report(seconds={"total": time.perf_counter() - start}, merged_tensors=2 * len(report["layers"]),
+                  copied_tensors=0, merged_parameters=experts["before"], statistics={"experts": report})
+
+
+def _streaming_summary(plan: Plan) -> dict[str, Any]:
+    summary = plan.summary()
+    if plan.method.data(plan.params):
+        summary["data"] = calibration.estimate(plan)
+    return summary
+
+
+PROCEDURES = {"streaming": _stream, "composed": _compose, "sequential": _sequential, "whole_model": _whole_model}
+DESCRIPTIONS = {"streaming": _streaming_summary, "composed": _streaming_summary, "sequential": _streaming_summary,
+                "whole_model": moe.summary}
