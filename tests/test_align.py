@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from conftest import load_sd, tiny_llama
 from modalmerge.api import merge
 from modalmerge.cli import main
-from modalmerge.engine.align import (align_folders, mlp_spec, objective, permuted, spec_for,
+from modalmerge.procedures.align import (align_folders, mlp_spec, objective, permuted, spec_for,
                                      weight_matching)
 from modalmerge.errors import MergeError
 from modalmerge.ops import best_permutation
@@ -376,7 +376,7 @@ def test_residual_spec_errors():
 
 def test_every_permutation_family_of_the_architecture_specs_has_rules():
     # which model types align permutes is data in engine/architectures.py; the rules live in align.py
-    from modalmerge.engine.align import PERMUTATION_RULES
+    from modalmerge.procedures.align import PERMUTATION_RULES
     from modalmerge.engine.architectures import SPECS
 
     assert {s.permutation for s in SPECS if s.permutation} == set(PERMUTATION_RULES)

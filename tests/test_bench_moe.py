@@ -76,7 +76,7 @@ def test_perplexity_by_hand():
 def test_random_grouping_and_measured_distinct_experts():
     from test_msmoe import tiny_mixtral, tokens
 
-    from modalmerge.engine.moe import merge_moe_model
+    from modalmerge.procedures.moe import merge_moe_model
     from modalmerge.methods.msmoe import MsmoeParams
 
     group = moe.random_grouping(0)

@@ -189,7 +189,7 @@ def small_bench(tiny_bert, tmp_path_factory):
 def test_calibration_statistics_come_from_each_task_s_own_classifier(small_bench):
     from modalmerge.bench.text import Classifier, load_encoder
     from modalmerge.bench.text_methods import LogitsView, calibration_batches, task_statistic
-    from modalmerge.engine.calibration import fisher_diagonal, gram_matrices
+    from modalmerge.procedures.calibration import fisher_diagonal, gram_matrices
 
     bench = small_bench
     batches = calibration_batches(bench, "mpqa")

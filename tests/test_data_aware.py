@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from modalmerge.api import merge, merge_state_dicts
-from modalmerge.engine.calibration import (
+from modalmerge.procedures.calibration import (
     CalibrationSpec,
     fisher_diagonal,
     gram_matrices,
@@ -363,7 +363,7 @@ def test_adamerging_kernel_matches_dense_reference_chunked():
 
 
 def _entropy_of(folder, batches):
-    from modalmerge.engine.adamerging_fit import prediction_entropy
+    from modalmerge.procedures.adamerging_fit import prediction_entropy
 
     model = load_model(open_source(folder), "")
     with torch.no_grad():
@@ -384,7 +384,7 @@ def test_adamerging_learns_coefficients_that_lower_entropy(bert_family, tmp_path
     assert all(torch.allclose(got[k], ta[k], atol=1e-6) for k in ta)
 
     from modalmerge.api import plan
-    from modalmerge.engine.calibration import adamerging_coefficients
+    from modalmerge.procedures.calibration import adamerging_coefficients
 
     recipe["params"].update(steps=5, lr=0.1)
     p = plan(recipe, trust_recipe_code=True)

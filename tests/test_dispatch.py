@@ -31,7 +31,7 @@ from modalmerge.methods.registry import METHODS
 
 
 def run_module():
-    """The module the API hands a merge to (engine/run.py now; procedures/ after the move): the one
+    """The module the API hands a merge to (procedures/run.py now; procedures/ after the move): the one
     api.py uses that holds the procedure table."""
     for value in vars(api).values():
         module = value if inspect.ismodule(value) else inspect.getmodule(value)

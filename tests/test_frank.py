@@ -15,7 +15,7 @@ import yaml
 
 from conftest import load_sd, perturbed
 from modalmerge.api import merge, merge_state_dicts
-from modalmerge.engine.calibration import load_model, visual_attention_profile
+from modalmerge.procedures.calibration import load_model, visual_attention_profile
 from modalmerge.checkpoint.sources import open_source
 from modalmerge.errors import MergeError
 from modalmerge.methods.frank import fit_decay

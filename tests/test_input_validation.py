@@ -27,7 +27,7 @@ from conftest import cli_fails, finetunes, random_state_dict
 from modalmerge.checkpoint import safetensors_io
 from modalmerge.checkpoint.safetensors_io import SafetensorsFile, save_file
 from modalmerge.checkpoint.sources import open_source
-from modalmerge.engine.calibration import optimizer_second_moments
+from modalmerge.procedures.calibration import optimizer_second_moments
 from modalmerge.errors import MergeError
 
 

@@ -9,7 +9,7 @@ import pytest
 import modalmerge
 import torch
 
-from modalmerge.engine.moe import find_moe_blocks, merge_moe_model, recipe_for
+from modalmerge.procedures.moe import find_moe_blocks, merge_moe_model, recipe_for
 from modalmerge.errors import MergeError
 from modalmerge.methods import msmoe
 

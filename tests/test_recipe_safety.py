@@ -130,7 +130,7 @@ def test_msmoe_calibration_callable_needs_trust_recipe_code(fam, tmp_path, capsy
 
 
 def test_load_batches_refuses_an_untrusted_callable():
-    from modalmerge.engine.calibration import CalibrationSpec, load_batches
+    from modalmerge.procedures.calibration import CalibrationSpec, load_batches
 
     spec = CalibrationSpec.model_validate({"callable": "test_recipe_safety:batches"})
     with pytest.raises(MergeError, match="trust-recipe-code"):
@@ -161,7 +161,7 @@ def test_remote_code_in_a_model_folder_needs_trust_remote_code(fam, tmp_path, ca
 
 
 def test_load_composed_refuses_remote_code(tmp_path):
-    from modalmerge.engine.calibration import check_remote_code, remote_code_file
+    from modalmerge.procedures.calibration import check_remote_code, remote_code_file
 
     auto_map_config(tmp_path)
     assert remote_code_file(tmp_path) == "config.json"

@@ -10,12 +10,12 @@ import torch
 
 from .checkpoint.output import refuse_output_over_inputs
 from .checkpoint.sources import StateDictSource
-from .engine import run
-from .engine.continual import continual_add
+from .procedures import run
+from .procedures.continual import continual_add
 from .engine.executor import Report
 from .engine.plan import DEFAULT_CHUNK_ELEMS, Plan
 from .engine.recipe import Recipe, load_recipe, parse_recipe
-from .engine.run import plan_merge
+from .procedures.run import plan_merge
 from .version import __version__
 
 
@@ -81,7 +81,7 @@ def merge_state_dicts(method: str, models: list[dict[str, torch.Tensor]] | dict[
     `return_decoupled=True`, returns (state_dict, DictSink) so the shared vector, masks and
     manifest of a task-conditional method can be read. Data-aware methods take their per-model
     statistics in `data`: {kind: [one {tensor name: statistic} per model]} (e.g. "fisher", "gram";
-    engine/calibration.py computes them from an nn.Module and batches).
+    procedures/calibration.py computes them from an nn.Module and batches).
     """
     named = models if isinstance(models, dict) else {f"model_{i}": sd for i, sd in enumerate(models)}
     weights = weights or [1.0] * len(named)

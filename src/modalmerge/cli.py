@@ -16,7 +16,7 @@ def cmd_merge(args) -> int:
     from . import api
     from .commands.msmoe import dry_run_lines, report_lines
     from .engine.executor import keep_freed_memory_for_reuse
-    from .engine.mmer import storage_lines
+    from .procedures.mmer import storage_lines
 
     set_threads(args.threads)
     if args.continual or args.add:

@@ -14,7 +14,7 @@ measures nothing (its experts are interchangeable noise), so the benchmark train
   balances the tokens of all layers together, which lets a single layer leave experts unused);
   cached under ~/.cache/modalmerge/bench-moe/<config key>.
 
-Then, for each number of kept experts, the experts are merged through engine/moe.py's
+Then, for each number of kept experts, the experts are merged through procedures/moe.py's
 `merge_moe_model` (calibration sentences route the tokens) and the merged model is compared
 with the original on the held-out sentences: top-1 next-token agreement, mean KL(original ‖
 merged), perplexity. Besides M-SMoE the same run measures baselines that tell what each part
@@ -308,7 +308,7 @@ def perplexity(logits: list[torch.Tensor], batches: list[dict]) -> float:
 
 def distinct_experts(model) -> list[int]:
     """Per MoE block, how many distinct experts its weights hold (measured, not from the report)."""
-    from ..engine.moe import find_moe_blocks
+    from ..procedures.moe import find_moe_blocks
 
     out = []
     for b in find_moe_blocks(model):
@@ -341,7 +341,7 @@ def run_moe_bench(cfg: MoeBenchConfig, log: Callable[[str], None] = print, use_c
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from ..engine.moe import agreement, find_moe_blocks, merge_moe_model, predictions
+    from ..procedures.moe import agreement, find_moe_blocks, merge_moe_model, predictions
     from ..methods.msmoe import MsmoeParams
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,13 +1,13 @@
 """bench text: what the methods that need more than the fine-tuned models get.
 
 - fisher, regmean: per-model statistics from each task's own training texts (a seeded subset of
-  `calibration_examples`, no labels), computed by engine/calibration.py's fisher_diagonal and
+  `calibration_examples`, no labels), computed by procedures/calibration.py's fisher_diagonal and
   gram_matrices on the task's classifier (the fine-tuned encoder + that task's head). Without
   labels the Fisher is the exact expectation over the classifier's own predicted classes, as in
   Fisher merging (Matena & Raffel).
 - adamerging: coefficients fitted by entropy minimisation on the same unlabeled texts, each task's
   predictions made by its own head on the merged encoder, as in the AdaMerging paper.
-  The library's fitting loop (engine/adamerging_fit.fit_coefficients: Adam on λ, clamped to
+  The library's fitting loop (procedures/adamerging_fit.fit_coefficients: Adam on λ, clamped to
   [0, 1], one batch per task and step, prediction_entropy), with each task's head.
 - ota: AdamW's second moments kept when fine-tuning (bench/text.py's cache).
 - opcm: the library's continual merging: a merge folder started with the first task's model, then
@@ -43,7 +43,7 @@ CHECKPOINT_TASK = "sst2"
 # -- calibration statistics -------------------------------------------------------------------------
 
 class LogitsView(torch.nn.Module):
-    """A bench Classifier seen the way engine/calibration.py calls a Hugging Face model: keyword
+    """A bench Classifier seen the way procedures/calibration.py calls a Hugging Face model: keyword
     inputs, an output with `.logits`. Its parameters are named `clf.encoder.*` and `clf.head.*`."""
 
     def __init__(self, clf: torch.nn.Module):
@@ -61,7 +61,7 @@ def encoder_part(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def calibration_batches(bench: "TextBench", task: str) -> list[dict[str, torch.Tensor]]:
     """A seeded subset of the task's training texts, unlabeled, in batches of the library's default size."""
-    from ..engine.calibration import CalibrationSpec
+    from ..procedures.calibration import CalibrationSpec
 
     cfg = bench.cfg
     examples = sentconv.subsample(bench.tasks[task].train, cfg.calibration_examples, cfg.seed, f"{task}/calibration")
@@ -72,7 +72,7 @@ def calibration_batches(bench: "TextBench", task: str) -> list[dict[str, torch.T
 
 def task_statistic(bench: "TextBench", kind: str, task: str) -> dict[str, torch.Tensor]:
     """Fisher or Gram statistics of one task's classifier on its calibration texts."""
-    from ..engine.calibration import fisher_diagonal, gram_matrices
+    from ..procedures.calibration import fisher_diagonal, gram_matrices
 
     bench.encoder.load_state_dict(bench.finetuned[task])
     view = LogitsView(bench.classifiers[task]).eval()
@@ -104,7 +104,7 @@ def statistics(bench: "TextBench", kind: str, method: str, params: dict) -> tupl
 def adamerging_coefficients(bench: "TextBench", params: dict) -> tuple[list[dict[str, torch.Tensor]], dict]:
     """Per task, {tensor: λ (1 value)} minimising the entropy of every task's head on the merged
     encoder over that task's unlabeled calibration texts."""
-    from ..engine.adamerging_fit import fit_coefficients, prediction_entropy
+    from ..procedures.adamerging_fit import fit_coefficients, prediction_entropy
     from ..methods.registry import get_method
 
     p = get_method("adamerging").parse_params(params)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def cmd_align(args) -> int:
-    from ..engine.align import align_folders
+    from ..procedures.align import align_folders
 
     perms = align_folders(args.model, args.to, args.output, overwrite=args.overwrite, seed=args.seed,
                           max_rounds=args.max_rounds, allow_pickle=args.allow_pickle, residual=args.residual)

@@ -17,7 +17,7 @@ def cmd_extract(args) -> int:
         for name, scalar in d.tasks:
             print(f"{name:<{width}}  {scalar:>8.4f}  {100 * d.mask_density(name):>11.2f}%")
         if "storage" in d.manifest:
-            from ..engine.mmer import storage_lines
+            from ..procedures.mmer import storage_lines
             for name, entry in ((t["name"], t) for t in d.manifest["tasks"]):
                 parts = entry.get("modality")
                 print(f"  {name}: " + (f"encoder/projector in {parts['dir']}" if parts else "text-only task"))

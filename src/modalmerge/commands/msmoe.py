@@ -51,7 +51,7 @@ def report_lines(report: dict, output) -> list[str]:
 
 def cmd_msmoe(args) -> int:
     from .. import api
-    from ..engine import moe
+    from ..procedures import moe
     from ..engine.recipe import parse_recipe
 
     recipe = parse_recipe(moe.recipe_for(args.model, _calibration(args),

@@ -27,7 +27,7 @@ class ArchSpec:
     # plain LLM's names (`language_model.model.layers.0.x` / `model.language_model.layers.0.x`
     # -> `model.layers.0.x`)
     llm_marker: str = ""
-    # alignment (engine/align.py, Git Re-Basin weight matching): the family of permutation rules
+    # alignment (procedures/align.py, Git Re-Basin weight matching): the family of permutation rules
     # its tensors follow (a key of align.PERMUTATION_RULES; "" for none), and the model types of
     # this spec whose checkpoints those rules do not cover
     permutation: str = ""

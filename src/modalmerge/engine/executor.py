@@ -72,7 +72,7 @@ class Report:
     copied_tensors: int = 0
     merged_parameters: int = 0
     statistics: dict[str, Any] = field(default_factory=dict)
-    procedure: str = "streaming"  # Method.runs of the merge (engine/run.py)
+    procedure: str = "streaming"  # Method.runs of the merge (procedures/run.py)
 
 
 class Executor:

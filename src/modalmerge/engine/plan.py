@@ -17,8 +17,6 @@ from ..methods.base import Method, Params, TensorInfo
 from ..methods.registry import METHODS, get_method
 from ..methods import schedules
 from .architectures import Describer, spec_for
-from .calibration import (calibration_readers, check_callable_trusted, check_remote_code, loads_models,
-                          spec_of)
 from .metrics import fill_metrics
 from .recipe import Recipe
 
@@ -78,10 +76,10 @@ class Plan:
             per_model = [schedules.resolve(m, key, self.num_layers) for m in self.raw_model_params]
             self._by_layer[key] = (params, per_model)
         return self._by_layer[key]
-    # the composed procedure's layout of the model folders (engine/mmer.py: each model's parts)
+    # the composed procedure's layout of the model folders (procedures/mmer.py: each model's parts)
     composition: Any = None
     # what the user allowed: importing code a recipe names (calibration callables), running a
-    # model folder's own modelling code (auto_map); engine/calibration.py reads them
+    # model folder's own modelling code (auto_map); procedures/calibration.py reads them
     trust_recipe_code: bool = False
     trust_remote_code: bool = False
 
@@ -95,7 +93,7 @@ class Plan:
 
     def summary(self) -> dict[str, Any]:
         """The streaming estimates --dry-run prints: tensors, passes, memory and output size
-        (engine/run.describe adds what other procedures know: a data pass, a whole model)."""
+        (procedures/run.describe adds what other procedures know: a data pass, a whole model)."""
         merged = self.merged
         largest = max((min(t.meta.numel, t.row_elems * max(r1 - r0 for r0, r1 in t.chunks)) for t in merged),
                       default=0)
@@ -163,9 +161,10 @@ def open_models(recipe: Recipe, allow_pickle: bool = False,
 def build_plan(recipe: Recipe, base: TensorSource | None, models: list[TensorSource],
                chunk_elems: int = DEFAULT_CHUNK_ELEMS, *, trust_recipe_code: bool = False,
                trust_remote_code: bool = False) -> Plan:
-    """Check the recipe against the method and the models, and list the tensor jobs. Code named by
-    the recipe (calibration callables) or by a model folder (auto_map) that the merge would run
-    is refused here, before any work, unless the matching trust flag is given."""
+    """Check the recipe against the method and the models, and list the tensor jobs. The trust
+    flags are kept in the plan; procedures/run.plan_merge refuses, before any work, code named by
+    the recipe (calibration callables) or by a model folder (auto_map) that the merge would run,
+    unless the matching flag is given."""
     method = get_method(recipe.method)
     if method.metrics:  # plan-time hook: per-model loss/step from trainer_state.json
         filled = fill_metrics(recipe.models, method.metrics)
@@ -173,9 +172,7 @@ def build_plan(recipe: Recipe, base: TensorSource | None, models: list[TensorSou
                                                       for m, f in zip(recipe.models, filled)]})
     params, first_model_params = method_params(recipe, method)
     check_contract(recipe, method, base, models)
-    check_fields(recipe, method, params, first_model_params)
-    check_trust(recipe, method, params, first_model_params, [s for s in (base, *models) if s is not None],
-                trust_recipe_code=trust_recipe_code, trust_remote_code=trust_remote_code)
+    check_fields(recipe, method)
     weights = [m.weight for m in recipe.models]
     if getattr(params, "normalize", False) and abs(sum(weights)) < 1e-12:
         raise MergeError("the model weights sum to 0, so they cannot be normalised; change a `weight`")
@@ -279,49 +276,18 @@ def check_task_names(method: str, names: list[str]) -> None:
         seen[key] = name
 
 
-def check_fields(recipe: Recipe, method: Method, params: Params, model_params: list[dict[str, Any]]) -> None:
-    """Refuse every recipe field the method does not apply: a field is never ignored silently."""
-    kinds = method.data(params)
-    readers = calibration_readers(method, params, model_params)
-    for i, entry in enumerate(recipe.models):
-        who_ = f"model {entry.label!r}"
-        if entry.calibration is not None and i not in readers:
-            why = "only the vision model's data is run" if readers else "it runs no calibration data"
-            raise MergeError(f"{who_}: field `calibration` is not used by method {method.name} with these parameters "
-                             f"({why}); remove it")
-        if entry.optimizer_state is not None and "exp_avg_sq" not in kinds:
-            raise MergeError(f"{who_}: field `optimizer_state` is not used by method {method.name} (only ota reads "
-                             "optimiser state); remove it")
+def check_fields(recipe: Recipe, method: Method) -> None:
+    """Refuse a `weight` or `parts` the method does not apply: a field is never ignored silently
+    (the data-aware fields, `calibration` and `optimizer_state`, are checked with the data pass:
+    procedures/calibration.check_data_fields)."""
+    for entry in recipe.models:
         if not method.weighted and entry.weight != 1.0:
-            raise MergeError(f"{who_}: field `weight` is not used by method {method.name}; remove it, or choose a "
-                             "method that weights the models")
-    if recipe.calibration is not None:
-        if not readers:
-            raise MergeError(f"field `calibration` is not used by method {method.name} with these parameters (it runs "
-                             "no calibration data); remove it")
-        if all(recipe.models[i].calibration is not None for i in readers):
-            raise MergeError("the recipe's top-level `calibration` is not used: every model that runs data has its "
-                             "own; remove one of them")
+            raise MergeError(f"model {entry.label!r}: field `weight` is not used by method {method.name}; remove it, "
+                             "or choose a method that weights the models")
     if recipe.parts and not method.reads_parts:
         readers = sorted(m.name for m in METHODS.values() if m.reads_parts)
         raise MergeError(f"field `parts` is not used by method {method.name} (only {', '.join(readers)} "
                          "read it); remove it")
-
-
-def check_trust(recipe: Recipe, method: Method, params: Params, model_params: list[dict[str, Any]],
-                sources: list[TensorSource], *, trust_recipe_code: bool, trust_remote_code: bool) -> None:
-    """Refuse, before any work, code the merge would import or run without the user's consent."""
-    for i in sorted(calibration_readers(method, params, model_params)):
-        entry = recipe.models[i]
-        raw = entry.calibration if entry.calibration is not None else recipe.calibration
-        if raw is not None:
-            where = f"model {entry.label!r}"
-            check_callable_trusted(spec_of(raw, where), where, trust_recipe_code)
-    if loads_models(method, params):
-        for src in sources:
-            for s in (src, getattr(src, "base", None)):
-                if s is not None:
-                    check_remote_code(s.folder, f"model {who(s)}", trust_remote_code)
 
 
 def who(src: TensorSource) -> str:

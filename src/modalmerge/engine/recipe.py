@@ -33,7 +33,7 @@ class ModelEntry(BaseModel):
     weight: float = 1.0
     params: dict[str, Any] = Field(default_factory=dict)
     # data-aware methods: this model's calibration data (overrides the recipe's) and the
-    # optimiser second moments it was trained with (OTA); see engine/calibration.py
+    # optimiser second moments it was trained with (OTA); see procedures/calibration.py
     calibration: dict[str, Any] | None = None
     optimizer_state: str | None = None
 
@@ -57,7 +57,7 @@ class Recipe(BaseModel):
     seed: int = 0
     copy_files_from: str | None = None        # model whose config/tokenizer files are copied
     parts: dict[str, str] = Field(default_factory=dict)  # multimodal parts by name pattern
-    calibration: dict[str, Any] | None = None  # data-aware methods: see engine/calibration.py
+    calibration: dict[str, Any] | None = None  # data-aware methods: see procedures/calibration.py
     source_format: str = "native"
 
     @field_validator("models", mode="before")

@@ -2,7 +2,7 @@
 
 θ = θ_0 + Σ_t λ_t τ_t with one λ per task (granularity `task`) or per task and tensor
 (`layer`), initialised at `init`, kept in [0, 1] and fitted by Adam to minimise the entropy
-of the merged model's predictions on each model's calibration data. engine/adamerging_fit.py
+of the merged model's predictions on each model's calibration data. procedures/adamerging_fit.py
 learns them before the merge; the kernel reads them as `group.data["adamerging"]` [T].
 """
 

@@ -350,16 +350,16 @@ class Method:
     # per-model metrics (loss, step) the engine fills in at plan time from a checkpoint folder's
     # trainer_state.json where the recipe does not give them (engine/metrics.py)
     metrics: tuple[str, ...] = ()
-    # how a merge with this method runs (engine/run.py chooses the procedure from it):
+    # how a merge with this method runs (procedures/run.py chooses the procedure from it):
     #  streaming    tensor by tensor through the streaming executor (the default)
-    #  sequential   models applied one at a time, state kept in the output (OPCM, engine/continual.py)
+    #  sequential   models applied one at a time, state kept in the output (OPCM, procedures/continual.py)
     #  whole_model  inside one whole model that it loads and runs on calibration data (M-SMoE,
-    #               engine/moe.py): no kernel, no streaming executor
+    #               procedures/moe.py): no kernel, no streaming executor
     #  composed     model folders split into parts; the language models streamed with this method's
-    #               kernel, encoders and projectors kept (MMER, engine/mmer.py); state dicts in
+    #               kernel, encoders and projectors kept (MMER, procedures/mmer.py); state dicts in
     #               memory stream as usual
     runs: Literal["streaming", "sequential", "whole_model", "composed"] = "streaming"
-    # data-aware methods: the kinds of per-model statistics (engine/calibration.py gathers them
+    # data-aware methods: the kinds of per-model statistics (procedures/calibration.py gathers them
     # before the streaming merge) that its kernels read from `group.data`
     data: Callable[[Any], tuple[str, ...]] = field(default=lambda p: ())
 

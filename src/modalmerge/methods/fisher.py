@@ -1,6 +1,6 @@
 """Fisher merging (spec 13): θ = Σ λ_t F_t θ_t / Σ λ_t F_t with F_t each model's diagonal Fisher.
 
-F_t comes from calibration data (engine/calibration.py: mean squared gradient of log p(y|x)
+F_t comes from calibration data (procedures/calibration.py: mean squared gradient of log p(y|x)
 over 256 examples by default) as `group.data["fisher"]`; λ_t are the recipe weights.
 """
 

@@ -13,7 +13,7 @@ Where every ‖τ_t^(l)‖² is 0 the block keeps the base. The recipe's weights
 
 The decay `a` is a number (no published default; 0.1 here) or `fit`: fitted from the
 multimodal model's attention on calibration data (the recipe's `calibration:`; only the vision
-model needs it — engine/calibration.py `visual_attention_profile` computes it as
+model needs it — procedures/calibration.py `visual_attention_profile` computes it as
 `group.data["visual_attention"]`, a [1, L] row per merged tensor, zeros for reasoning models):
 
 - visual tokens: the batch's boolean `visual_mask` [batch, seq] (kept out of the forward), else

@@ -7,7 +7,7 @@ m_i = 1{|τ_i| ≥ λ_i·|τ* − τ_i|} (λ_i per model, default 1: the exact L
 and is served by θ_0 + m_i ⊙ τ*. The loadable weights are the text weights θ_0 + m̄ ⊙ τ*.
 
 This kernel sees LLM tensors only; which tensors those are, and the encoders and projectors
-that ride along unchanged, is the engine's business (engine/mmer.py).
+that ride along unchanged, is the engine's business (procedures/mmer.py).
 """
 
 from __future__ import annotations

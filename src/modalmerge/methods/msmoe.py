@@ -3,7 +3,7 @@
 Experts are given in the fused layout of transformers' MoE blocks: gate_up [E, 2I, H] (the
 gate projection's I rows, then the up projection's) and down [E, H, I]; an expert computes
 down · (act(gate · x) ⊙ (up · x)). Routing statistics come from calibration tokens
-(engine/moe.py gathers the router logits [N, E]).
+(procedures/moe.py gathers the router logits [N, E]).
 
 - routing frequencies f_i: the share of top-k selections expert i receives;
 - the `num_experts` most used experts are group centres; every other expert joins the centre
@@ -16,7 +16,7 @@ down · (act(gate · x) ⊙ (up · x)). Routing statistics come from calibration
 Decision: each member is aligned to its own group's centre (the expert it is merged into).
 
 The method works on a whole model (routing needs the model's forward pass on real tokens), so it
-has no per-tensor kernel: its registry entry is `whole_model`, and the engine (engine/moe.py)
+has no per-tensor kernel: its registry entry is `whole_model`, and the engine (procedures/moe.py)
 runs it. `merge_experts` also takes the ablations the benchmark measures (no alignment, uniform
 weights); recipes always use the method as specified.
 """

@@ -8,7 +8,7 @@ models' whole-model task-vector norms. Start: Δ = τ_1, λ = 1, norms = [‖τ_
 - every other tensor (embeddings, norms, biases): Δ' = λΔ + τ_t.
 Then norms += [‖τ_t‖], λ_new = ‖Δ'‖ / mean(norms) (whole-model L2), Δ = Δ'/λ_new; the merged
 model is θ_0 + Δ. The whole-model norms need a statistics pass, so the engine
-(engine/continual.py) runs the models itself, one step at a time, and keeps the state in the
+(procedures/continual.py) runs the models itself, one step at a time, and keeps the state in the
 output folder's `continual/` part; the kernel here is one step for one tensor.
 """
 

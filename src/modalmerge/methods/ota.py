@@ -1,7 +1,7 @@
 """OTA / Fast Fisher Grafting (spec 13): merge with the optimiser's curvature estimate.
 
 Each model supplies its Adam second moments v_t (`optimizer_state` in the recipe, read by
-engine/calibration.py as `group.data["exp_avg_sq"]`). Saliency s_t = v_t ⊙ τ_t²; entries below
+procedures/calibration.py as `group.data["exp_avg_sq"]`). Saliency s_t = v_t ⊙ τ_t²; entries below
 each model's whole-model threshold (keeping its top `density` fraction) are masked (m_t = 0);
 the rest merge as
     θ = θ_0 + Σ_t ω_t τ_t / Σ_t ω_t,   ω_t = λ_t (√v_t + ε) · m_t

@@ -2,7 +2,7 @@
 its own calibration inputs.
 
 With G_t = X_tᵀX_t / n the Gram matrix of layer inputs (`group.data["gram"]`, from
-engine/calibration.py) and G̃_t = α G_t + (1 − α) diag(G_t):
+procedures/calibration.py) and G̃_t = α G_t + (1 − α) diag(G_t):
     W = (Σ_t λ_t G̃_t)⁻¹ Σ_t λ_t G̃_t W_tᵀ     (solved in float64)
 Every other tensor is the λ-weighted average.
 """

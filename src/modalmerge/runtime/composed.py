@@ -316,7 +316,7 @@ def load_composed(folder: str | Path, model_cls: Any = None, *, device: str | to
     """Load a composed (MMER) folder: the LLM with `model_cls.from_pretrained` (default
     transformers.AutoModel) from the text weights, τ* and the masks for routing. A folder whose
     config names custom modelling code (auto_map) is refused unless `trust_remote_code`."""
-    from ..engine.calibration import check_remote_code
+    from ..procedures.calibration import check_remote_code
 
     if model_cls is None:
         from transformers import AutoModel as model_cls  # noqa: N813

@@ -29,9 +29,9 @@ from ..checkpoint.sources import SafetensorsSource, TensorSource
 from ..errors import MergeError
 from ..methods.base import Stats, TensorGroup
 from ..methods.opcm import RunningScale
-from .plan import Plan, build_plan, open_models, who
-from .recipe import Recipe, parse_recipe
-from .sinks import FolderSink
+from ..engine.plan import Plan, build_plan, open_models, who
+from ..engine.recipe import Recipe, parse_recipe
+from ..engine.sinks import FolderSink
 
 CONTINUAL_DIR = "continual"
 MANIFEST = "manifest.json"

@@ -53,7 +53,7 @@ def fit_coefficients(base: dict[str, torch.Tensor], taus: dict[str, torch.Tensor
 def learn_coefficients(plan, model, inputs: list[list[dict]], progress: bool = False
                        ) -> list[dict[str, torch.Tensor]]:
     """Per model, {tensor name: λ (1 value)} for every merged tensor. `model`: the base model, loaded
-    (engine/calibration.py loads it); `inputs[t]`: model t's batches, as the model's keyword arguments."""
+    (procedures/calibration.py loads it); `inputs[t]`: model t's batches, as the model's keyword arguments."""
     p = plan.params
     for q in model.parameters():
         q.requires_grad_(False)

@@ -35,11 +35,11 @@ from ..ops import unpack_bits
 from ..units import human_bytes as human
 from ..checkpoint.sources import SafetensorsSource, TensorSource, adapter_base_path, open_source
 from ..errors import MergeError
-from .architectures import Describer, spec_for
-from .plan import DEFAULT_CHUNK_ELEMS, Plan, build_plan, part_patterns, read_model_type
-from .recipe import Recipe
-from .executor import Executor
-from .sinks import DECOUPLED_DIR, FolderSink
+from ..engine.architectures import Describer, spec_for
+from ..engine.plan import DEFAULT_CHUNK_ELEMS, Plan, build_plan, part_patterns, read_model_type
+from ..engine.recipe import Recipe
+from ..engine.executor import Executor
+from ..engine.sinks import DECOUPLED_DIR, FolderSink
 
 MODALITIES_DIR = "modalities"
 

@@ -63,7 +63,7 @@ import torch
 
 from .. import ops
 from ..errors import MergeError
-from .architectures import permutable_model_types, permutation_rules
+from ..engine.architectures import permutable_model_types, permutation_rules
 
 NO_RESIDUAL_HINT = "align with the residual stream left alone (--no-residual, residual=False)"
 

@@ -45,6 +45,7 @@ from ..checkpoint.sources import TensorSource, load_json, open_source
 from ..errors import MergeError, one_line
 from ..methods.frank import vision_index
 from .adamerging_fit import learn_coefficients
+from ..engine.plan import who
 
 TRUST_RECIPE_CODE_FIX = ("pass --trust-recipe-code (Python API: trust_recipe_code=True) if you trust this recipe, "
                          "or give `calibration: {file: data.jsonl}` instead")
@@ -646,7 +647,7 @@ def second_moments_of_models(plan, names: list[str], allow_pickle: bool, progres
 
 def adamerging_coefficients(plan, batches: list[list[dict]], progress: bool = False
                             ) -> list[dict[str, torch.Tensor]]:
-    """AdaMerging's λ, learned on the base model (engine/adamerging_fit.py) from each model's batches:
+    """AdaMerging's λ, learned on the base model (procedures/adamerging_fit.py) from each model's batches:
     per model, {tensor name: λ (1 value)} for every merged tensor."""
     if plan.base is None:
         raise MergeError("adamerging needs a base model: add `base: path/to/base` to the recipe")
@@ -780,3 +781,44 @@ def estimate(plan) -> dict[str, Any]:
     n = len(plan.models)
     out["stored_bytes"] = sum(v["stored_bytes_per_model"] for k, v in out.items() if isinstance(v, dict)) * n
     return out
+
+
+def check_data_fields(plan) -> None:
+    """Refuse a `calibration` or `optimizer_state` the method does not read: a field is never
+    ignored silently."""
+    recipe, method, params = plan.recipe, plan.method, plan.params
+    kinds = method.data(params)
+    readers = calibration_readers(method, params, plan.model_params)
+    for i, entry in enumerate(recipe.models):
+        who_ = f"model {entry.label!r}"
+        if entry.calibration is not None and i not in readers:
+            why = "only the vision model's data is run" if readers else "it runs no calibration data"
+            raise MergeError(f"{who_}: field `calibration` is not used by method {method.name} with these parameters "
+                             f"({why}); remove it")
+        if entry.optimizer_state is not None and "exp_avg_sq" not in kinds:
+            raise MergeError(f"{who_}: field `optimizer_state` is not used by method {method.name} (only ota reads "
+                             "optimiser state); remove it")
+    if recipe.calibration is not None:
+        if not readers:
+            raise MergeError(f"field `calibration` is not used by method {method.name} with these parameters (it runs "
+                             "no calibration data); remove it")
+        if all(recipe.models[i].calibration is not None for i in readers):
+            raise MergeError("the recipe's top-level `calibration` is not used: every model that runs data has its "
+                             "own; remove one of them")
+
+
+def check_trust(plan) -> None:
+    """Refuse, before any work, code the merge would import or run without the user's consent
+    (the plan's trust_recipe_code and trust_remote_code)."""
+    recipe, method, params = plan.recipe, plan.method, plan.params
+    for i in sorted(calibration_readers(method, params, plan.model_params)):
+        entry = recipe.models[i]
+        raw = entry.calibration if entry.calibration is not None else recipe.calibration
+        if raw is not None:
+            where = f"model {entry.label!r}"
+            check_callable_trusted(spec_of(raw, where), where, plan.trust_recipe_code)
+    if loads_models(method, params):
+        for src in [s for s in (plan.base, *plan.models) if s is not None]:
+            for s in (src, getattr(src, "base", None)):
+                if s is not None:
+                    check_remote_code(s.folder, f"model {who(s)}", plan.trust_remote_code)

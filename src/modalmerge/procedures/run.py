@@ -1,16 +1,19 @@
 """The one way a merge runs: plan it, then hand it to the procedure its method declares.
 
+This is the one function every merge goes through (api.merge, and through it the CLI): it sits
+at the top of procedures/, above the streaming engine it drives.
+
 `Method.runs` says which procedure a method needs; `PROCEDURES` maps each kind to the function
 that runs it. Nothing here (or in the faces, cli.py and api.py, which call this module) tests a
 method's name: a new method that streams needs no change here, and a new kind of procedure is one
 entry in the two tables below.
 
 - streaming    the streaming executor over every selected tensor (engine/executor.py), after a
-               data pass for data-aware methods (procedures/calibration.py)
+               data pass for data-aware methods (calibration.py)
 - composed     model folders split into language model and modality parts; the language models
-               streamed with the method's kernel, encoders and projectors kept (engine/mmer.py)
-- sequential   models applied one at a time, state kept in the output (engine/continual.py)
-- whole_model  one model loaded whole and run on calibration data (procedures/moe.py)
+               streamed with the method's kernel, encoders and projectors kept (mmer.py)
+- sequential   models applied one at a time, state kept in the output (continual.py)
+- whole_model  one model loaded whole and run on calibration data (moe.py)
 """
 
 from __future__ import annotations
@@ -21,14 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint.sources import TensorSource
+from ..engine.executor import Executor, Report
+from ..engine.plan import DEFAULT_CHUNK_ELEMS, Plan, build_plan, open_models
+from ..engine.recipe import Recipe
+from ..engine.sinks import DictSink, FolderSink
 from ..errors import MergeError
 from ..methods.registry import get_method
-from . import calibration, moe  # moved to procedures/ at the end of the move
-from . import continual, mmer
-from .executor import Executor, Report
-from .plan import DEFAULT_CHUNK_ELEMS, Plan, build_plan, open_models
-from .recipe import Recipe
-from .sinks import DictSink, FolderSink
+from . import calibration, continual, mmer, moe
 
 
 @dataclass(frozen=True)
@@ -51,10 +53,14 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False, chunk_elems: int =
     (`preloaded` sources), whose composed methods stream as usual (no folders to split)."""
     method = get_method(recipe.method)
     if method.runs == "composed" and not preloaded:
-        return mmer.plan_composed(recipe, allow_pickle=allow_pickle, chunk_elems=chunk_elems)
-    base, models = open_models(recipe, allow_pickle=allow_pickle, preloaded=preloaded)
-    return build_plan(recipe, base, models, chunk_elems, trust_recipe_code=trust_recipe_code,
-                      trust_remote_code=trust_remote_code)
+        plan = mmer.plan_composed(recipe, allow_pickle=allow_pickle, chunk_elems=chunk_elems)
+    else:
+        base, models = open_models(recipe, allow_pickle=allow_pickle, preloaded=preloaded)
+        plan = build_plan(recipe, base, models, chunk_elems, trust_recipe_code=trust_recipe_code,
+                          trust_remote_code=trust_remote_code)
+    calibration.check_data_fields(plan)
+    calibration.check_trust(plan)  # before any work: code the merge would run needs the user's consent
+    return plan
 
 
 def run_merge(plan: Plan, output: str | Path, options: RunOptions = RunOptions()) -> Report:

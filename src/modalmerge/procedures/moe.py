@@ -24,7 +24,7 @@ from ..checkpoint.sources import TensorSource
 from ..errors import MergeError
 from ..methods import msmoe
 from .calibration import calibration_of, forward_with_hooks, load_batches, load_model, model_class, model_inputs
-from .plan import who
+from ..engine.plan import who
 
 REPORT = "msmoe.json"
 
@@ -246,7 +246,7 @@ def summary(plan) -> dict[str, Any]:
 def run(plan, output: str | Path, *, overwrite: bool = False, tool_version: str = "?") -> dict[str, Any]:
     """Merge the experts of the plan's one model and write it to `output` (atomically); returns
     the report (also written as msmoe.json)."""
-    from .sinks import model_card, plan_inputs
+    from ..engine.sinks import model_card, plan_inputs
 
     _check(plan)
     src = plan.models[0]
