@@ -10,12 +10,11 @@ import torch
 
 from .checkpoint.output import refuse_output_over_inputs
 from .checkpoint.sources import StateDictSource
-from .procedures import run
-from .procedures.continual import continual_add
 from .engine.executor import Report
 from .engine.plan import DEFAULT_CHUNK_ELEMS, Plan
 from .engine.recipe import Recipe, load_recipe, parse_recipe
-from .procedures.run import plan_merge
+from .procedures import run
+from .procedures.continual import continual_add
 from .version import __version__
 
 
@@ -39,8 +38,8 @@ def plan(recipe: str | os.PathLike | dict | Recipe, *, allow_pickle: bool = Fals
     r = load(recipe)
     if seed is not None:
         r = r.model_copy(update={"seed": seed})
-    return plan_merge(r, allow_pickle=allow_pickle, chunk_elems=chunk_elems, trust_recipe_code=trust_recipe_code,
-                      trust_remote_code=trust_remote_code)
+    return run.plan_merge(r, allow_pickle=allow_pickle, chunk_elems=chunk_elems,
+                          trust_recipe_code=trust_recipe_code, trust_remote_code=trust_remote_code)
 
 
 def describe(planned: Plan) -> dict[str, Any]:
@@ -99,7 +98,7 @@ def merge_state_dicts(method: str, models: list[dict[str, torch.Tensor]] | dict[
         "exclude": exclude or [],
         "seed": seed,
     })
-    p = plan_merge(recipe, chunk_elems=chunk_elems, preloaded=preloaded)
+    p = run.plan_merge(recipe, chunk_elems=chunk_elems, preloaded=preloaded)
     given = {kind: [StateDictSource(sd, f"{kind} of {n}") for n, sd in zip(named, per_model)]
              for kind, per_model in (data or {}).items()}
     sink = run.merge_in_memory(p, device=device, exact_stats=exact_stats, data=given)
