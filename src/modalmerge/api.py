@@ -51,10 +51,12 @@ def merge(recipe: str | os.PathLike | dict | Recipe | Plan, output: str | os.Pat
           overwrite: bool = False, allow_pickle: bool = False, exact_stats: bool = False,
           progress: bool = False, max_shard_bytes: int | None = None,
           chunk_elems: int = DEFAULT_CHUNK_ELEMS, trust_recipe_code: bool = False,
-          trust_remote_code: bool = False) -> Report:
+          trust_remote_code: bool = False, copy_tokenizer: bool = True, write_model_card: bool = True) -> Report:
     """Merge the recipe's models (or a plan() of them) into a model folder at `output`, written
     atomically, by the procedure the method declares. The trust flags are plan()'s: without them,
-    code the recipe or a model folder names is refused.
+    code the recipe or a model folder names is refused. `copy_tokenizer` and `write_model_card`
+    (mergekit's options of those names) choose whether the reference model's tokenizer files and a
+    README.md model card go into the output (streamed methods only).
 
     As a library call it changes no process-wide setting (the CLI alone tunes glibc's malloc)."""
     if isinstance(recipe, (str, os.PathLike)):  # the recipe file is an input too (the rest: in the sinks)
@@ -63,7 +65,8 @@ def merge(recipe: str | os.PathLike | dict | Recipe | Plan, output: str | os.Pat
         recipe, allow_pickle=allow_pickle, chunk_elems=chunk_elems, trust_recipe_code=trust_recipe_code,
         trust_remote_code=trust_remote_code)
     options = run.RunOptions(device=device, overwrite=overwrite, allow_pickle=allow_pickle, exact_stats=exact_stats,
-                             progress=progress, max_shard_bytes=max_shard_bytes, tool_version=__version__)
+                             progress=progress, max_shard_bytes=max_shard_bytes, tool_version=__version__,
+                             copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
     return run.run_merge(planned, output, options)
 
 

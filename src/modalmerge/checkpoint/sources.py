@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MergeError
+from ..errors import MergeError, one_line
+from .hub import local_model_path, split_lora
 from .safetensors_io import SafetensorsFile, TensorMeta, check_regular, read_regular
 
 _MAX_JSON = 100_000_000  # an index or adapter config larger than this is not one
@@ -183,8 +184,11 @@ class PeftSource(TensorSource):
     rows of B·A, so chunked reads of a large adapted tensor stay O(chunk).
     """
 
-    def __init__(self, adapter_dir: Path, base: TensorSource, label: str):
+    def __init__(self, adapter_dir: Path, base: TensorSource, label: str, files_from_base: bool = False):
         self.label, self.path, self.base = label, adapter_dir, base
+        # `model+lora`: the model is the base with the adapter applied, so its config and
+        # tokenizer files are the base's (mergekit saves the merged model with the base's)
+        self._files_from_base = files_from_base
         cfg_path = adapter_dir / "adapter_config.json"
         cfg = _adapter_config(cfg_path)
         if cfg.get("peft_type", "LORA") != "LORA":
@@ -260,6 +264,10 @@ class PeftSource(TensorSource):
             return default
         alpha = pattern(self._cfg.get("alpha_pattern"), self._cfg.get("lora_alpha", 8))
         return alpha / math.sqrt(rank) if self._cfg.get("use_rslora") else alpha / rank
+
+    @property
+    def folder(self) -> Path | None:
+        return self.base.folder if self._files_from_base else super().folder
 
     def names(self):
         return self.base.names()
@@ -338,11 +346,25 @@ def adapter_base_path(path: Path) -> str | None:
 
 def open_source(path: str | os.PathLike, *, label: str | None = None, allow_pickle: bool = False,
                 base: TensorSource | None = None) -> TensorSource:
-    """Open a model folder or file; an adapter folder needs the `base` it was trained on."""
+    """Open a model folder or file; an adapter folder needs the `base` it was trained on.
+
+    `path` may also be a reference as mergekit takes it (checkpoint/hub.py): a Hugging Face hub
+    id (`org/name[@revision]`) that is no local path, or `model+lora`, the model with a LoRA
+    adapter applied (densified per tensor as it is read; `base` is then the model before '+')."""
     p = Path(path)
     label = label or p.name
     if not p.exists():
-        raise MergeError(f"model {label!r}: {p} does not exist; check the path in the recipe")
+        model, lora = split_lora(str(path))
+        if lora is not None:
+            base = open_source(model, label=f"{label} (base of {lora})", allow_pickle=allow_pickle)
+            adapter = local_model_path(lora, label, allow_pickle)
+            if not _is_adapter(adapter):
+                raise MergeError(f"model {label!r}: {adapter} (after '+' in {one_line(str(path), 200)}) is not a "
+                                 "PEFT LoRA adapter folder (no adapter_config.json); give `model+adapter_folder`")
+            return PeftSource(adapter, base, label, files_from_base=True)
+        p = local_model_path(str(path), label, allow_pickle)
+        if not p.exists():  # a dangling link
+            raise MergeError(f"model {label!r}: {p} does not exist; check the path in the recipe")
     if not p.is_dir() and not p.is_file():  # a FIFO, device or socket: reading it would block or never end
         check_regular(p, "model folder or .safetensors file")
     if _is_adapter(p):

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint.hub import reference_folder
 from ..checkpoint.safetensors_io import TensorMeta
 from ..checkpoint.sources import TensorSource, adapter_base_path, load_json, open_source
 from ..errors import MergeError, one_line
@@ -177,7 +178,8 @@ def build_plan(recipe: Recipe, base: TensorSource | None, models: list[TensorSou
     if getattr(params, "normalize", False) and abs(sum(weights)) < 1e-12:
         raise MergeError("the model weights sum to 0, so they cannot be normalised; change a `weight`")
     reference = base if base is not None else models[0]
-    folder = Path(recipe.copy_files_from) if recipe.copy_files_from else reference.folder
+    folder = reference_folder(recipe.copy_files_from, "copy_files_from") if recipe.copy_files_from \
+        else reference.folder
     tensors = tensor_jobs(recipe, method, params, reference, models, folder, chunk_elems)
     layers = [t.info.layer for t in tensors if t.merge and t.info.layer is not None]
     return Plan(recipe, method, params, base, models, [m.label for m in recipe.models], weights,

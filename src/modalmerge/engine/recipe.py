@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..checkpoint.hub import is_hub_reference
 from ..checkpoint.safetensors_io import read_regular
 from ..errors import MergeError, one_line
 from ..methods.base import MergekitForm, Method
@@ -59,6 +60,15 @@ class Recipe(BaseModel):
     parts: dict[str, str] = Field(default_factory=dict)  # multimodal parts by name pattern
     calibration: dict[str, Any] | None = None  # data-aware methods: see procedures/calibration.py
     source_format: str = "native"
+    # the recipe file's own text, for the model card (load_recipe): not a field a recipe sets, left
+    # out of dumps and of comparisons (a file and the mapping it holds are the same recipe)
+    source_text: str | None = Field(default=None, exclude=True, repr=False)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Recipe):
+            return NotImplemented
+        return BaseModel.__eq__(self.model_copy(update={"source_text": None}),
+                                other.model_copy(update={"source_text": None}))
 
     @field_validator("models", mode="before")
     @classmethod
@@ -81,14 +91,22 @@ class Recipe(BaseModel):
                 return p
             candidate = root / p
             return str(candidate) if candidate.exists() or not Path(p).exists() else p
+        def fix_model(p: str | None) -> str | None:
+            # a model reference that is no path here: `model+lora` (each part fixed) or a hub id (kept)
+            if p is None or os.path.isabs(p) or (root / p).exists() or Path(p).exists():
+                return fix(p)
+            parts = p.split("+")
+            if len(parts) == 2 and all(parts):
+                return "+".join(fix_model(x) for x in parts)
+            return p if is_hub_reference(p) else fix(p)
         def fix_calibration(c: dict[str, Any] | None) -> dict[str, Any] | None:
             return c if not c or "file" not in c else {**c, "file": fix(str(c["file"]))}
         return self.model_copy(update={
-            "base": fix(self.base),
-            "models": [m.model_copy(update={"path": fix(m.path), "optimizer_state": fix(m.optimizer_state),
+            "base": fix_model(self.base),
+            "models": [m.model_copy(update={"path": fix_model(m.path), "optimizer_state": fix(m.optimizer_state),
                                             "calibration": fix_calibration(m.calibration)})
                        for m in self.models],
-            "copy_files_from": fix(self.copy_files_from),
+            "copy_files_from": fix_model(self.copy_files_from),
             "calibration": fix_calibration(self.calibration),
         })
 
@@ -102,7 +120,7 @@ def _validation_message(e: ValidationError, where: str) -> str:
         return f"{where}: required field {field_name!r} is missing; add it{hint}"
     if err["type"] == "extra_forbidden":
         owner = ModelEntry if loc[0] == "models" and len(loc) == 3 else Recipe
-        fields = ", ".join(n for n in owner.model_fields if n != "source_format")
+        fields = ", ".join(n for n in owner.model_fields if n not in ("source_format", "source_text"))
         return f"{where}: unknown field {field_name!r}; remove or rename it (fields: {fields})"
     return f"{where}: field {field_name!r}: {one_line(err['msg'])}; fix its value"
 
@@ -115,8 +133,9 @@ def parse_recipe(data: dict[str, Any] | Recipe, where: str = "recipe") -> Recipe
         raise MergeError(f"{where}: not a recipe; write it as a YAML mapping with `method` and `models` keys")
     if "merge_method" in data or "slices" in data:
         data = from_mergekit(data, where)
-    elif "source_format" in data:  # set by the mergekit translation, not by a recipe
-        raise MergeError(f"{where}: unknown field 'source_format'; remove it")
+    elif "source_format" in data or "source_text" in data:  # set by the tool, not by a recipe
+        field_name = "source_format" if "source_format" in data else "source_text"
+        raise MergeError(f"{where}: unknown field {field_name!r}; remove it")
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
@@ -242,8 +261,10 @@ def parse_yaml(text: str, where: str) -> Any:
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
     p = Path(path)
-    data = parse_yaml(read_recipe_text(p), f"recipe {p}")
-    return parse_recipe(data, f"recipe {p}").resolve_paths(p.parent)
+    text = read_recipe_text(p)
+    data = parse_yaml(text, f"recipe {p}")
+    recipe = parse_recipe(data, f"recipe {p}").resolve_paths(p.parent)
+    return recipe.model_copy(update={"source_text": text})  # the model card keeps the user's own text
 
 
 # mergekit 0.1.5's recipes; what each method means in native parameters is its Method.mergekit
@@ -298,9 +319,8 @@ def from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any]:
     params: dict[str, Any] = dict(form.defaults)
     params.update({k: v for k, v in top.items() if k not in _MERGEKIT_PER_MODEL})
     base = data.get("base_model")
-    if base is not None and not isinstance(base, str):
-        raise MergeError(f"{where}: `base_model` must be a model path (a string); mergekit's LoRA references are "
-                         "not supported")
+    if base is not None:
+        base = mergekit_reference(base, where, "base_model")
     if not isinstance(data.get("models") or [], list):
         raise MergeError(f"{where}: `models` must be a list of `- model: path` entries; fix it")
     base_is_input = base is not None and (form.base_is_input or method.base == "forbidden")
@@ -309,9 +329,7 @@ def from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any]:
         entry = {"model": entry} if isinstance(entry, str) else entry
         if not isinstance(entry, dict) or "model" not in entry:
             raise MergeError(f"{where}: models[{i}] has no `model`; add `model: path/to/model` to it")
-        if not isinstance(entry["model"], str):
-            raise MergeError(f"{where}: models[{i}].model must be a model path (a string); mergekit's LoRA "
-                             "references are not supported")
+        entry = {**entry, "model": mergekit_reference(entry["model"], where, f"models[{i}].model")}
         extra = [one_line(k, 60) for k in entry if k not in _MERGEKIT_ENTRY_FIELDS]
         if extra:
             raise MergeError(f"{where}: models[{i}] has unknown field {extra[0]!r}; a mergekit model entry has "
@@ -345,6 +363,43 @@ def from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any]:
     if dtype:
         native["dtype"] = dtype
     return native
+
+
+_REFERENCE_FORMS = ("a model path or hub id, `model+lora_path`, or a mapping {model: {path: ...}, "
+                    "lora: {path: ...}}")
+
+
+def mergekit_reference(value: Any, where: str, key: str) -> str:
+    """mergekit's ModelReference as the native reference string (checkpoint/hub.py): a string
+    `path[@revision][+lora[@revision]]` is kept; a mapping {model, lora} (each a string or
+    {path, revision}) is written in that form."""
+    if isinstance(value, str) and value:
+        return value
+    if not isinstance(value, dict):
+        raise MergeError(f"{where}: `{key}` must be {_REFERENCE_FORMS}; fix its value")
+    unknown = [one_line(k, 60) for k in value if k not in ("model", "lora", "override_architecture")]
+    if unknown:
+        # mergekit too refuses `model: {path: X}`: its mapping form is {model: {path: X}, lora: ...}
+        raise MergeError(f"{where}: `{key}` must be {_REFERENCE_FORMS}; it has unknown field {unknown[0]!r}")
+    if value.get("override_architecture") is not None:
+        raise MergeError(f"{where}: `{key}.override_architecture` is not supported (the architecture is read from "
+                         "the model's config.json); remove it")
+    if "model" not in value:
+        raise MergeError(f"{where}: `{key}` has no `model`; add `model: {{path: path/to/model}}`")
+    text = _mergekit_model_path(value["model"], where, f"{key}.model")
+    if value.get("lora") is not None:
+        text += "+" + _mergekit_model_path(value["lora"], where, f"{key}.lora")
+    return text
+
+
+def _mergekit_model_path(value: Any, where: str, key: str) -> str:
+    """mergekit's ModelPath: `path[@revision]`, or {path, revision}."""
+    if isinstance(value, str) and value:
+        return value
+    if (isinstance(value, dict) and set(value) <= {"path", "revision"} and isinstance(value.get("path"), str)
+            and value["path"] and (value.get("revision") is None or isinstance(value["revision"], str))):
+        return value["path"] + (f"@{value['revision']}" if value.get("revision") else "")
+    raise MergeError(f"{where}: `{key}` must be a path or hub id, or a mapping {{path: ..., revision: ...}}; fix it")
 
 
 def _mergekit_params(value: Any, where: str, key: str) -> dict[str, Any]:

@@ -99,11 +99,14 @@ class FolderSink:
 
     def __init__(self, plan: Plan, output: str | Path, overwrite: bool = False,
                  max_shard_bytes: int | None = None, tool_version: str = "?",
-                 inputs: Iterable[tuple[str, str]] = ()):
+                 inputs: Iterable[tuple[str, str]] = (), copy_tokenizer: bool = True,
+                 write_model_card: bool = True):
         self.plan = plan
         self.folder = AtomicFolder(output, overwrite, inputs=[*inputs, *plan_inputs(plan)])
         try:
             self.tool_version = tool_version
+            self.copy_tokenizer = copy_tokenizer
+            self.write_model_card = write_model_card
             kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
             entries = [(t.name, TensorMeta(t.meta.shape, t.out_dtype)) for t in plan.tensors]
             self.main = ShardedWriter(self.folder.tmp, entries, **kwargs)
@@ -153,11 +156,12 @@ class FolderSink:
             if w is not None:
                 w.close()
         tmp = self.folder.tmp
-        copy_aux_files(self.plan.aux_folder, tmp)
+        copy_aux_files(self.plan.aux_folder, tmp, tokenizer=self.copy_tokenizer)
         _fix_config_dtype(tmp / "config.json", self.plan.recipe.dtype)
         if manifest is not None:
             (tmp / DECOUPLED_DIR / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        (tmp / "README.md").write_text(model_card(self.plan, self.tool_version))
+        if self.write_model_card:
+            (tmp / "README.md").write_text(model_card(self.plan, self.tool_version))
         return self.folder.commit()
 
     def abort(self) -> None:
@@ -178,7 +182,18 @@ def _fix_config_dtype(config: Path, dtype: str | None) -> None:
 
 
 def model_card(plan: Plan, version: str) -> str:
+    """README.md: the method, models and parameters, the recipe as the user wrote it (a recipe
+    file's own text; a mapping's YAML dump) and, for a mergekit recipe, its native translation."""
     recipe = plan.recipe.model_dump(exclude_defaults=True, exclude={"source_format"})
+    native = yaml.safe_dump(recipe, sort_keys=False).rstrip()
+    own = plan.recipe.source_text
+    if own is None:
+        recipe_lines = ["## Recipe", "", "```yaml", native, "```", ""]
+    else:
+        recipe_lines = ["## Recipe", "", "As written:", "", _fenced(own, "yaml"), ""]
+        if plan.recipe.source_format == "mergekit":
+            recipe_lines += ["## Native translation", "", "The mergekit recipe above as modalmerge runs it:", "",
+                             "```yaml", native, "```", ""]
     lines = [
         "---",
         "tags: [merge, modalmerge]",
@@ -194,11 +209,16 @@ def model_card(plan: Plan, version: str) -> str:
         "",
         f"Parameters (with defaults): `{json.dumps(plan.params.model_dump(by_alias=True))}`",
         "",
-        "## Recipe",
-        "",
-        "```yaml",
-        yaml.safe_dump(recipe, sort_keys=False).rstrip(),
-        "```",
-        "",
+        *recipe_lines,
     ]
     return "\n".join(lines)
+
+
+def _fenced(text: str, language: str) -> str:
+    """`text` verbatim in a Markdown code block whose fence is longer than any backtick run in it."""
+    run, longest_run = 0, 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest_run = max(longest_run, run)
+    fence = "`" * max(3, longest_run + 1)
+    return f"{fence}{language}\n{text.rstrip(chr(10))}\n{fence}"

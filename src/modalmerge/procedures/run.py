@@ -44,6 +44,8 @@ class RunOptions:
     progress: bool = False
     max_shard_bytes: int | None = None
     tool_version: str = "?"
+    copy_tokenizer: bool = True      # the reference model's tokenizer files go into the output
+    write_model_card: bool = True    # README.md with the recipe
 
 
 def plan_merge(recipe: Recipe, *, allow_pickle: bool = False, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
@@ -66,6 +68,10 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False, chunk_elems: int =
 def run_merge(plan: Plan, output: str | Path, options: RunOptions = RunOptions()) -> Report:
     """Run a planned merge into the folder `output` (written atomically) with its method's procedure."""
     start = time.perf_counter()
+    if plan.method.runs != "streaming" and not (options.copy_tokenizer and options.write_model_card):
+        raise MergeError(f"method {plan.method.name} writes its output folder its own way, always with the "
+                         "tokenizer and a model card; leave out copy_tokenizer=False / write_model_card=False "
+                         "(--no-copy-tokenizer / --no-write-model-card)")
     report = PROCEDURES[plan.method.runs](plan, output, options)
     report.procedure = plan.method.runs
     report.seconds.setdefault("total", time.perf_counter() - start)
@@ -95,7 +101,8 @@ def describe(plan: Plan) -> dict[str, Any]:
 
 def _stream(plan: Plan, output, o: RunOptions) -> Report:
     sink = FolderSink(plan, output, overwrite=o.overwrite, max_shard_bytes=o.max_shard_bytes,
-                      tool_version=o.tool_version)
+                      tool_version=o.tool_version, copy_tokenizer=o.copy_tokenizer,
+                      write_model_card=o.write_model_card)
     return Executor(plan, device=o.device, exact_stats=o.exact_stats, progress=o.progress,
                     allow_pickle=o.allow_pickle, gather=calibration.gather).run(sink)
 
