@@ -244,12 +244,33 @@ def test_card_of_a_mapping_is_its_yaml_dump(family, tmp_path):
     assert "Native translation" not in card
 
 
+def test_a_mergekit_mapping_keeps_its_own_form_in_the_card(family, tmp_path):
+    mapping = yaml.safe_load(MERGEKIT_TEXT.format(base=family["base"], ft0=family["ft0"], ft1=family["ft1"]))
+    out = tmp_path / "out"
+    merge(mapping, out)
+    card = (out / "README.md").read_text()
+    assert "merge_method: ties" in card and "## Native translation" in card
+    assert yaml.safe_load((out / "mergekit_config.yml").read_text()) == mapping
+
+
+def test_mergekit_config_yml_is_the_recipe_as_written(family, tmp_path, capsys):
+    # mergekit-yaml writes it beside its card; tools that read merges look for it
+    recipe = write_mergekit(tmp_path, family)
+    out = tmp_path / "out"
+    run_cli(capsys, ["merge", str(recipe), str(out)])
+    assert (out / "mergekit_config.yml").read_text() == recipe.read_text()
+    native = tmp_path / "native"
+    merge({"method": "linear", "models": [str(family["ft0"]), str(family["ft1"])]}, native)
+    assert not (native / "mergekit_config.yml").exists()  # a native recipe is no mergekit config
+
+
 def test_no_write_model_card(family, tmp_path, capsys):
     recipe = write_mergekit(tmp_path, family)
     run_cli(capsys, ["merge", str(recipe), str(tmp_path / "card"), "--write-model-card"])
     run_cli(capsys, ["merge", str(recipe), str(tmp_path / "nocard"), "--no-write-model-card"])
     assert (tmp_path / "card" / "README.md").exists()
     assert not (tmp_path / "nocard" / "README.md").exists()
+    assert not (tmp_path / "nocard" / "mergekit_config.yml").exists()  # as mergekit: with the card only
     same_tensors(tmp_path / "card", tmp_path / "nocard")
 
 

@@ -2,6 +2,7 @@
 `model+lora`, the mapping {model: {path}, lora: {path}}, and Hugging Face hub ids resolved from a
 cache laid out the way the hub lays it out (nothing is downloaded here)."""
 
+import json
 import os
 import sys
 
@@ -233,3 +234,36 @@ def test_mergekit_reference_forms_translate_to_one_string():
     r = parse_recipe({"merge_method": "linear", "models": [
         {"model": "a+b"}, {"model": {"model": {"path": "org/x", "revision": "r1"}, "lora": {"path": "c"}}}]})
     assert [m.path for m in r.models] == ["a+b", "org/x@r1+c"]
+
+
+def test_adapter_naming_its_base_by_hub_id(models, hub_cache, tmp_path):
+    # PEFT writes the hub id it trained on into adapter_config.json: that base comes from the cache
+    adapter = tmp_path / "adapter-hub"
+    adapter.mkdir()
+    for f in models["adapter"].iterdir():
+        adapter.joinpath(f.name).write_bytes(f.read_bytes())
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "org/tiny-base"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    by_hub = merge(tmp_path, {"method": "linear", "models": [str(adapter), str(models["ft"])]}, "hub")
+    local = merge(tmp_path, {"method": "linear", "models": [f"{models['base']}+{models['adapter']}",
+                                                           str(models["ft"])]}, "local")
+    assert_same(by_hub, local)
+
+
+def test_continual_merge_on_a_hub_base(models, hub_cache, tmp_path):
+    from modalmerge.api import continual_merge
+    from modalmerge.procedures.continual import read_state
+    first = tmp_path / "first"
+    assert main(["merge", str(write_yaml(tmp_path, {"method": "opcm", "base": "org/tiny-base",
+                                                    "models": [{"path": str(models["ft"]), "name": "a"}]})),
+                 "-o", str(first), "--no-progress"]) == 0
+    assert read_state(first)["base"] == "org/tiny-base"  # a hub id, not a path under the working folder
+    second = continual_merge(first, models["ft"], tmp_path / "second", name="b")
+    assert [m["name"] for m in read_state(second)["models"]] == ["a", "b"]
+
+
+def write_yaml(tmp_path, data, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint.hub import reference_folder
+from ..checkpoint.hub import is_hub_reference, reference_folder
 from ..checkpoint.safetensors_io import TensorMeta
 from ..checkpoint.sources import TensorSource, adapter_base_path, load_json, open_source
 from ..errors import MergeError, one_line
@@ -153,7 +153,8 @@ def open_models(recipe: Recipe, allow_pickle: bool = False,
         adapter_base = base
         if base is None and Path(m.path).is_dir() and (Path(m.path) / "adapter_config.json").exists():
             named = adapter_base_path(Path(m.path))
-            if named and Path(named).exists():
+            # a base named by hub id (as PEFT writes it) is read from the hub cache (checkpoint/hub.py)
+            if named and (Path(named).exists() or is_hub_reference(named)):
                 adapter_base = get(named, "adapter base", None)
         models.append(get(m.path, m.label, adapter_base))
     return base, models

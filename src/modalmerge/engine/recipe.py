@@ -131,17 +131,27 @@ def parse_recipe(data: dict[str, Any] | Recipe, where: str = "recipe") -> Recipe
         return data
     if not isinstance(data, dict):
         raise MergeError(f"{where}: not a recipe; write it as a YAML mapping with `method` and `models` keys")
+    source_text = None
     if "merge_method" in data or "slices" in data:
+        source_text = _dump_mapping(data)  # the user's own recipe, for the model card and mergekit_config.yml
         data = from_mergekit(data, where)
     elif "source_format" in data or "source_text" in data:  # set by the tool, not by a recipe
         field_name = "source_format" if "source_format" in data else "source_text"
         raise MergeError(f"{where}: unknown field {field_name!r}; remove it")
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as e:
         raise MergeError(_validation_message(e, where)) from None
     except RecursionError:
         raise MergeError(f"{where}: the recipe is nested too deeply; write it flat") from None
+    return recipe if source_text is None else recipe.model_copy(update={"source_text": source_text})
+
+
+def _dump_mapping(data: dict[str, Any]) -> str | None:
+    try:
+        return yaml.safe_dump(data, sort_keys=False)
+    except (yaml.YAMLError, RecursionError):  # a value YAML cannot write (an object given through the API)
+        return None
 
 
 def read_recipe_text(p: Path) -> str:

@@ -162,6 +162,9 @@ class FolderSink:
             (tmp / DECOUPLED_DIR / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if self.write_model_card:
             (tmp / "README.md").write_text(model_card(self.plan, self.tool_version))
+            if self.plan.recipe.source_format == "mergekit":
+                # as mergekit-yaml writes it beside its card: the recipe as the user wrote it
+                (tmp / MERGEKIT_CONFIG).write_text(recipe_text(self.plan.recipe))
         return self.folder.commit()
 
     def abort(self) -> None:
@@ -179,6 +182,17 @@ def _fix_config_dtype(config: Path, dtype: str | None) -> None:
         if key in data:
             data[key] = dtype
     config.write_text(json.dumps(data, indent=2))
+
+
+MERGEKIT_CONFIG = "mergekit_config.yml"
+
+
+def recipe_text(recipe) -> str:
+    """The recipe as the user gave it (a file's own text, or a mapping's YAML dump: engine/recipe.py);
+    a native recipe object: its own dump."""
+    if recipe.source_text is not None:
+        return recipe.source_text
+    return yaml.safe_dump(recipe.model_dump(exclude_defaults=True, exclude={"source_format"}), sort_keys=False)
 
 
 def model_card(plan: Plan, version: str) -> str:

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from .. import ops
+from ..checkpoint.hub import is_hub_reference
 from ..checkpoint.output import ShardedWriter
 from ..checkpoint.safetensors_io import TensorMeta, check_regular
 from ..checkpoint.sources import SafetensorsSource, TensorSource
@@ -119,7 +120,7 @@ def _finish(plan: Plan, sink: FolderSink, delta_dir: Path, state: dict[str, Any]
 def _state(plan: Plan, recipe: Recipe, lam: float, norms: list[float], history: list[dict]) -> dict[str, Any]:
     options = recipe.model_dump(exclude={"models", "base", "method", "params", "source_format", "copy_files_from"})
     return {"format": FORMAT, "method": plan.method.name, "params": plan.params.model_dump(by_alias=True),
-            "base": str(Path(recipe.base).absolute()), "lambda": lam, "norms": norms, "models": history,
+            "base": _abs(recipe.base), "lambda": lam, "norms": norms, "models": history,
             "tensors": [t.name for t in plan.merged], "recipe": options}
 
 
@@ -149,6 +150,7 @@ def run_sequential(plan: Plan, output, *, overwrite: bool = False, progress: boo
 
 
 def _abs(path: str) -> str:
+    """A local path made absolute (the state outlives the working folder); a hub id as it is."""
     return str(Path(path).absolute()) if Path(path).exists() else path
 
 
@@ -174,7 +176,7 @@ def continual_add(previous, add: str, output, *, name: str | None = None, overwr
     new folder (`previous` is an input, so it is never replaced: remove it afterwards if you wish)."""
     previous = Path(previous)
     state = read_state(previous)
-    if not Path(state["base"]).exists():
+    if not Path(state["base"]).exists() and not is_hub_reference(state["base"]):  # a hub id: read from the cache
         raise MergeError(f"{previous}: its base model {state['base']} is not there any more; OPCM needs the base "
                          "to add a model: put it back at that path")
     history = list(state["models"])
