@@ -239,12 +239,12 @@ def test_recipe_translation_and_errors(tmp_path):
     assert r.params == {"aggregate": "sum", "scope": "tensor", "tie": "positive", "keep_min": 1, "lambda": 1.0,
                         "density": 1.0}
     assert r.models[0].weight == 2 and r.models[0].params == {"density": 0.4}
-    # a gradient becomes a per-layer schedule; name filters are refused
+    # a gradient becomes a per-layer schedule; a filter list a native one (tests/test_param_filters.py)
     r = parse_recipe({"merge_method": "ties", "base_model": "b", "models": ["a"], "parameters": {"lambda": [0.1, 0.5]}})
     assert r.params["lambda"] == {"layers": [0.1, 0.5]}
-    with pytest.raises(MergeError, match="filters"):
-        parse_recipe({"merge_method": "ties", "base_model": "b", "models": ["a"],
+    r = parse_recipe({"merge_method": "ties", "base_model": "b", "models": ["a"],
                       "parameters": {"density": [{"filter": "mlp", "value": 0.1}, {"value": 0.5}]}})
+    assert r.models[0].params["density"] == {"filters": [{"filter": "mlp", "value": 0.1}, {"value": 0.5}]}
     with pytest.raises(MergeError, match="rescale"):
         parse_recipe({"merge_method": "ties", "base_model": "b", "models": ["a"], "parameters": {"rescale": True}})
     with pytest.raises(MergeError, match="slices"):

@@ -329,8 +329,8 @@ def test_a_field_the_method_does_not_use_is_an_error(fam, tmp_path, capsys, case
     merge_fails(capsys, tmp_path, data, *fragments)
 
 
-@pytest.mark.parametrize("field,value", [("tokenizer_source", "base"), ("tokenizer", {"source": "union"}),
-                                         ("chat_template", "chatml"), ("name", "stage1")])
+# tokenizer_source, tokenizer and chat_template are applied now (issue 13, item 1: tests/test_tokenizer_merge.py)
+@pytest.mark.parametrize("field,value", [("name", "stage1")])
 def test_mergekit_fields_not_implemented_are_errors(fam, tmp_path, capsys, field, value):
     mk = {"merge_method": "ties", "base_model": str(fam["base"]),
           "models": [{"model": str(fam["a"]), "parameters": {"density": 0.5, "weight": 1.0}}], field: value}

@@ -116,3 +116,17 @@ def continual_merge(previous: str | os.PathLike, add: str | os.PathLike, output:
     A continual merge imports and runs no code; the trust flags are taken for a uniform API."""
     return continual_add(previous, str(add), output, name=name, overwrite=overwrite,
                          allow_pickle=allow_pickle, progress=progress, tool_version=__version__)
+
+
+def extract_lora(model: str | os.PathLike, base: str | os.PathLike, output: str | os.PathLike, *, rank: int,
+                 energy: float | None = None, embeddings: bool = False, dtype: str | None = None,
+                 device: str = "cpu", overwrite: bool = False, allow_pickle: bool = False, progress: bool = False):
+    """Write a PEFT LoRA adapter folder at `output` whose B·A approximates `model` − `base` per linear
+    layer (truncated float32 SVD, rank ≤ `rank`; with `energy`, per tensor the smallest rank keeping
+    that fraction of the squared Frobenius norm). `embeddings`: embeddings and output heads as LoRAs
+    too, instead of modules_to_save. Returns a LoraReport (per-tensor ranks and relative errors)."""
+    from .procedures.extract_lora import extract_lora as extract
+
+    return extract(str(model), str(base), output, rank=rank, energy=energy, embeddings=embeddings, dtype=dtype,
+                   device=device, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress,
+                   tool_version=__version__)

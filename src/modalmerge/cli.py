@@ -163,7 +163,7 @@ def cmd_methods(args) -> int:
         print(f"    {needs}; {count} model{'' if count == '1' else 's'}" + ("; writes per-task masks" if m.decoupled else "")
               + ("; loads the model whole (not streaming)" if m.whole_model else ""))
         for n, t, d, h in m.parameter_table():
-            print(f"    {n:<20} {t:<28} default {d!r:<10} {h}")
+            print(f"    {n:<20} {t:<28} " + ("required  " if d == "required" else f"default {d!r:<10}") + f" {h}")
     return 0
 
 

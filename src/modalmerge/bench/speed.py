@@ -10,6 +10,13 @@ issue's yardstick, as in every earlier run), the **overlapped floor** with the e
 only by chance. Peak RSS is the child's own maximum resident
 set (its VmHWM, read as it exits), wall time is measured around the child. Each measurement is repeated and
 the median reported.
+
+With `--mergekit [DIR]`, every method row that mergekit 0.1.5 can express (its Method.mergekit
+forms; bench/mergekit_recipe.py translates the native recipe back and checks the round trip) is
+also run through `python -m mergekit.scripts.run_yaml` in a fresh process, right after the
+modalmerge run of the same repeat, with the same thread count, measured the same way; the two
+outputs of the first repeat are compared tensor by tensor (max |difference|, read with the
+safetensors library), so a row says whether the two tools made the same model.
 """
 
 from __future__ import annotations
@@ -168,18 +175,50 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     return name, params
 
 
-def recipe_for(spec: str, folders: dict[str, Path]) -> dict[str, Any]:
-    from ..methods.registry import get_method
+MERGEKIT_SUFFIX = "@mergekit"   # `ties@mergekit:density=0.2`: a row given as mergekit's recipe
 
+
+def method_of(spec: str):
+    """The Method a row's spec names (a mergekit name for a NAME@mergekit spec)."""
+    from ..methods.registry import get_method, mergekit_method
+
+    name = parse_method(spec)[0]
+    if name.endswith(MERGEKIT_SUFFIX):
+        return mergekit_method(name[: -len(MERGEKIT_SUFFIX)])
+    return get_method(name)
+
+
+def recipe_for(spec: str, folders: dict[str, Path]) -> dict[str, Any]:
+    """The native recipe of a row: `name:k=v,...` with native parameters, or `name@mergekit:k=v,...`
+    with mergekit's name and parameters (translated as `modalmerge merge` translates a mergekit
+    recipe, mergekit's defaults included). A method that takes at most k models merges the first
+    k fine-tunes."""
     name, params = parse_method(spec)
-    method = get_method(name)
+    method = method_of(spec)
+    models = [str(p) for n, p in folders.items() if n != "base"][: method.max_models]
+    if name.endswith(MERGEKIT_SUFFIX):
+        return _from_mergekit_spec(name[: -len(MERGEKIT_SUFFIX)], params, models, str(folders["base"]))
     if name == "task_arithmetic":
         params.setdefault("lambda", 0.3)
-    models = [str(p) for n, p in folders.items() if n != "base"]
     recipe = {"method": name, "models": models, "params": params, "dtype": "bfloat16"}
     if method.base != "forbidden":
         recipe["base"] = str(folders["base"])
     return recipe
+
+
+def _from_mergekit_spec(mk_name: str, params: dict[str, Any], models: list[str], base: str) -> dict[str, Any]:
+    from ..engine.recipe import mergekit_form, parse_recipe
+
+    method, form = mergekit_form(mk_name)
+    mk = {"merge_method": mk_name,
+          "models": [{"model": p, "parameters": {"weight": 1.0} if method.weighted else {}} for p in models],
+          "parameters": params, "dtype": "float32", "out_dtype": "bfloat16"}
+    if method.base == "forbidden":
+        mk["base_model"] = models[0]    # mergekit's base_model is the first input (SLERP's t = 0 end)
+    elif not form.base_is_input:        # else mergekit would average the base with the models
+        mk["base_model"] = base
+    return parse_recipe(mk, f"bench speed: {mk_name}{MERGEKIT_SUFFIX}").model_dump(
+        exclude={"source_format", "source_text"})
 
 
 @dataclass
@@ -291,26 +330,127 @@ def floor(inputs: list[str], output: str, overlap: bool = False) -> None:
     writer.close()
 
 
+@dataclass
+class Mergekit:
+    """How `bench speed` runs mergekit: `path`, a folder put first on the child's PYTHONPATH (None:
+    the mergekit this Python imports), and extra run_yaml flags."""
+
+    path: str | None = None
+    args: list[str] = field(default_factory=list)
+
+    def env(self, base: dict[str, str]) -> dict[str, str]:
+        env = dict(base, HF_HUB_OFFLINE="1")   # local folders only: never the network
+        if self.path:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [self.path, base.get("PYTHONPATH")]))
+        return env
+
+    def command(self, config: Path, out: Path, threads: int | None) -> list[str]:
+        # --no-copy-tokenizer: the synthetic checkpoints have none; --quiet: no progress bars (the
+        # merge runs with --no-progress); the model card is written by both tools, as by default
+        return ["-m", "mergekit.scripts.run_yaml", str(config), str(out), "--no-copy-tokenizer", "--quiet",
+                *(["--num-threads", str(threads)] if threads else []), *self.args]
+
+    def parameters(self, env: dict[str, str]) -> dict[str, Any]:
+        """The running mergekit's version and each method's parameters (required or not)."""
+        from .mergekit_recipe import PARAMETER_NAMES_SCRIPT
+
+        r = subprocess.run([sys.executable, "-c", PARAMETER_NAMES_SCRIPT], env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+            where = f"from {self.path}" if self.path else "in this Python"
+            raise RuntimeError(f"bench speed: mergekit does not import {where} ({last}); install it with "
+                               "`pip install --target DIR mergekit==0.1.5` and pass --mergekit DIR")
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def max_abs_difference(a: Path, b: Path) -> dict[str, Any]:
+    """How two safetensors model folders differ, read with the safetensors library one tensor at a
+    time (in float32): max |a − b| over every tensor, the tensor where it is largest, and the
+    fraction of elements that differ at all; max inf and a note where the names or shapes differ."""
+    from safetensors import safe_open
+
+    def index(folder: Path) -> dict[str, Path]:
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as h:
+                out.update({k: f for k in h.keys()})
+        return out
+
+    left, right = index(a), index(b)
+    if set(left) != set(right):
+        odd = sorted(set(left) ^ set(right))
+        return {"max_abs_diff": float("inf"), "diff_note": f"tensor names differ ({len(odd)}: {', '.join(odd[:3])})"}
+    worst, worst_name, differing, total = 0.0, None, 0, 0
+    for name in sorted(left):
+        with safe_open(str(left[name]), framework="pt") as h:
+            x = h.get_tensor(name).float()
+        with safe_open(str(right[name]), framework="pt") as h:
+            y = h.get_tensor(name).float()
+        if x.shape != y.shape:
+            return {"max_abs_diff": float("inf"),
+                    "diff_note": f"{name}: shape {tuple(x.shape)} against {tuple(y.shape)}"}
+        if x.numel():
+            d = (x - y).abs()
+            differing += int((d > 0).sum())
+            total += x.numel()
+            if float(d.max()) > worst:
+                worst, worst_name = float(d.max()), name
+        del x, y
+    return {"max_abs_diff": worst, "max_abs_diff_tensor": worst_name,
+            "differing_fraction": differing / total if total else 0.0}
+
+
+def _file_stem(spec: str) -> str:
+    return spec.replace(':', '_').replace(',', '_').replace('=', '-')
+
+
+def _fail_message(name: str, run: Run, log_path: Path) -> str:
+    tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+    return f"{name} failed (exit {run.returncode}):\n" + "\n".join(tail)
+
+
 def run_speed(shape: Shape, cache: Path, methods: list[str], repeats: int = 3, threads: int | None = None,
-              log=print) -> dict[str, Any]:
-    """Build (or reuse) the checkpoints, then time the floor and each method, `repeats` times each."""
+              log=print, mergekit: Mergekit | None = None) -> dict[str, Any]:
+    """Build (or reuse) the checkpoints, then time the floor and each method, `repeats` times each;
+    with `mergekit`, each method that mergekit can express through mergekit too."""
+    from .mergekit_recipe import to_mergekit
+
     folders = build_checkpoints(shape, cache, log)
     work = Path(tempfile.mkdtemp(prefix="modalmerge-bench-"))
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[2])  # the children import this very modalmerge
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    if threads:  # both tools' children: the same thread count for torch and OpenMP
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     rows = {"floor": Row("floor"), OVERLAPPED: Row(OVERLAPPED)} | {m: Row(m) for m in methods}
+    mk_env = mergekit.env(env) if mergekit else None
+    mk_info = mergekit.parameters(mk_env) if mergekit else None
+    mk_rows: dict[str, Row] = {}
+    mk_notes: dict[str, dict[str, Any]] = {}
+    inputs_of: dict[str, int] = {}   # fine-tunes merged by each row
     try:
-        recipes = {}
+        recipes, mk_configs = {}, {}
         for m in methods:
-            path = work / f"{m.replace(':', '_').replace(',', '_').replace('=', '-')}.json"
-            path.write_text(json.dumps(recipe_for(m, folders)))   # JSON is YAML
+            path = work / f"{_file_stem(m)}.json"
+            recipe = recipe_for(m, folders)
+            path.write_text(json.dumps(recipe))   # JSON is YAML
+            inputs_of[m] = len(recipe["models"])
             recipes[m] = path
+            if mergekit:
+                known = {k: dict(v) for k, v in mk_info["methods"].items()}
+                mk, why = to_mergekit(recipe, known)
+                if mk is None:
+                    mk_notes[m] = {"none": why}
+                else:
+                    mk_configs[m] = work / f"mergekit-{_file_stem(m)}.yaml"
+                    mk_configs[m].write_text(yaml_dump(mk))
+                    mk_rows[m] = Row(f"mergekit {m}")
+                    mk_notes[m] = {"recipe": mk}
         inputs = [str(folders["base"])] + [str(p) for n, p in folders.items() if n != "base"]
         thread_args = ["--threads", str(threads)] if threads else []
+        out, mk_out = work / "out", work / "out-mergekit"
         for rep in range(repeats):
             for name, row in rows.items():
-                out = work / "out"
                 shutil.rmtree(out, ignore_errors=True)
                 if name in ("floor", OVERLAPPED):
                     cmd = ["-m", "modalmerge.bench.speed", name, str(out), *inputs]
@@ -319,43 +459,108 @@ def run_speed(shape: Shape, cache: Path, methods: list[str], repeats: int = 3, t
                            "--no-progress", *thread_args]
                 run = measure(cmd, work / "log.txt", env)
                 if run.returncode != 0:
-                    tail = (work / "log.txt").read_text(errors="replace").strip().splitlines()[-5:]
-                    raise RuntimeError(f"bench speed: {name} failed (exit {run.returncode}):\n" + "\n".join(tail))
+                    raise RuntimeError("bench speed: " + _fail_message(name, run, work / "log.txt"))
                 row.runs.append(run)
                 log(f"  [{rep + 1}/{repeats}] {name:<22} {run.seconds:7.2f} s  cpu {run.cpu_seconds:7.2f} s  "
                     f"{run.peak_rss / 1e9:5.2f} GB")
+                if name in mk_rows and "failed" not in mk_notes[name]:
+                    shutil.rmtree(mk_out, ignore_errors=True)
+                    run = measure(mergekit.command(mk_configs[name], mk_out, threads), work / "log-mergekit.txt",
+                                  mk_env)
+                    if run.returncode != 0:   # reported in its row; the other rows still run
+                        mk_notes[name]["failed"] = _fail_message("mergekit", run, work / "log-mergekit.txt")
+                        log(f"  [{rep + 1}/{repeats}] mergekit {name}: " + mk_notes[name]["failed"])
+                    else:
+                        mk_rows[name].runs.append(run)
+                        log(f"  [{rep + 1}/{repeats}] {'mergekit ' + name:<22} {run.seconds:7.2f} s  "
+                            f"cpu {run.cpu_seconds:7.2f} s  {run.peak_rss / 1e9:5.2f} GB")
+                        if "max_abs_diff" not in mk_notes[name]:   # the first repeat's outputs
+                            mk_notes[name] |= max_abs_difference(out, mk_out)
+                    shutil.rmtree(mk_out, ignore_errors=True)
                 shutil.rmtree(out, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     floor_s, overlapped_s = rows["floor"].seconds, rows[OVERLAPPED].seconds
     results = []
     for name, row in rows.items():
-        target = TARGETS.get(parse_method(name)[0]) if name not in ("floor", OVERLAPPED) else None
-        results.append({"name": name, "seconds": row.seconds, "x_floor": row.seconds / floor_s,
-                        "x_overlapped_floor": row.seconds / overlapped_s,
-                        "cpu_seconds": row.cpu_seconds,
-                        "peak_rss_bytes": row.peak_rss, "target_x_floor": target,
-                        "runs": [asdict(r) for r in row.runs]})
-    return {"shape": asdict(shape) | {"intermediate": shape.ffn, "parameters": shape.parameters},
-            "repeats": repeats, "threads": threads, "python": sys.version.split()[0],
-            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "results": results}
+        target = TARGETS.get(parse_method(name)[0].removesuffix(MERGEKIT_SUFFIX)) \
+            if name not in ("floor", OVERLAPPED) else None
+        result = {"name": name, "inputs": inputs_of.get(name, shape.models), "seconds": row.seconds,
+                  "x_floor": row.seconds / floor_s,
+                  "x_overlapped_floor": row.seconds / overlapped_s,
+                  "cpu_seconds": row.cpu_seconds,
+                  "peak_rss_bytes": row.peak_rss, "target_x_floor": target,
+                  "runs": [asdict(r) for r in row.runs]}
+        if name in mk_notes:
+            note = dict(mk_notes[name])
+            mk_row = mk_rows.get(name)
+            if mk_row is not None and mk_row.runs and "failed" not in note:
+                note |= {"seconds": mk_row.seconds, "cpu_seconds": mk_row.cpu_seconds,
+                         "peak_rss_bytes": mk_row.peak_rss, "x_faster": mk_row.seconds / row.seconds,
+                         "runs": [asdict(r) for r in mk_row.runs]}
+            result["mergekit"] = note
+        results.append(result)
+    summary = {"shape": asdict(shape) | {"intermediate": shape.ffn, "parameters": shape.parameters},
+               "repeats": repeats, "threads": threads, "python": sys.version.split()[0],
+               "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+               "results": results}
+    if mergekit:
+        summary["mergekit"] = {"version": mk_info.get("version"), "path": mergekit.path,
+                               "command": ["python", *mergekit.command(Path("CONFIG"), Path("OUT"), threads)]}
+    return summary
+
+
+def yaml_dump(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def table(result: dict[str, Any]) -> str:
-    """The results as a Markdown table."""
+    """The results as a Markdown table; with mergekit's columns when it ran, and a note under the
+    table for each row it has no number for."""
     s = result["shape"]
+    with_mk = "mergekit" in result
+    head = "| run | wall (s) | × floor | × overlapped floor | target | CPU (s) | peak RSS (GB) |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|"
+    if with_mk:
+        head += " mergekit wall (s) | mergekit peak RSS (GB) | × faster | max \\|Δ\\| |"
+        rule += "---:|---:|---:|---:|"
     lines = [f"{s['parameters'] / 1e6:.0f}M parameters (hidden {s['hidden']}, {s['layers']} layers, vocab "
              f"{s['vocab']}, intermediate {s['intermediate']}), bfloat16, base + {s['models']} models; "
-             f"median of {result['repeats']}, threads {result['threads'] or 'all'}, {result['cpus']} CPUs",
-             "",
-             "| run | wall (s) | × floor | × overlapped floor | target | CPU (s) | peak RSS (GB) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"median of {result['repeats']}, threads {result['threads'] or 'all'}, {result['cpus']} CPUs"
+             + (f"; mergekit {result['mergekit'].get('version') or '(version unknown)'}" if with_mk else ""),
+             "", head, rule]
+    notes = []
     for r in result["results"]:
         target = f"≤ {r['target_x_floor']}×" if r["target_x_floor"] else ""
-        lines.append(f"| {r['name']} | {r['seconds']:.2f} | {r['x_floor']:.2f} | {r['x_overlapped_floor']:.2f} | "
-                     f"{target} | {r['cpu_seconds']:.1f} | {r['peak_rss_bytes'] / 1e9:.2f} |")
+        k = r.get("inputs", s["models"])   # fine-tunes this row merged, when fewer than the shape's
+        name = r["name"] if k == s["models"] else f"{r['name']} ({k} model{'s' if k != 1 else ''})"
+        line = (f"| {name} | {r['seconds']:.2f} | {r['x_floor']:.2f} | {r['x_overlapped_floor']:.2f} | "
+                f"{target} | {r['cpu_seconds']:.1f} | {r['peak_rss_bytes'] / 1e9:.2f} |")
+        if with_mk:
+            mk = r.get("mergekit")
+            if mk is None:        # a floor
+                line += "  |  |  |  |"
+            elif "seconds" in mk:
+                line += (f" {mk['seconds']:.2f} | {mk['peak_rss_bytes'] / 1e9:.2f} | {mk['x_faster']:.1f} | "
+                         f"{_difference(mk.get('max_abs_diff'))} |")
+                if mk.get("diff_note"):
+                    notes.append(f"- {r['name']}: the outputs differ in form: {mk['diff_note']}")
+            else:
+                line += " — | — | — | — |"
+                why = mk.get("none") or mk.get("failed", "").replace("\n", " / ")
+                notes.append(f"- {r['name']}: {'mergekit failed: ' if 'failed' in mk else 'no mergekit run: '}{why}")
+        lines.append(line)
+    if notes:
+        lines += [""] + notes
     return "\n".join(lines) + "\n"
+
+
+def _difference(d: float | None) -> str:
+    if d is None:
+        return "—"
+    return "0" if d == 0 else "inf" if d == float("inf") else f"{d:.1e}"
 
 
 if __name__ == "__main__":   # a floor's child process: python -m modalmerge.bench.speed floor[:overlapped] OUT IN...

@@ -544,3 +544,31 @@ def copy_aux_files(src: Path | None, dst: Path, tokenizer: bool = True) -> list[
                 _copy_regular(f, target)
             copied.append(f.name)
     return copied
+
+
+# config keys that hold a decoder's block count (the first one present is set), and layer-indexed lists cut with it
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+LAYER_LISTS = ("layer_types",)
+
+
+def set_layer_count(config: Path, layer_sources: list[int]) -> None:
+    """A stacked model's config.json (engine/slices.py): the block count is len(layer_sources), and
+    a layer-indexed list (`layer_types`) keeps, for each output block, the entry of the block it
+    comes from (the last entry for a block past the list). A missing or unreadable config is left
+    as it is (there is nothing to fix)."""
+    if not config.is_file():
+        return
+    try:
+        data = json.loads(config.read_text())
+    except ValueError:
+        return
+    if not isinstance(data, dict):
+        return
+    key = next((k for k in LAYER_COUNT_KEYS if isinstance(data.get(k), int)), None)
+    if key is not None:
+        data[key] = len(layer_sources)
+    for key in LAYER_LISTS:
+        values = data.get(key)
+        if isinstance(values, list) and values:
+            data[key] = [values[min(i, len(values) - 1)] for i in layer_sources]
+    config.write_text(json.dumps(data, indent=2))

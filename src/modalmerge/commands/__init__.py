@@ -1,10 +1,11 @@
 """Further CLI commands, one module each; each exposes `register(subparsers)`."""
 
-from . import align, bench, demo, extract, inspect, msmoe
+from . import align, bench, demo, extract, extract_lora, inspect, msmoe
 
 COMMANDS: list = [
     inspect.register,
     extract.register,
+    extract_lora.register,
     align.register,
     msmoe.register,
     bench.register,

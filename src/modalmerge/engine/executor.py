@@ -198,11 +198,11 @@ class Executor:
     def _make_group(self, job: Job, scheduled: bool, weight: float, sample, data, tensor_stats, tie_totals,
                     **inputs) -> TensorGroup:
         p = self.plan
-        # per-layer schedules resolved for the kernels; statistics passes see the first values
-        model_params = p.params_for(job.tensor.info)[1] if scheduled else p.model_params
+        # per-tensor values (schedules, filter lists) resolved, in every pass
+        model_params = p.params_for(job.tensor.info)[1]
         return TensorGroup(
             info=job.tensor.info, model_names=p.model_names,
-            weights=torch.tensor(p.weights, dtype=torch.float32, device=self.device),
+            weights=torch.tensor(p.weights_for(job.tensor.info), dtype=torch.float32, device=self.device),
             model_params=model_params, row_start=job.rows[0], seed=p.recipe.seed,
             sample_weight=weight, is_sample=sample is not None, data=data, tensor_stats=tensor_stats,
             # the block's sign-election bookkeeping, shared with apply()
@@ -261,7 +261,8 @@ class Executor:
                     return self._read_raw(job), None
 
                 for job, (raw, sample) in self._prefetched(jobs, read):
-                    stat.observe(self._group(job, raw, sample, scheduled=False), p.params, results)
+                    stat.observe(self._group(job, raw, sample, scheduled=False), p.params_for(job.tensor.info)[0],
+                                 results)
                     bar.update(job.stop - job.start)
             result = stat.result(p.params, results)
             results.put(stat, result)
@@ -282,6 +283,8 @@ class Executor:
         with self._bar(sum(j.stop - j.start for j in jobs), "merging") as bar:
             for job, raw in self._prefetched(jobs):
                 name = job.tensor.name
+                if p.scheduled and p.method.tensor_statistic:  # e.g. a filtered `scope`: this tensor's own
+                    tensor_statistic = p.method.tensor_statistic(p.params_for(job.tensor.info)[0])
                 if tensor_statistic is not None and not job.whole and job.rows[0] == 0:
                     per_tensor[name] = self._tensor_statistics(job.tensor, tensor_statistic)
                 group = self._group(job, raw, tensor_stats=per_tensor.get(name))

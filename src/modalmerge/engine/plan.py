@@ -56,33 +56,60 @@ class Plan:
     copy_source: TensorSource
     aux_folder: Path | None
     chunk_elems: int
-    # per-layer schedules (`{layers: [...]}` values): the raw parameters and the block count
+    # per-tensor values (`{layers: [...]}` schedules, `{filters: [...]}` lists): the raw
+    # parameters and the block count; resolved values cached per (layer, matched filters)
     raw_params: dict[str, Any] = field(default_factory=dict)
     raw_model_params: list[dict[str, Any]] = field(default_factory=list)
+    raw_weights: dict[int, Any] = field(default_factory=dict)  # model index -> its `weight`
     num_layers: int = 0
-    _by_layer: dict = field(default_factory=dict, repr=False)
+    _by_key: dict = field(default_factory=dict, repr=False)
 
     @property
     def scheduled(self) -> bool:
-        return schedules.has_schedules(self.raw_params) or any(schedules.has_schedules(m)
-                                                               for m in self.raw_model_params)
+        return any(schedules.has_schedules(m) for m in (self.raw_params, *self.raw_model_params, self.raw_weights))
+
+    def weights_for(self, info: TensorInfo) -> list[float]:
+        """The models' weights at this tensor (a per-tensor `weight` resolved; absent: 1)."""
+        if not self.scheduled:
+            return self.weights
+        self.params_for(info)
+        return self._by_key[self._key(info)][2]
+
+    def _key(self, info: TensorInfo) -> tuple:
+        return (info.layer, schedules.match_key([self.raw_params, *self.raw_model_params, self.raw_weights],
+                                                info.name))
 
     def params_for(self, info: TensorInfo) -> tuple[Params, list[dict[str, Any]]]:
-        """The method's parameters and per-model overrides at this tensor's layer (schedules resolved)."""
+        """The method's parameters and per-model overrides at this tensor (schedules and filter
+        lists resolved; a model's value a filter list leaves out falls back to the recipe's)."""
         if not self.scheduled:
             return self.params, self.model_params
-        key = info.layer
-        if key not in self._by_layer:
-            params = self.method.parse_params(schedules.resolve(self.raw_params, key, self.num_layers))
-            per_model = [schedules.resolve(m, key, self.num_layers) for m in self.raw_model_params]
-            self._by_layer[key] = (params, per_model)
-        return self._by_layer[key]
+        key = self._key(info)
+        if key not in self._by_key:
+            shared = schedules.resolve(self.raw_params, info.layer, self.num_layers, info.name)
+            per_model = [schedules.resolve(m, info.layer, self.num_layers, info.name) for m in self.raw_model_params]
+            try:
+                params = self.method.parse_params(shared)
+                for label, own in zip(self.model_names, per_model):
+                    self.method.parse_params({**shared, **own}, where=f"models[{label}].params")
+            except MergeError as e:  # build_plan resolves every tensor: this fails before any work
+                raise MergeError(f"{e}; the value it has at tensor {info.name!r} (from a per-layer or "
+                                 "filtered value)") from None
+            weights = schedules.resolve(self.raw_weights, info.layer, self.num_layers, info.name)
+            weights = [float(weights.get(i, 1.0)) if i in self.raw_weights else w for i, w in enumerate(self.weights)]
+            if getattr(params, "normalize", False) and abs(sum(weights)) < 1e-12:
+                raise MergeError(f"the model weights sum to 0 at tensor {info.name!r}, so they cannot be normalised; "
+                                 "change a `weight`")
+            self._by_key[key] = (params, per_model, weights)
+        return self._by_key[key][:2]
     # the composed procedure's layout of the model folders (procedures/mmer.py: each model's parts)
     composition: Any = None
     # what the user allowed: importing code a recipe names (calibration callables), running a
     # model folder's own modelling code (auto_map); procedures/calibration.py reads them
     trust_recipe_code: bool = False
     trust_remote_code: bool = False
+    # the output tokenizer when the recipe sets one (checkpoint/vocabulary.py; engine/embedding_views.py)
+    vocabulary: Any = None
 
     @property
     def merged(self) -> list[TensorPlan]:
@@ -138,6 +165,8 @@ def read_model_type(folder: Path | None) -> str | None:
 
 def open_models(recipe: Recipe, allow_pickle: bool = False,
                 preloaded: dict[str, TensorSource] | None = None) -> tuple[TensorSource | None, list[TensorSource]]:
+    if recipe.slices:  # never opened as plain models: their layers are views (engine/slices.open_slices)
+        raise MergeError("a recipe with `slices` is planned with procedures.run.plan_merge (api.merge)")
     preloaded = preloaded or {}
 
     def get(path: str, label: str, base: TensorSource | None) -> TensorSource:
@@ -175,29 +204,82 @@ def build_plan(recipe: Recipe, base: TensorSource | None, models: list[TensorSou
     params, first_model_params = method_params(recipe, method)
     check_contract(recipe, method, base, models)
     check_fields(recipe, method)
-    weights = [m.weight for m in recipe.models]
-    if getattr(params, "normalize", False) and abs(sum(weights)) < 1e-12:
+    weights = model_weights(recipe)
+    # per-tensor weights are checked at each tensor (Plan.params_for)
+    if getattr(params, "normalize", False) and abs(sum(weights)) < 1e-12 and \
+            not any(isinstance(m.weight, dict) for m in recipe.models):
         raise MergeError("the model weights sum to 0, so they cannot be normalised; change a `weight`")
     reference = base if base is not None else models[0]
     folder = reference_folder(recipe.copy_files_from, "copy_files_from") if recipe.copy_files_from \
         else reference.folder
     tensors = tensor_jobs(recipe, method, params, reference, models, folder, chunk_elems)
     layers = [t.info.layer for t in tensors if t.merge and t.info.layer is not None]
-    return Plan(recipe, method, params, base, models, [m.label for m in recipe.models], weights,
+    plan = Plan(recipe, method, params, base, models, [m.label for m in recipe.models], weights,
                 first_model_params, tensors, reference, folder, chunk_elems,
                 raw_params=dict(recipe.params), raw_model_params=[dict(m.params) for m in recipe.models],
+                raw_weights={i: m.weight for i, m in enumerate(recipe.models) if schedules.is_per_tensor(m.weight)},
                 num_layers=max(layers) + 1 if layers else 0,
                 trust_recipe_code=trust_recipe_code, trust_remote_code=trust_remote_code)
+    if plan.scheduled:
+        check_per_tensor(plan, chunk_elems)
+    return plan
+
+
+def check_per_tensor(plan: Plan, chunk_elems: int) -> None:
+    """Per-tensor values: resolve (and so validate) every merged tensor's parameters before any
+    work, cut each tensor into blocks by its own parameters, and refuse a value that varies where
+    a whole-model statistic needs one (a global trim threshold takes one density per model)."""
+    method, first = plan.method, plan.params
+    names = [s.name for s in method.statistics(first)]
+    keys = [getattr(s, "density_key", None) for s in method.statistics(first)]
+    checked: set[int] = set()
+    for t in plan.merged:
+        params, per_model = plan.params_for(t.info)
+        t.chunks = _chunks(t, method, params, chunk_elems)
+        if id(params) in checked:  # one resolved combination, already checked
+            continue
+        checked.add(id(params))
+        if [s.name for s in method.statistics(params)] != names:
+            raise MergeError(f"method {method.name}: a per-layer or filtered parameter changes the whole-model "
+                             f"statistics the merge needs (at tensor {t.name!r}); give those parameters one value")
+        for key in filter(None, keys):
+            mine = [mp.get(key, getattr(params, key)) for mp in per_model]
+            base = [mp.get(key, getattr(first, key)) for mp in plan.model_params]
+            if mine != base:
+                raise MergeError(f"method {method.name}: parameter {key!r} varies by tensor (at {t.name!r}), but a "
+                                 "whole-model trim threshold takes one value per model; give it one value, or "
+                                 "trim per tensor (`scope: tensor`)")
+
+
+def model_weights(recipe: Recipe) -> list[float]:
+    """Each model's weight; a per-tensor one (schedule or filter list) checked, and given by its
+    first value (Plan.weights_for resolves it per tensor)."""
+    weights = []
+    for m in recipe.models:
+        w = m.weight
+        if isinstance(w, dict):
+            try:
+                schedules.check("weight", w)
+            except ValueError as e:
+                raise MergeError(f"model {m.label!r}: {e}") from None
+            values = schedules.candidates(w) if schedules.is_per_tensor(w) else [w]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise MergeError(f"model {m.label!r}: `weight` must be a number, {{layers: [numbers]}} or "
+                                 "{filters: [{filter: ..., value: number}, ...]}; fix it")
+            w = values[0]
+        weights.append(float(w))
+    return weights
 
 
 def method_params(recipe: Recipe, method: Method) -> tuple[Params, list[dict[str, Any]]]:
-    """The method's parameters and each model's overrides, validated with the first value of each
-    per-layer schedule (Plan.params_for resolves them per tensor)."""
+    """The method's parameters and each model's overrides, with the first value of each per-tensor
+    value (schedule or filter list; Plan.params_for resolves them per tensor, build_plan checks
+    every tensor's), and every value such a list holds validated alone."""
     try:
-        first_params = schedules.resolve(recipe.params, None, 1)
-        first_model_params = [schedules.resolve(m.params, None, 1) for m in recipe.models]
+        first_params = schedules.first(recipe.params)
+        first_model_params = [schedules.first(m.params) for m in recipe.models]
     except ValueError as e:
-        raise MergeError(f"method {method.name}: {e}; write it as {{layers: [0.2, 0.5, 1.0]}}") from None
+        raise MergeError(f"method {method.name}: {e}") from None
     params = method.parse_params(first_params)
     for entry, first in zip(recipe.models, first_model_params):
         unknown = set(entry.params) - set(method.params.per_model)
@@ -206,6 +288,11 @@ def method_params(recipe: Recipe, method: Method) -> tuple[Params, list[dict[str
             raise MergeError(f"model {entry.label!r}: parameter {sorted(unknown)[0]!r} cannot be set per model "
                              f"for {method.name} (per-model parameters: {allowed})")
         method.parse_params({**first_params, **first}, where=f"models[{entry.label}].params")
+    for raw, where in [(recipe.params, "params"), *((m.params, f"models[{m.label}].params") for m in recipe.models)]:
+        for key, value in raw.items():
+            if schedules.is_per_tensor(value):  # a bad value deep in a list fails here, before any work
+                for one in schedules.candidates(value):
+                    method.parse_params({**first_params, key: one}, where=where)
     return params, first_model_params
 
 

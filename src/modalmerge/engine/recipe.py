@@ -11,9 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..checkpoint.hub import is_hub_reference
 from ..checkpoint.safetensors_io import read_regular
+from ..checkpoint.vocabulary import TokenizerSettings, settings_from_mergekit
 from ..errors import MergeError, one_line
 from ..methods.base import MergekitForm, Method
+from ..methods import schedules
 from ..methods.registry import mergekit_method
+from .slices import SliceEntry, slices_from_mergekit
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -31,7 +34,7 @@ class ModelEntry(BaseModel):
 
     path: str
     name: str | None = None
-    weight: float = 1.0
+    weight: float | dict[str, Any] = 1.0  # or per tensor, {layers: ...} / {filters: ...} (methods/schedules.py)
     params: dict[str, Any] = Field(default_factory=dict)
     # data-aware methods: this model's calibration data (overrides the recipe's) and the
     # optimiser second moments it was trained with (OTA); see procedures/calibration.py
@@ -58,7 +61,12 @@ class Recipe(BaseModel):
     seed: int = 0
     copy_files_from: str | None = None        # model whose config/tokenizer files are copied
     parts: dict[str, str] = Field(default_factory=dict)  # multimodal parts by name pattern
+    slices: list[SliceEntry] = Field(default_factory=list)  # layer stacking: engine/slices.py
     calibration: dict[str, Any] | None = None  # data-aware methods: see procedures/calibration.py
+    # the output vocabulary and chat template, as mergekit's (checkpoint/vocabulary.py)
+    tokenizer_source: str | None = None       # union | base | a model
+    tokenizer: TokenizerSettings | None = None
+    chat_template: str | None = None          # auto | Jinja text
     source_format: str = "native"
     # the recipe file's own text, for the model card (load_recipe): not a field a recipe sets, left
     # out of dumps and of comparisons (a file and the mapping it holds are the same recipe)
@@ -107,7 +115,11 @@ class Recipe(BaseModel):
                                             "calibration": fix_calibration(m.calibration)})
                        for m in self.models],
             "copy_files_from": fix_model(self.copy_files_from),
+            "slices": [s.with_paths(fix_model) for s in self.slices],
             "calibration": fix_calibration(self.calibration),
+            "tokenizer_source": self.tokenizer_source if self.tokenizer_source in (None, "union", "base")
+            else fix_model(self.tokenizer_source),
+            "tokenizer": self.tokenizer.with_models(fix_model) if self.tokenizer else None,
         })
 
 
@@ -132,12 +144,14 @@ def parse_recipe(data: dict[str, Any] | Recipe, where: str = "recipe") -> Recipe
     if not isinstance(data, dict):
         raise MergeError(f"{where}: not a recipe; write it as a YAML mapping with `method` and `models` keys")
     source_text = None
-    if "merge_method" in data or "slices" in data:
+    if "merge_method" in data or ("slices" in data and "method" not in data):
         source_text = _dump_mapping(data)  # the user's own recipe, for the model card and mergekit_config.yml
         data = from_mergekit(data, where)
     elif "source_format" in data or "source_text" in data:  # set by the tool, not by a recipe
         field_name = "source_format" if "source_format" in data else "source_text"
         raise MergeError(f"{where}: unknown field {field_name!r}; remove it")
+    elif data.get("slices") and "models" not in data:  # a native layer stack: its models are the slices'
+        data = {**data, "models": []}
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
@@ -281,27 +295,43 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
 # (methods/base.py MergekitForm)
 # mergekit parameters that are set per input model (ParameterScope.INPUT / NON_BASE)
 _MERGEKIT_PER_MODEL = ("weight", "density", "gamma", "epsilon")
-_MERGEKIT_FIELDS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
+_MERGEKIT_FIELDS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+                    "tokenizer_source", "tokenizer", "chat_template"}
 # mergekit fields this tool does not apply (yet): refused, never ignored
 _MERGEKIT_NOT_IMPLEMENTED = {
-    "tokenizer_source": "not implemented yet; remove it (the output keeps the base model's tokenizer)",
-    "tokenizer": "not implemented yet; remove it (the output keeps the base model's tokenizer)",
-    "chat_template": "not implemented yet; remove it (the output keeps the base model's chat template)",
     "name": "(a stage name of mergekit-multi) is not supported; remove it and merge one recipe at a time",
 }
 _MERGEKIT_ENTRY_FIELDS = ("model", "parameters")
 
 
 def _mergekit_value(value: Any, where: str, key: str) -> Any:
-    """A mergekit parameter value: a number, or a gradient (a list of numbers, interpolated over
-    the layers: a native per-layer schedule). Name filters are not supported."""
-    if isinstance(value, list) and value and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                 for x in value):
-        return {"layers": value}
-    if isinstance(value, (list, dict)):
-        raise MergeError(f"{where}: parameter {key!r}: mergekit filters (`filter:` lists) are not supported; "
-                         "give one value or a list of numbers (a gradient over the layers)")
-    return value
+    """A mergekit parameter value in the native form (methods/schedules.py): a scalar is kept; a
+    gradient (a list of scalars, over the layers) becomes `{layers: [...]}`; a filter list
+    `[{filter, value}, ...]` (or one such mapping) becomes `{filters: [...]}`, each value a
+    scalar or a gradient."""
+    def scalar_or_gradient(v: Any, at: str) -> Any:
+        if isinstance(v, list) and v and all(isinstance(x, (bool, int, float, str)) for x in v):
+            return {"layers": v}
+        if isinstance(v, (list, dict)) or v is None:
+            raise MergeError(f"{where}: parameter {at!r}: a value must be a scalar or a non-empty list of scalars "
+                             "(a gradient over the layers); fix it")
+        return v
+
+    if isinstance(value, dict) or (isinstance(value, list) and value and any(isinstance(x, dict) for x in value)):
+        entries = value if isinstance(value, list) else [value]
+        out = []
+        for i, entry in enumerate(entries):
+            at = f"{key}[{i}]"
+            if not isinstance(entry, dict) or "value" not in entry or set(entry) - {"filter", "value"} \
+                    or not isinstance(entry.get("filter"), (str, type(None))):
+                raise MergeError(f"{where}: parameter {at!r}: a filter list holds mappings {{filter: <substring of "
+                                 "the tensor name>, value: <scalar or gradient>}} (`filter` may be left out); fix it")
+            native = {"value": scalar_or_gradient(entry["value"], at)}
+            if entry.get("filter") is not None:
+                native = {"filter": entry["filter"], **native}
+            out.append(native)
+        return {"filters": out}
+    return scalar_or_gradient(value, key)
 
 
 def from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any]:
@@ -311,26 +341,39 @@ def from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any]:
     a base model is no task vector for the task-vector methods, but linear averages it with the
     others (mergekit always adds the base to the inputs), and SLERP interpolates from it.
     """
-    if "slices" in data or "modules" in data:
-        raise MergeError(f"{where}: mergekit `slices`/`modules` (layer stacking) are not supported; use `models`")
+    if "modules" in data:
+        raise MergeError(f"{where}: mergekit `modules` (per-module recipes of a multimodal model) are not supported "
+                         "yet; use `models`, or `slices` for a model with one stack of layers")
     for key in _MERGEKIT_NOT_IMPLEMENTED:
         if key in data:
             raise MergeError(f"{where}: mergekit field {key!r} is {_MERGEKIT_NOT_IMPLEMENTED[key]}")
     unknown = sorted(one_line(k, 60) for k in set(data) - _MERGEKIT_FIELDS)
     if unknown:
         raise MergeError(f"{where}: unknown mergekit field(s) {', '.join(unknown)}; remove them")
+    if "merge_method" not in data:  # a mergekit `slices:` recipe without it
+        raise MergeError(f"{where}: required field 'merge_method' is missing; add it (e.g. `merge_method: passthrough`)")
     name = data["merge_method"]
     if not isinstance(name, str):
         raise MergeError(f"{where}: `merge_method` must be a method name such as ties; fix its value")
     method, form = mergekit_form(name)
+    vocabulary = _mergekit_vocabulary(data, where)
     top = {k: _mergekit_value(v, where, k) for k, v in _mergekit_params(data.get("parameters"), where,
                                                                         "parameters").items()}
-    model_defaults = {k: v for k, v in top.items() if k in _MERGEKIT_PER_MODEL}
+    # a name mergekit scopes per model in some methods and shared in others (`epsilon`: della's
+    # per model, ram's shared) follows the native method: shared where it takes it only once
+    shared_names = {f.alias or k for k, f in method.params.model_fields.items()} - method.params.per_model
+    per_model_keys = {k for k in _MERGEKIT_PER_MODEL if form.per_model_renames.get(k, k) not in shared_names}
+    model_defaults = {k: v for k, v in top.items() if k in per_model_keys}
     params: dict[str, Any] = dict(form.defaults)
-    params.update({k: v for k, v in top.items() if k not in _MERGEKIT_PER_MODEL})
+    # a filter list that matches nothing leaves mergekit's default, as in mergekit
+    params.update({k: schedules.with_fallback(v, params[k]) if k in params else v
+                   for k, v in top.items() if k not in per_model_keys})
     base = data.get("base_model")
     if base is not None:
         base = mergekit_reference(base, where, "base_model")
+    if "slices" in data:  # layer stacking: engine/slices.py
+        return vocabulary | slices_from_mergekit(data, where, method, form, base, top, reference=mergekit_reference,
+                                    value=_mergekit_value, shared=method_params_from_mergekit)
     if not isinstance(data.get("models") or [], list):
         raise MergeError(f"{where}: `models` must be a list of `- model: path` entries; fix it")
     base_is_input = base is not None and (form.base_is_input or method.base == "forbidden")
@@ -348,16 +391,19 @@ def from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any]:
         entries.append(entry)
     if base_is_input and base not in [e["model"] for e in entries]:
         entries.append({"model": base})  # linear averages the base too
-    if base_is_input and method.base == "forbidden":
-        # SLERP interpolates from mergekit's base_model: it is the first endpoint
+    if base_is_input and method.base == "forbidden" and not form.base_is_input:
+        # SLERP interpolates from mergekit's base_model: it is the first endpoint (a method whose
+        # form says base_is_input, e.g. karcher, keeps mergekit's order: the base appended last)
         entries.sort(key=lambda e: e["model"] != base)
     models = []
     for entry in entries:
         if base is not None and entry["model"] == base and not base_is_input:
             continue  # the base listed among the models is no task vector
         mp = dict(model_defaults)
-        mp.update({k: _mergekit_value(v, where, f"{entry['model']}.{k}")
-                   for k, v in (entry.get("parameters") or {}).items()})
+        for k, v in (entry.get("parameters") or {}).items():
+            v = _mergekit_value(v, where, f"{entry['model']}.{k}")
+            # mergekit: a model's filter list that matches nothing falls back to the global value
+            mp[k] = schedules.with_fallback(v, mp[k]) if k in mp else v
         weight = mp.pop("weight", 1.0)
         models.append({"path": entry["model"], "weight": weight, "params": per_model_params_from_mergekit(form, mp)})
     native = {"method": method.name, "base": None if base_is_input else base, "models": models,
@@ -372,7 +418,17 @@ def from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any]:
     dtype = data.get("out_dtype") or data.get("dtype")
     if dtype:
         native["dtype"] = dtype
-    return native
+    return native | vocabulary
+
+
+def _mergekit_vocabulary(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """mergekit's `tokenizer_source`, `tokenizer` and `chat_template`, model references translated."""
+    out = {k: data[k] for k in ("tokenizer_source", "chat_template") if data.get(k) is not None}
+    if out.get("tokenizer_source") not in (None, "union", "base"):
+        out["tokenizer_source"] = mergekit_reference(out["tokenizer_source"], where, "tokenizer_source")
+    if data.get("tokenizer") is not None:
+        out["tokenizer"] = settings_from_mergekit(data["tokenizer"], where, mergekit_reference)
+    return out
 
 
 _REFERENCE_FORMS = ("a model path or hub id, `model+lora_path`, or a mapping {model: {path: ...}, "

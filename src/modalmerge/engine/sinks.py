@@ -9,9 +9,10 @@ from typing import Any, Iterable
 import torch
 import yaml
 
-from ..checkpoint.output import AtomicFolder, ShardedWriter, copy_aux_files, output_error
+from ..checkpoint.output import AtomicFolder, ShardedWriter, copy_aux_files, output_error, set_layer_count
 from ..checkpoint.safetensors_io import TensorMeta
 from .plan import Plan
+from .slices import layer_sources
 
 DECOUPLED_DIR = "decoupled"
 MANIFEST = "manifest.json"
@@ -80,6 +81,9 @@ def plan_inputs(plan: Plan) -> list[tuple[str, str]]:
         add(f"model {m.label!r}", m.path)
         add(f"optimizer_state of model {m.label!r}", m.optimizer_state)
         calibration(f"calibration file of model {m.label!r}", m.calibration)
+    for i, s in enumerate(r.slices):  # a layer stack's models
+        for x in [*s.sources, *([s.base] if s.base else [])]:
+            add(f"model {x.path!r} of slices[{i}]", x.path)
     # what was opened besides: an adapter's base, the models under an MMER part view
     for src in [plan.base, *plan.models]:
         for _ in range(4):
@@ -156,8 +160,13 @@ class FolderSink:
             if w is not None:
                 w.close()
         tmp = self.folder.tmp
-        copy_aux_files(self.plan.aux_folder, tmp, tokenizer=self.copy_tokenizer)
+        vocabulary = self.plan.vocabulary  # a built tokenizer replaces the copied one (as in mergekit)
+        copy_aux_files(self.plan.aux_folder, tmp, tokenizer=self.copy_tokenizer and vocabulary is None)
+        if vocabulary is not None:
+            vocabulary.write(tmp)
         _fix_config_dtype(tmp / "config.json", self.plan.recipe.dtype)
+        if self.plan.recipe.slices:  # a layer stack: its own block count
+            set_layer_count(tmp / "config.json", layer_sources(self.plan.recipe.slices))
         if manifest is not None:
             (tmp / DECOUPLED_DIR / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if self.write_model_card:

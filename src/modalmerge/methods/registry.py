@@ -3,24 +3,32 @@
 from ..errors import MergeError
 from .base import Method
 from .adamerging import ADAMERGING
+from .arcee_fusion import ARCEE_FUSION
 from .breadcrumbs import BREADCRUMBS
 from .consensus import CONSENSUS
 from .dare import DARE_LINEAR, DARE_TIES
 from .della import DELLA, DELLA_LINEAR
 from .emr import EMR
 from .frank import FRANK
+from .karcher import KARCHER
 from .fisher import FISHER
 from .linear import LINEAR
 from .metrics_weighted import METRICS_WEIGHTED
 from .mmer import MMER
 from .model_stock import MODEL_STOCK
 from .msmoe import MSMOE
+from .multislerp import MULTISLERP
+from .nuslerp import NUSLERP
+from .nearswap import NEARSWAP
 from .slerp import SLERP
 from .tall import TALL
 from .neuromerging import NEUROMERGING
 from .opcm import OPCM
 from .ota import OTA
+from .passthrough import PASSTHROUGH
+from .ram import RAM, RAMPLUS_TL
 from .regmean import REGMEAN
+from .sce import SCE
 from .task_arithmetic import TASK_ARITHMETIC
 from .ties import TIES
 from .widen import WIDEN
@@ -52,6 +60,9 @@ METHODS: dict[str, Method] = table((
     BREADCRUMBS,
     MODEL_STOCK,
     SLERP,
+    NUSLERP,
+    MULTISLERP,
+    KARCHER,
     TALL,
     CONSENSUS,
     EMR,
@@ -66,6 +77,12 @@ METHODS: dict[str, Method] = table((
     ADAMERGING,
     MMER,
     MSMOE,
+    PASSTHROUGH,
+    SCE,
+    NEARSWAP,
+    ARCEE_FUSION,
+    RAM,
+    RAMPLUS_TL,
 ))
 
 

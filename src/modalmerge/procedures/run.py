@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint.sources import TensorSource
+from ..engine.embedding_views import align_vocabularies
 from ..engine.executor import Executor, Report
 from ..engine.plan import DEFAULT_CHUNK_ELEMS, Plan, build_plan, open_models
 from ..engine.recipe import Recipe
 from ..engine.sinks import DictSink, FolderSink
+from ..engine.slices import open_slices
 from ..errors import MergeError
 from ..methods.registry import get_method
 from . import calibration, continual, mmer, moe
@@ -54,12 +56,23 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False, chunk_elems: int =
     """Open the models and check the recipe: the plan of a folder merge, or of an in-memory one
     (`preloaded` sources), whose composed methods stream as usual (no folders to split)."""
     method = get_method(recipe.method)
-    if method.runs == "composed" and not preloaded:
+    wants_tokenizer = bool(recipe.tokenizer_source or recipe.tokenizer or recipe.chat_template)
+    if recipe.slices:  # layer stacking: the models are views of the slices' layers (engine/slices.py)
+        recipe, base, models = open_slices(recipe, allow_pickle=allow_pickle, preloaded=preloaded)
+        plan = build_plan(recipe, base, models, chunk_elems, trust_recipe_code=trust_recipe_code,
+                          trust_remote_code=trust_remote_code)
+    elif method.runs == "composed" and not preloaded:
         plan = mmer.plan_composed(recipe, allow_pickle=allow_pickle, chunk_elems=chunk_elems)
     else:
         base, models = open_models(recipe, allow_pickle=allow_pickle, preloaded=preloaded)
+        # tokenizer settings: every model's vocabulary tensors seen in the output vocabulary
+        base, models, vocabulary = align_vocabularies(recipe, base, models, trust_remote_code)
         plan = build_plan(recipe, base, models, chunk_elems, trust_recipe_code=trust_recipe_code,
                           trust_remote_code=trust_remote_code)
+        plan.vocabulary = vocabulary
+    if plan.vocabulary is None and wants_tokenizer:
+        raise MergeError("`tokenizer_source`, `tokenizer` and `chat_template` are not supported with `slices` or "
+                         f"method {method.name} yet; remove them")
     calibration.check_data_fields(plan)
     calibration.check_trust(plan)  # before any work: code the merge would run needs the user's consent
     return plan
@@ -72,6 +85,9 @@ def run_merge(plan: Plan, output: str | Path, options: RunOptions = RunOptions()
         raise MergeError(f"method {plan.method.name} writes its output folder its own way, always with the "
                          "tokenizer and a model card; leave out copy_tokenizer=False / write_model_card=False "
                          "(--no-copy-tokenizer / --no-write-model-card)")
+    if plan.vocabulary is not None and not plan.vocabulary.remaps and not options.copy_tokenizer:
+        raise MergeError("`chat_template` is written into the output's tokenizer, which --no-copy-tokenizer leaves "
+                         "out; drop one of them")
     report = PROCEDURES[plan.method.runs](plan, output, options)
     report.procedure = plan.method.runs
     report.seconds.setdefault("total", time.perf_counter() - start)
