@@ -111,3 +111,22 @@ def cli_fails(capsys, argv: list[str], out: Path | None, *fragments: str) -> str
         assert not out.exists()
         assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
     return lines[0]
+
+
+def run_mergekit_yaml(tmp_path, data: dict) -> dict[str, torch.Tensor]:
+    """Merge a recipe mapping written as a YAML file (as a user runs it); the output's tensors."""
+    import yaml
+    from modalmerge import merge
+    path = tmp_path / "mergekit.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    out = tmp_path / "out"
+    merge(path, out)
+    return load_sd(out)
+
+
+def assert_close(out, ref, what, tol=1e-6):
+    """Same tensor names, each within `tol` of the reference."""
+    assert set(out) == set(ref), what
+    for name in ref:
+        diff = (out[name] - ref[name]).abs().max().item()
+        assert diff <= tol, f"{what}: {name} differs from the reference by {diff}"

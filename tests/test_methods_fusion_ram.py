@@ -12,10 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
-from conftest import finetunes, load_sd, random_state_dict
-from modalmerge import merge, merge_state_dicts
+from conftest import assert_close, finetunes, load_sd, random_state_dict, run_mergekit_yaml as run_yaml
+from modalmerge import merge_state_dicts
 from modalmerge.engine.recipe import parse_recipe
 from modalmerge.errors import MergeError
 from modalmerge.methods.arcee_fusion import quartiles
@@ -68,21 +67,6 @@ def mk_ramplus(base, models, epsilon=1e-5, r=0.1, alpha=0.2) -> torch.Tensor:
 
 def sd(x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"w": x}
-
-
-def run_yaml(tmp_path, data: dict) -> dict[str, torch.Tensor]:
-    path = tmp_path / "mergekit.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    out = tmp_path / "out"
-    merge(path, out)
-    return load_sd(out)
-
-
-def assert_close(out, ref, what, tol=1e-6):
-    assert set(out) == set(ref), what
-    for name in ref:
-        diff = (out[name] - ref[name]).abs().max().item()
-        assert diff <= tol, f"{what}: {name} differs from the reference by {diff}"
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
 
-from conftest import load_sd
-from modalmerge import merge, merge_state_dicts
+from conftest import assert_close, load_sd, run_mergekit_yaml as run_yaml
+from modalmerge import merge_state_dicts
 from modalmerge.engine.recipe import mergekit_form, method_params_from_mergekit, parse_recipe
 from modalmerge.errors import MergeError
 
@@ -98,21 +97,6 @@ def mk_params(name: str, raw: dict) -> dict:
     """A mergekit recipe's top-level parameters (over mergekit's defaults) as native ones."""
     form = mergekit_form(name)[1]
     return method_params_from_mergekit(form, {**form.defaults, **raw})
-
-
-def run_yaml(tmp_path, data: dict) -> dict[str, torch.Tensor]:
-    path = tmp_path / "mergekit.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    out = tmp_path / "out"
-    merge(path, out)
-    return load_sd(out)
-
-
-def assert_close(out, ref, what, tol=1e-6):
-    assert set(out) == set(ref), what
-    for name in ref:
-        diff = (out[name] - ref[name]).abs().max().item()
-        assert diff <= tol, f"{what}: {name} differs from the reference by {diff}"
 
 
 @pytest.fixture(scope="module")
