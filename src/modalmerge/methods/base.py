@@ -382,7 +382,8 @@ class Method:
         """(name, type, default, description) for `modalmerge methods`."""
         rows = []
         for key, f in self.params.model_fields.items():
-            rows.append((f.alias or key, _type_name(f.annotation), "required" if f.is_required() else f.default, f.description or ""))
+            default = "required" if f.is_required() else f.get_default(call_default_factory=True)
+            rows.append((f.alias or key, _type_name(f.annotation), default, f.description or ""))
         return rows
 
 
