@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
 
-from conftest import load_sd
-from modalmerge import merge, merge_state_dicts
+from conftest import load_sd, run_mergekit_yaml as run_yaml
+from modalmerge import merge_state_dicts
 from modalmerge.engine.recipe import method_params_from_mergekit, parse_recipe
 from modalmerge.errors import MergeError
 from modalmerge.methods.registry import METHODS
@@ -126,14 +125,6 @@ def mk_slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float 
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def run_yaml(tmp_path, data: dict) -> dict[str, torch.Tensor]:
-    path = tmp_path / "mergekit.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    out = tmp_path / "out"
-    merge(path, out)
-    return load_sd(out)
 
 
 def assert_close(out, ref, what):

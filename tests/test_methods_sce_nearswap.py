@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import assert_close, load_sd, run_mergekit_yaml as run_yaml
+from test_mergekit_compat import mk_magnitude_outliers
 from modalmerge import merge_state_dicts
 from modalmerge.engine.recipe import mergekit_form, method_params_from_mergekit, parse_recipe
 from modalmerge.errors import MergeError
@@ -43,19 +44,6 @@ def mk_sce(base: torch.Tensor, models: list[torch.Tensor], select_topk: float) -
 def mk_nearswap(base: torch.Tensor, model: torch.Tensor, t: float) -> torch.Tensor:
     w = (t / (base - model).abs().clamp(min=1e-6)).clamp(min=0, max=1)
     return w * model + (1 - w) * base
-
-
-def mk_magnitude_outliers(t: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """sparsify.magnitude_outliers over the whole tensor (argsort selection)."""
-    if density >= 1:
-        return t
-    n = t.numel()
-    target, n_top = int(density * n), int(gamma * n)
-    n_bot = max(0, n - target - n_top)
-    idx = torch.sort(t.abs().reshape(-1).float()).indices
-    mask = torch.zeros(n, dtype=t.dtype)
-    mask[idx[n_bot:n_bot + target]] = 1
-    return t * mask.reshape_as(t)
 
 
 def mk_rescale_l1(t: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

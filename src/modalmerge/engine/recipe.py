@@ -16,6 +16,7 @@ from ..errors import MergeError, one_line
 from ..methods.base import MergekitForm, Method
 from ..methods import schedules
 from ..methods.registry import mergekit_method
+from .mergekit_output import output_fields
 from .slices import SliceEntry, slices_from_mergekit
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -408,17 +409,7 @@ def from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any]:
         models.append({"path": entry["model"], "weight": weight, "params": per_model_params_from_mergekit(form, mp)})
     native = {"method": method.name, "base": None if base_is_input else base, "models": models,
               "source_format": "mergekit", "params": method_params_from_mergekit(form, params, where)}
-    if base is not None:
-        native["copy_files_from"] = base  # mergekit takes config files from the base model
-    if data.get("out_dtype") is not None and data.get("dtype") not in (None, "float32"):
-        # with out_dtype given, mergekit's `dtype` is the arithmetic's: here it is always float32
-        raise MergeError(f"{where}: mergekit `dtype` {one_line(data['dtype'], 40)!r} (the dtype of the arithmetic, "
-                         "as `out_dtype` is given) is not applied: modalmerge computes in float32; remove `dtype` "
-                         "or set it to float32")
-    dtype = data.get("out_dtype") or data.get("dtype")
-    if dtype:
-        native["dtype"] = dtype
-    return native | vocabulary
+    return native | output_fields(data, base, where) | vocabulary
 
 
 def _mergekit_vocabulary(data: dict[str, Any], where: str) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from ..methods import schedules
 from ..methods.base import MergekitForm, Method
 from ..methods.registry import get_method
 from .architectures import spec_for
+from .mergekit_output import output_fields
 
 
 class SliceSource(BaseModel):
@@ -181,18 +182,8 @@ def slices_from_mergekit(data: dict[str, Any], where: str, method: Method, form:
         check_slices([SliceEntry.model_validate(s) for s in slices], where)
     except ValueError as e:  # pydantic's, for a value the checks above let through
         raise MergeError(f"{where}: `slices`: {one_line(e)}") from None
-    native: dict[str, Any] = {"method": method.name, "models": [], "slices": slices, "params": params,
-                              "source_format": "mergekit"}
-    if base is not None:
-        native["copy_files_from"] = base  # mergekit takes the config from the base model
-    if data.get("out_dtype") is not None and data.get("dtype") not in (None, "float32"):
-        raise MergeError(f"{where}: mergekit `dtype` {one_line(data['dtype'], 40)!r} (the dtype of the arithmetic, "
-                         "as `out_dtype` is given) is not applied: modalmerge computes in float32; remove `dtype` "
-                         "or set it to float32")
-    dtype = data.get("out_dtype") or data.get("dtype")
-    if dtype:
-        native["dtype"] = dtype
-    return native
+    return {"method": method.name, "models": [], "slices": slices, "params": params, "source_format": "mergekit",
+            **output_fields(data, base, where)}
 
 
 def _scope(raw: Any, where: str, at: str, value, rename: dict[str, str]) -> dict[str, Any]:
