@@ -2,20 +2,24 @@
 
 The `mk_*` functions below restate mergekit 0.1.5's maths (merge_methods/linear.py,
 generalized_task_arithmetic.py, sparsify.py, model_stock.py, slerp.py) line by line; the
-recipes are mergekit YAML files on tiny Llama models, merged by modalmerge. When mergekit
-itself is importable, the references are also checked against it (scripts/compare_mergekit.py
-compares whole merges).
+recipes are mergekit YAML files on tiny Llama models, merged by modalmerge. With mergekit set
+up (tests/mergekit_reference.py), the references are also checked against mergekit itself
+(tests/test_mergekit_conformance.py compares whole merges).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+import yaml
 
 from conftest import load_sd, run_mergekit_yaml as run_yaml
+from mergekit_reference import requires_mergekit, run_mergekit
 from modalmerge import merge_state_dicts
 from modalmerge.engine.recipe import method_params_from_mergekit, parse_recipe
-from modalmerge.errors import MergeError
+from modalmerge.errors import MergeError, Note
 from modalmerge.methods.registry import METHODS
 
 # ---------------------------------------------------------------- mergekit 0.1.5's maths
@@ -231,15 +235,25 @@ def test_recipe_translation_and_errors(tmp_path):
                         "density": 1.0}
     assert r.models[0].weight == 2 and r.models[0].params == {"density": 0.4}
     # a gradient becomes a per-layer schedule; a filter list a native one (tests/test_param_filters.py)
-    r = parse_recipe({"merge_method": "ties", "base_model": "b", "models": ["a"], "parameters": {"lambda": [0.1, 0.5]}})
+    a = [{"model": "a", "parameters": {"weight": 1}}]
+    r = parse_recipe({"merge_method": "ties", "base_model": "b", "models": a, "parameters": {"lambda": [0.1, 0.5]}})
     assert r.params["lambda"] == {"layers": [0.1, 0.5]}
-    r = parse_recipe({"merge_method": "ties", "base_model": "b", "models": ["a"],
+    r = parse_recipe({"merge_method": "ties", "base_model": "b", "models": a,
                       "parameters": {"density": [{"filter": "mlp", "value": 0.1}, {"value": 0.5}]}})
     assert r.models[0].params["density"] == {"filters": [{"filter": "mlp", "value": 0.1}, {"value": 0.5}]}
     with pytest.raises(MergeError, match="rescale"):
-        parse_recipe({"merge_method": "ties", "base_model": "b", "models": ["a"], "parameters": {"rescale": True}})
+        parse_recipe({"merge_method": "ties", "base_model": "b", "models": a, "parameters": {"rescale": True}})
     with pytest.raises(MergeError, match="slices"):
         parse_recipe({"merge_method": "linear", "slices": []})
+    # mergekit stops when an input of these methods has no weight; we use 1.0 and say so
+    for method in ("ties", "task_arithmetic", "linear", "nuslerp", "multislerp", "della", "breadcrumbs_ties"):
+        with pytest.warns(Note, match=f"mergekit's {method} requires a `weight` for every input .* 'a', 'c'"):
+            r = parse_recipe({"merge_method": method, "base_model": "b", "models": ["a", "c"]})
+        assert all(m.weight == 1.0 for m in r.models)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # given at the top level: every model's, and no note
+        r = parse_recipe({"merge_method": "ties", "base_model": "b", "models": ["a"], "parameters": {"weight": 0.5}})
+    assert r.models[0].weight == 0.5  # a top-level weight is every model's
 
 
 # ---------------------------------------------------------------- methods other helpers add
@@ -301,25 +315,45 @@ def test_slerp(family, tmp_path):
 # ---------------------------------------------------------------- the references against mergekit itself
 
 
-def test_references_match_mergekit_when_installed():
-    api = pytest.importorskip("mergekit.merge_methods.api")
-    g = torch.Generator().manual_seed(0)
-    base = torch.randn(12, 10, generator=g)
-    models = [base + 0.1 * torch.randn(12, 10, generator=g) for _ in range(3)]
+@requires_mergekit
+def test_references_match_mergekit(family, tmp_path):
+    """The mk_* restatements above against mergekit 0.1.5 itself (its own environment: README, "## Test"),
+    on the same recipes, all in one mergekit run."""
+    paths, sd = family
+    fts = [sd[f"ft{i}"] for i in range(3)]
     w, d = [0.7, -0.2, 0.5], [0.3, 0.05, 1.0]
+
+    def models(**per):
+        return [{"model": str(paths[f"ft{i}"]), "parameters": {k: v[i] for k, v in per.items()}} for i in range(3)]
+
+    base = {"base_model": str(paths["base"]), "dtype": "float32"}
     cases = {
-        "linear": (mk_linear(models, [0.7, 0.2, 0.5]), {"weight": [0.7, 0.2, 0.5]}, None),
-        "task_arithmetic": (mk_gta(base, models, w, consensus=False, normalize=False, lam=0.8),
-                            {"weight": w, "lambda": 0.8}, 0),
-        "ties": (mk_gta(base, models, w, consensus=True, normalize=True, lam=0.8,
-                        sparsify=lambda i, x: mk_magnitude(x, d[i])), {"weight": w, "density": d, "lambda": 0.8}, 0),
-        "breadcrumbs": (mk_gta(base, models, w, consensus=False, normalize=False,
-                               sparsify=lambda i, x: mk_magnitude_outliers(x, d[i], 0.02)),
-                        {"weight": w, "density": d, "gamma": 0.02}, 0),
-        "model_stock": (mk_model_stock(base, models), {}, 0),
-        "slerp": (mk_slerp(0.3, base, models[0]), {"t": 0.3}, 0),
+        "linear": ({"merge_method": "linear", "dtype": "float32", "models": models(weight=[0.7, 0.2, 0.5])},
+                   lambda n: mk_linear([m[n] for m in fts], [0.7, 0.2, 0.5])),
+        "task_arithmetic": ({"merge_method": "task_arithmetic", **base, "models": models(weight=w),
+                             "parameters": {"lambda": 0.8}},
+                            lambda n: mk_gta(sd["base"][n], [m[n] for m in fts], w, consensus=False, normalize=False,
+                                             lam=0.8)),
+        "ties": ({"merge_method": "ties", **base, "models": models(weight=w, density=d), "parameters": {"lambda": 0.8}},
+                 lambda n: mk_gta(sd["base"][n], [m[n] for m in fts], w, consensus=True, normalize=True, lam=0.8,
+                                  sparsify=lambda i, x: mk_magnitude(x, d[i]))),
+        "breadcrumbs": ({"merge_method": "breadcrumbs", **base, "models": models(weight=w, density=d),
+                         "parameters": {"gamma": 0.02}},
+                        lambda n: mk_gta(sd["base"][n], [m[n] for m in fts], w, consensus=False, normalize=False,
+                                         sparsify=lambda i, x: mk_magnitude_outliers(x, d[i], 0.02))),
+        "model_stock": ({"merge_method": "model_stock", **base, "models": [{"model": str(paths[f"ft{i}"])}
+                                                                          for i in range(3)]},
+                        lambda n: mk_model_stock(sd["base"][n], [m[n] for m in fts])),
+        "slerp": ({"merge_method": "slerp", **base, "models": [{"model": str(paths["base"])},
+                                                               {"model": str(paths["ft0"])}], "parameters": {"t": 0.3}},
+                  lambda n: mk_slerp(0.3, sd["base"][n], sd["ft0"][n])),
     }
-    for name, (ref, params, base_index) in cases.items():
-        tensors = models if base_index is None else [base] + (models[:1] if name == "slerp" else models)
-        got = api.merge_tensors(tensors, name, parameters=params, base_index=base_index)
-        assert (got - ref).abs().max() <= 1e-5, name
+    jobs = []
+    for name, (recipe, _) in cases.items():
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        jobs.append({"kind": "yaml", "config": config, "out": tmp_path / name,
+                     "options": {"copy_tokenizer": False, "write_model_card": False}})
+    run_mergekit(jobs)
+    for name, (_, reference) in cases.items():
+        assert_close(load_sd(tmp_path / name), {n: reference(n) for n in sd["base"]}, f"mergekit's {name}")

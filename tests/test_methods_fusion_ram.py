@@ -3,7 +3,7 @@
 The `mk_*` functions restate mergekit's arithmetic (merge_methods/arcee_fusion.py, ram.py) densely
 (arcee_fusion's quartiles by a full sort, as mergekit takes them for tensors of up to 10^6
 entries); the hand cases are worked out on paper; the engine (in-memory state dicts, and mergekit
-YAML recipes on tiny Llama folders) must give the same tensors. scripts/compare_mergekit.py
+YAML recipes on tiny Llama folders) must give the same tensors. tests/test_mergekit_conformance.py
 checks against mergekit itself.
 """
 

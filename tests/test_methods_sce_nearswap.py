@@ -3,7 +3,8 @@
 The `mk_*` functions restate mergekit's arithmetic (merge_methods/sce.py, nearswap.py,
 generalized_task_arithmetic.py with sparsify.magnitude_outliers) densely; the hand cases are
 worked out on paper; the engine (in-memory state dicts, and mergekit YAML recipes on tiny Llama
-folders) must give the same tensors. scripts/compare_mergekit.py checks against mergekit itself.
+folders) must give the same tensors. tests/test_mergekit_conformance.py checks against
+mergekit itself.
 """
 
 from __future__ import annotations

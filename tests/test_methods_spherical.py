@@ -3,7 +3,7 @@
 The `mk_*` functions restate mergekit's maths (merge_methods/nuslerp.py, multislerp.py,
 karcher.py) in float32 torch, as mergekit computes them; modalmerge's engine must give the same
 tensors (to 1e-6), natively and from mergekit recipes. Small cases are checked by hand too.
-scripts/compare_mergekit.py compares whole merges with mergekit itself.
+tests/test_mergekit_conformance.py compares whole merges with mergekit itself.
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ def test_bad_references_are_one_line(models, tmp_path, capsys):
     ]
     for i, (ref, fragment) in enumerate(cases):
         recipe = tmp_path / f"bad{i}.yaml"
-        recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": ref}, {"model": ft}]}))
+        recipe.write_text(yaml.safe_dump({"merge_method": "linear", "parameters": {"weight": 1.0}, "models": [{"model": ref}, {"model": ft}]}))
         cli_fails(capsys, ["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"], tmp_path / "out",
                   fragment)
 
@@ -177,7 +177,7 @@ def test_native_recipe_hub_id_is_kept_relative_to_nothing(models, hub_cache, tmp
 
 def test_output_inside_a_resolved_hub_folder_is_refused(models, hub_cache, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": "org/tiny-base"},
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "parameters": {"weight": 1.0}, "models": [{"model": "org/tiny-base"},
                                                                           {"model": str(models["ft"])}]}))
     out = tmp_path / "hub-cache" / "models--org--tiny-base" / "snapshots" / COMMIT / "out"
     cli_fails(capsys, ["merge", str(recipe), "-o", str(out), "--no-progress"], out, "lies inside", COMMIT)
@@ -185,7 +185,7 @@ def test_output_inside_a_resolved_hub_folder_is_refused(models, hub_cache, tmp_p
 
 def test_hub_id_missing_offline(models, hub_cache, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": "org/not-cached"},
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "parameters": {"weight": 1.0}, "models": [{"model": "org/not-cached"},
                                                                           {"model": str(models["ft"])}]}))
     out = tmp_path / "out"
     cli_fails(capsys, ["merge", str(recipe), "-o", str(out), "--no-progress"], out, "org/not-cached",
@@ -195,7 +195,7 @@ def test_hub_id_missing_offline(models, hub_cache, tmp_path, capsys):
 def test_missing_huggingface_hub_names_the_extra(models, hub_cache, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # `import huggingface_hub` fails
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": "org/tiny-base"},
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "parameters": {"weight": 1.0}, "models": [{"model": "org/tiny-base"},
                                                                           {"model": str(models["ft"])}]}))
     cli_fails(capsys, ["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"], tmp_path / "out",
               "pip install 'modalmerge[hf]'")

@@ -1,6 +1,6 @@
 """Layer stacking (issue 13, item 2): mergekit's `slices:` and `passthrough`, against dense
 references of mergekit 0.1.5's arithmetic written here (mergekit itself is not needed: see
-scripts/compare_mergekit.py for the comparison with a real mergekit run).
+tests/test_mergekit_conformance.py for the comparison with a real mergekit run).
 
 mergekit's plan (plan.py): output block o of a slice is block start + (o − offset) of each source,
 merged across the slice's sources; the embeddings are merged over the first slice's sources, the

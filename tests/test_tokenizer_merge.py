@@ -4,7 +4,7 @@ Tiny Llama folders, each with its own WordLevel tokenizer built here: a base, a 
 same vocabulary, one that added tokens (its embedding and LM head grown) and one with another
 vocabulary. The expected rows are computed densely, by token, from the rules mergekit's
 tokenizer/build.py and tokenizer/embed.py apply (restated in `expected_rows`); the merge must give
-them (scripts/compare_mergekit_tokenizer.py checks the same against mergekit itself).
+them (tests/test_mergekit_conformance.py checks the same against mergekit itself).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny_vocab import BASE_WORDS, OTHER_WORDS, TEMPLATE_1, TEMPLATE_2, save_model, save_tokenizer, save_two_vocabularies
 
 from modalmerge import merge
 from modalmerge.checkpoint import vocabulary as vocab_mod
@@ -24,40 +25,7 @@ from modalmerge.engine.plan import open_models
 from modalmerge.engine.recipe import load_recipe, parse_recipe
 from modalmerge.errors import MergeError
 
-BASE_WORDS = ["<unk>", "<s>", "</s>", "a", "b", "c", "d", "e"]
-OTHER_WORDS = ["<unk>", "<s>", "</s>", "a", "c", "b", "f"]
-TEMPLATE_1 = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-TEMPLATE_2 = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
-
-
-def save_tokenizer(folder: Path, words: list[str], added: tuple[str, ...] = (), template: str | None = None) -> dict:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    if added:
-        fast.add_tokens(list(added))
-    if template:
-        fast.chat_template = template
-    fast.save_pretrained(folder)
-    return {w: i for i, w in enumerate([*words, *added])}
-
-
-def save_model(folder: Path, vocab_size: int, seed: int) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, vocab_size=vocab_size, max_position_embeddings=32,
-                      tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():  # distinct rows everywhere (Llama's init leaves norms at 1)
-            p.copy_(torch.randn(p.shape))
-    model.save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -244,12 +212,7 @@ def test_fill_rules_per_row_block(family):
 
 def test_reads_are_row_blocks(tmp_path, monkeypatch):
     """A vocabulary tensor is read one block of rows at a time, never whole, for every model."""
-    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(300)]
-    a, b = tmp_path / "a", tmp_path / "b"
-    save_tokenizer(a, words)
-    save_model(a, len(words), 0)
-    save_tokenizer(b, words[:150] + ["z"], added=("<q>",))
-    save_model(b, 152, 1)
+    a, b = save_two_vocabularies(tmp_path)
     monkeypatch.setattr(vocab_mod, "_BLOCK_ELEMS", 32 * 16)   # 32 rows of 16
     recipe = parse_recipe({"method": "linear", "models": [str(a), str(b)], "tokenizer_source": "union"})
     base, models = open_models(recipe)

@@ -130,3 +130,24 @@ def extract_lora(model: str | os.PathLike, base: str | os.PathLike, output: str 
     return extract(str(model), str(base), output, rank=rank, energy=energy, embeddings=embeddings, dtype=dtype,
                    device=device, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress,
                    tool_version=__version__)
+
+
+def search(recipe: str | os.PathLike | dict, evals: str | list[str], output: str | os.PathLike, *,
+           trials: int = 20, workers: int = 1, address: str | None = None, seed: int = 0, sampler: str = "tpe",
+           objectives: str | list[str] = (), threads: int | None = None, device: str = "cpu",
+           trust_recipe_code: bool = False, trust_remote_code: bool = False, allow_pickle: bool = False,
+           overwrite: bool = False, prune: bool = True, progress: bool = False, batch_size: int = 8, runner=None):
+    """Search the values a recipe marks `{search: ...}` on validation data (`evals`: --eval values
+    such as "perplexity:valid.txt"), then write the best trial's merge at `output`, with
+    output/search/ holding trials.json, trials.md, search.png and the journal that lets the same
+    call resume an interrupted search. `workers` > 1 or `address` run the trials on Ray; a
+    `runner` (procedures/search/runners.Runner) replaces that choice. Returns a SearchOutcome
+    (its `result`: every trial, the best, the Pareto front). See docs/search.md."""
+    from .procedures.search.procedure import search as run_search
+
+    return run_search(recipe, [evals] if isinstance(evals, str) else list(evals), output, trials=trials,
+                      workers=workers, address=address, seed=seed, sampler=sampler,
+                      objectives=[objectives] if isinstance(objectives, str) else list(objectives), threads=threads,
+                      device=device, trust_recipe_code=trust_recipe_code, trust_remote_code=trust_remote_code,
+                      allow_pickle=allow_pickle, overwrite=overwrite, prune=prune, progress=progress,
+                      batch_size=batch_size, tool_version=__version__, runner=runner)

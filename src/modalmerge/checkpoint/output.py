@@ -551,11 +551,13 @@ LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 LAYER_LISTS = ("layer_types",)
 
 
-def set_layer_count(config: Path, layer_sources: list[int]) -> None:
+def set_layer_count(config: Path, layer_sources: list[int], key: str = "") -> None:
     """A stacked model's config.json (engine/slices.py): the block count is len(layer_sources), and
     a layer-indexed list (`layer_types`) keeps, for each output block, the entry of the block it
-    comes from (the last entry for a block past the list). A missing or unreadable config is left
-    as it is (there is nothing to fix)."""
+    comes from (the last entry for a block past the list). `key`: where the count is, dotted into a
+    sub-config (`text_config.num_hidden_layers`, one module's: engine/modules.py); by default the
+    first of LAYER_COUNT_KEYS at the top. A missing or unreadable config is left as it is (there is
+    nothing to fix)."""
     if not config.is_file():
         return
     try:
@@ -564,11 +566,17 @@ def set_layer_count(config: Path, layer_sources: list[int]) -> None:
         return
     if not isinstance(data, dict):
         return
-    key = next((k for k in LAYER_COUNT_KEYS if isinstance(data.get(k), int)), None)
-    if key is not None:
-        data[key] = len(layer_sources)
-    for key in LAYER_LISTS:
-        values = data.get(key)
+    *inside, last = key.split(".") if key else [""]
+    holder = data
+    for part in inside:  # a sub-config the file lacks: nothing to fix there
+        holder = holder.get(part) if isinstance(holder, dict) else None
+    if not isinstance(holder, dict):
+        return
+    count_key = last or next((k for k in LAYER_COUNT_KEYS if isinstance(holder.get(k), int)), None)
+    if count_key is not None:
+        holder[count_key] = len(layer_sources)
+    for list_key in LAYER_LISTS:
+        values = holder.get(list_key)
         if isinstance(values, list) and values:
-            data[key] = [values[min(i, len(values) - 1)] for i in layer_sources]
+            holder[list_key] = [values[min(i, len(values) - 1)] for i in layer_sources]
     config.write_text(json.dumps(data, indent=2))

@@ -15,6 +15,9 @@ embedding and LM-head rows are put into one output vocabulary:
   gets the new vocabulary size, rounded up to `pad_to_multiple_of` (the padding rows are each
   model's mean row, as mergekit pads).
 
+In a `slices:` recipe each vocabulary tensor is filled from the models it comes from
+(`Vocabulary.for_inputs`), as mergekit fills it; `Vocabulary.summary` is what --dry-run shows.
+
 Rows are compared by token, never by id. mergekit orders the union's new tokens by iterating
 hash maps, so its ids change from run to run; here they come in a fixed order: the base's
 vocabulary first (its ids kept), then each other model's new regular tokens in that model's id
@@ -31,7 +34,7 @@ import json
 import tempfile
 import threading
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Union
 
@@ -266,10 +269,59 @@ class Vocabulary:
     fill_row: torch.Tensor | None = None             # [tokens] and its row there
     size_key: tuple[str, ...] = ("vocab_size",)
     labels: list[str] = field(default_factory=list)
+    # what the fill of another set of inputs needs (for_inputs): the settings, every participant, its tokenizer
+    settings: TokenizerSettings | None = None
+    participants: list[Participant] = field(default_factory=list)
+    tokenizers: list[Any] = field(default_factory=list)
+    source: str = ""                                 # base | union | the model reference (for --dry-run)
+    # a layer stack's tensors filled from their own models (engine/embedding_views.py): (names, their fill)
+    by_tensors: list[tuple[list[str], "Vocabulary"]] = field(default_factory=list)
+    appended: list[str] = field(default_factory=list)   # `tokens` no tokenizer had
+    template_note: str | None = None                     # which chat template was written
 
     @property
     def remaps(self) -> bool:
         return self.permutations is not None
+
+    def for_inputs(self, indices: list[int], prefer: int | None, tensors: str) -> "Vocabulary":
+        """The same output vocabulary seen by some participants only, `indices` in their order,
+        their missing rows filled among themselves (`prefer`: the position of the base among them).
+        mergekit fills each vocabulary tensor from the models that tensor is merged from: in a
+        `slices:` recipe, the first slice's models for the embeddings, the last slice's for the
+        head. `tensors` names those tensors in errors."""
+        picked = [self.participants[i] for i in indices]
+        v = replace(self, permutations=self.permutations[indices], labels=[p.label for p in picked],
+                    participants=picked, tokenizers=[self.tokenizers[i] for i in indices], by_tensors=[])
+        _assign_fill(v, self.settings, picked, v.tokenizers, prefer, tensors)
+        return v
+
+    def summary(self) -> dict[str, Any]:
+        """What --dry-run shows of the output vocabulary (`summary_lines` prints it)."""
+        source = self.source if self.source in ("", "base", "union") else f"model {Path(self.source).name}"
+        out: dict[str, Any] = {"source": source or None, "chat_template": self.template_note}
+        if not self.remaps:
+            return out
+        out.update(size=self.size, tokens=len(self.tokens), padding=self.size - len(self.tokens),
+                   pad_to_multiple_of=self.settings.pad_to_multiple_of, appended=list(self.appended),
+                   overrides={t: _override_text(c) for t, c in (self.settings.tokens or {}).items()})
+        fills = []
+        for names, v in self.by_tensors or [([], self)]:
+            held = (v.permutations >= 0).sum(dim=0)
+            # a copied row: from the base where several models hold the token, else from its one owner
+            kind = torch.where(v.fill == _ROW, torch.where(held > 1, -2, -1), v.fill)
+            named = torch.zeros(len(v.tokens), dtype=torch.bool)
+            for text in self.settings.tokens or {}:
+                named[v.tokens.index(text)] = True
+            models = {}
+            for j, label in enumerate(v.labels):
+                lacking = v.permutations[j] < 0   # forced rows: the `tokens` line says them
+                counts = {"recipe": int((lacking & named).sum())}
+                for what, code in (("owner", -1), ("base", -2), ("mean", _MEAN), ("zero", _ZERO)):
+                    counts[what] = int((lacking & ~named & (kind == code)).sum())
+                models[label] = {"lacks": int(lacking.sum()), **counts}
+            fills.append({"tensors": names, "models": models})
+        out["fills"] = fills
+        return out
 
     def write(self, folder: Path) -> None:
         """Save the tokenizer into an output folder (in place of copied tokenizer files) and, when
@@ -287,19 +339,21 @@ class Vocabulary:
 
 def build_vocabulary(settings: TokenizerSettings | None, chat_template: str | None, inputs: list[Participant],
                      base_index: int | None, base_folder: Path | None, prefer_base: bool,
-                     donor_folder: Path | None, trust_remote_code: bool = False) -> Vocabulary | None:
+                     donor_folder: Path | None, trust_remote_code: bool = False, fill: bool = True
+                     ) -> Vocabulary | None:
     """The output vocabulary of a merge (None when the recipe sets neither a tokenizer nor a chat
     template). `inputs`: every model the merge reads; `base_index`: the input whose tokenizer is
     the base one (mergekit's base model, else its first model), or None when `base_folder` is no
     input; `prefer_base`: a token several inputs hold is filled from the base's row (mergekit does
     so when the recipe names a base model); `donor_folder`: the model whose tokenizer files and
-    config the output gets."""
+    config the output gets; `fill`: assign every token's fill over all of `inputs` (off when each
+    tensor is filled from its own models, `Vocabulary.for_inputs`)."""
     if settings is None:
         if chat_template is None:
             return None
         tokenizer = load_tokenizer(donor_folder, "the model whose tokenizer is copied", trust_remote_code)
-        set_chat_template(tokenizer, chat_template, inputs, base_folder, trust_remote_code)
-        return Vocabulary(tokenizer)
+        note = set_chat_template(tokenizer, chat_template, inputs, base_folder, trust_remote_code)
+        return Vocabulary(tokenizer, template_note=note)
     if base_index is not None:
         base_folder = inputs[base_index].folder
     base_who = f"model {inputs[base_index].label!r}" if base_index is not None else f"base model ({base_folder})"
@@ -325,9 +379,9 @@ def build_vocabulary(settings: TokenizerSettings | None, chat_template: str | No
     else:
         out = load_tokenizer(_folder_of(settings.source, inputs), f"tokenizer source {settings.source!r}",
                              trust_remote_code)
-    for text in settings.tokens or {}:
-        if text not in out.get_vocab():
-            out.add_tokens(text)
+    appended = [text for text in settings.tokens or {} if text not in out.get_vocab()]
+    for text in appended:
+        out.add_tokens(text)
     vocab = out.get_vocab()
     n = len(vocab)
     if sorted(vocab.values()) != list(range(n)):
@@ -346,11 +400,16 @@ def build_vocabulary(settings: TokenizerSettings | None, chat_template: str | No
     pad = settings.pad_to_multiple_of
     if pad and size % pad:
         size += pad - size % pad
+    for text, cfg in (settings.tokens or {}).items():   # a named source is a model of the merge
+        if not isinstance(cfg.source, ZeroSource):
+            _input_index(cfg.source if isinstance(cfg.source, str) else cfg.source.model, inputs, text)
     vocabulary = Vocabulary(out, size, tokens, perm, size_key=config_vocab_size(donor_folder)[1],
-                            labels=[p.label for p in inputs])
-    _assign_fill(vocabulary, settings, inputs, toks, base_index if prefer_base else None)
+                            labels=[p.label for p in inputs], settings=settings, participants=list(inputs),
+                            tokenizers=toks, source=settings.source, appended=appended)
+    if fill:
+        _assign_fill(vocabulary, settings, inputs, toks, base_index if prefer_base else None)
     if chat_template is not None:
-        set_chat_template(out, chat_template, inputs, base_folder, trust_remote_code)
+        vocabulary.template_note = set_chat_template(out, chat_template, inputs, base_folder, trust_remote_code)
     return vocabulary
 
 
@@ -371,9 +430,10 @@ def _input_index(reference: str, inputs: list[Participant], token: str) -> int:
 
 
 def _assign_fill(v: Vocabulary, settings: TokenizerSettings, inputs: list[Participant], toks: list,
-                 base_index: int | None) -> None:
+                 base_index: int | None, tensors: str | None = None) -> None:
     """mergekit's assignment of each token's fill: the recipe's own for the tokens it names; else
-    the one owner's row, the base's, the holders' mean, or zero."""
+    the one owner's row, the base's, the holders' mean, or zero. `tensors`: the tensors these
+    inputs are the models of, when they are not all of the merge's (a slice's models)."""
     n = len(v.tokens)
     present = v.permutations >= 0
     count = present.sum(dim=0)
@@ -401,6 +461,11 @@ def _assign_fill(v: Vocabulary, settings: TokenizerSettings, inputs: list[Partic
             v.fill[i] = _ZERO
             continue
         model = cfg.source if isinstance(cfg.source, str) else cfg.source.model
+        if tensors is not None and not any(model in (p.reference, p.label) for p in inputs):
+            if cfg.force or not bool(present[:, i].all()):   # as mergekit: only a row that is needed
+                raise MergeError(f"{where}: its source model {one_line(model, 80)!r} is not among {tensors} "
+                                 f"({', '.join(p.label for p in inputs)}); name one of them")
+            continue
         j = _input_index(model, inputs, text)
         if isinstance(cfg.source, str):
             row = int(v.permutations[j, i])
@@ -419,12 +484,52 @@ def _assign_fill(v: Vocabulary, settings: TokenizerSettings, inputs: list[Partic
     v.fill[present.all(dim=0) & ~v.forced] = _KEEP
 
 
+def _override_text(cfg: TokenSettings) -> str:
+    src = cfg.source
+    if isinstance(src, ZeroSource):
+        text = "zero"
+    elif isinstance(src, str):
+        text = f"from {Path(src).name or src}"
+    else:
+        own = src.token if src.token is not None else f"#{src.token_id}"
+        text = f"from {Path(src.model).name or src.model}'s {own}"
+    return text + (" (forced)" if cfg.force else "")
+
+
+_FILL_WORDS = {"recipe": "as `tokens` says", "owner": "copied from their one owner", "base": "from the base",
+               "mean": "the holders' mean", "zero": "zero"}
+
+
+def summary_lines(s: dict[str, Any]) -> list[str]:
+    """Vocabulary.summary() as --dry-run's short block."""
+    pad = "            "
+    template = f"; chat template {s['chat_template']}" if s.get("chat_template") else ""
+    if s.get("source") is None:
+        return [f"vocabulary  the copied tokenizer's{template}"]
+    padding = f" + {s['padding']} padding (to a multiple of {s['pad_to_multiple_of']}, each model's mean row)" \
+        if s["padding"] else ""
+    lines = [f"vocabulary  {s['source']}: {s['size']} rows = {s['tokens']} tokens{padding}{template}"]
+    if s["overrides"] or s["appended"]:
+        told = ", ".join(f"{t!r} {how}" for t, how in s["overrides"].items())
+        added = f"; appended {', '.join(repr(t) for t in s['appended'])}" if s["appended"] else ""
+        lines.append(f"{pad}tokens: {told}{added}")
+    for group in s["fills"]:
+        where = f"{', '.join(group['tensors'])}: " if group["tensors"] else ""
+        parts = []
+        for label, c in group["models"].items():
+            how = ", ".join(f"{c[k]} {words}" for k, words in _FILL_WORDS.items() if c[k])
+            parts.append(f"{label} lacks {c['lacks']}" + (f" ({how})" if how else ""))
+        lines.append(f"{pad}{where}{'; '.join(parts)}")
+    return lines
+
+
 def set_chat_template(tokenizer, value: str, inputs: list[Participant], base_folder: Path | None,
-                      trust_remote_code: bool) -> None:
+                      trust_remote_code: bool) -> str:
     """mergekit's `chat_template`: `auto` (the template most input models share; none found: the
-    tokenizer keeps its own), inline Jinja, or one of mergekit's names (not shipped: refused)."""
+    tokenizer keeps its own), inline Jinja, or one of mergekit's names (not shipped: refused).
+    Returns which template was written, in words (for --dry-run)."""
     if value == "auto":
-        found = []
+        found, holders = [], {}
         folders = [base_folder] + [p.folder for p in inputs]
         for folder in dict.fromkeys(f for f in folders if f is not None):
             try:
@@ -435,9 +540,13 @@ def set_chat_template(tokenizer, value: str, inputs: list[Participant], base_fol
                 template = template.get("default")
             if template:
                 found.append(template.strip())
-        if found:
-            tokenizer.chat_template = Counter(found).most_common(1)[0][0]
-        return
+                holders.setdefault(template.strip(), folder.name)
+        if not found:
+            return "auto: no model has one, none written" if not tokenizer.chat_template else \
+                "auto: no model has one, the tokenizer's own kept"
+        best, count = Counter(found).most_common(1)[0]
+        tokenizer.chat_template = best
+        return f"auto: {holders[best]}'s ({count} of {len(found)} models with a template have it)"
     if len(value) < 256 and "\n" not in value and "{" not in value:
         if value in MERGEKIT_CHAT_TEMPLATES:
             raise MergeError(f"chat_template {value!r} is one of mergekit's named templates "
@@ -449,6 +558,7 @@ def set_chat_template(tokenizer, value: str, inputs: list[Participant], base_fol
         raise MergeError(f"chat_template {one_line(value, 60)!r} is not a valid Jinja template; give the template's "
                          "text, or `auto`")
     tokenizer.chat_template = value
+    return f"the recipe's ({len(value)} characters)"
 
 
 # ------------------------------------------------------------------------------ inputs in the vocabulary

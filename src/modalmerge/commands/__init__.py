@@ -1,6 +1,6 @@
 """Further CLI commands, one module each; each exposes `register(subparsers)`."""
 
-from . import align, bench, demo, extract, extract_lora, inspect, msmoe
+from . import align, bench, demo, extract, extract_lora, inspect, msmoe, search
 
 COMMANDS: list = [
     inspect.register,
@@ -8,6 +8,7 @@ COMMANDS: list = [
     extract_lora.register,
     align.register,
     msmoe.register,
+    search.register,
     bench.register,
     demo.register,
 ]

@@ -57,7 +57,7 @@ def cmd_speed(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks (speed, text, mllm, moe)", description="Benchmarks; each has a --quick mode.")
+    p = sub.add_parser("bench", help="benchmarks (speed, text, mllm, moe, search)", description="Benchmarks; each has a --quick mode.")
     bench = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     s = bench.add_parser(
         "speed", help="wall time and peak memory of merges next to an I/O floor",
@@ -92,8 +92,10 @@ def register(sub) -> None:
     s.set_defaults(func=cmd_speed)
     from .bench_mllm import register_mllm
     from .bench_moe import register_moe
+    from .bench_search import register_search
     from .bench_text import register_text
 
     register_text(bench)
     register_mllm(bench)
     register_moe(bench)
+    register_search(bench)

@@ -12,9 +12,11 @@ def register(sub) -> None:
         description="Check that models can be merged with BASE, then report, per tensor group (embeddings, "
                     "each block, norms, head) and for the whole model: each model's task-vector L2 norm, "
                     "the sign-conflict rate between the models (among elements where at least two task "
-                    "vectors are non-zero), and the pairwise cosine of their task vectors.")
+                    "vectors are non-zero), and the pairwise cosine of their task vectors. Without --base: "
+                    "the parts of each model (language model, towers, projectors, head) and whether they "
+                    "were found from its config (the model built on the meta device) or from a spec.")
     p.add_argument("models", nargs="+", metavar="MODEL", help="model folders, safetensors files or LoRA adapters")
-    p.add_argument("--base", required=True, help="the base model the task vectors are taken from")
+    p.add_argument("--base", help="the base model the task vectors are taken from (without it: each model's parts)")
     p.add_argument("--include", action="append", default=[], metavar="GLOB", help="only tensors matching (repeatable)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip tensors matching (repeatable)")
     p.add_argument("--allow-pickle", action="store_true", help="load pickled .bin checkpoints (weights_only)")
@@ -33,6 +35,8 @@ def run(args) -> int:
     from ..checkpoint.sources import open_source
     from ..engine.inspect import inspect_models
 
+    if args.base is None:
+        return _parts(args)
     base = open_source(args.base, label="base", allow_pickle=args.allow_pickle)
     models = [open_source(p, label=label, allow_pickle=args.allow_pickle, base=base)
               for p, label in zip(args.models, _labels(args.models))]
@@ -44,6 +48,41 @@ def run(args) -> int:
     else:
         print(format_table(data, args.base))
     return 0
+
+
+def _parts(args) -> int:
+    from ..checkpoint.sources import open_source
+    from ..engine.inspect import model_parts
+    from ..errors import MergeError
+
+    if args.include or args.exclude:
+        raise MergeError("--include and --exclude select the tensors compared with a base: give --base BASE, "
+                         "or drop them to list each model's parts")
+
+    reports = [model_parts(open_source(p, label=label, allow_pickle=args.allow_pickle))
+               for p, label in zip(args.models, _labels(args.models))]
+    print(json.dumps(reports, indent=2) if args.json else "\n\n".join(format_parts(r) for r in reports))
+    return 0
+
+
+PART_LABELS = {"llm": "language model", "head": "head", "encoder": "tower", "projector": "projector", "other": "other"}
+SOURCES = {"discovered": "found from its config (the model's class built on the meta device)",
+           "spec": "from the spec in engine/architectures.py (discovery failed)",
+           "none": "none: no towers found, every tensor is the language model's"}
+
+
+def format_parts(r: dict) -> str:
+    arch = f" ({r['architecture']})" if r["architecture"] else ""
+    out = [f"model   {r['model']}: {r['model_type'] or 'no model_type'}{arch}", f"parts   {SOURCES[r['source']]}"]
+    for part in r["parts"]:
+        shown = part["prefix"] + ("*" if part["prefix"].endswith(".") else "")
+        module = f"  module {part['module']}" if part["module"] and part["module"] + "." != part["prefix"] \
+            and part["module"] != part["prefix"] else ""
+        cls = f"  [{part['class']}]" if part["class"] else ""
+        out.append(f"  {PART_LABELS[part['kind']]:<15} {shown:<40} {part['tensors']:>5} tensors{module}{cls}")
+    if r["unplaced_tensors"]:
+        out.append(f"  ({r['unplaced_tensors']} tensors under no part: kept with the modality)")
+    return "\n".join(out)
 
 
 def _num(v, fmt="{:#.4g}") -> str:

@@ -46,6 +46,8 @@ SPECS: tuple[ArchSpec, ...] = (
     ArchSpec("gpt2", ("gpt2",), column_neurons=(r".*\.(c_attn|c_proj|c_fc)\.weight$",)),
     ArchSpec("clip", ("clip", "open_clip"), column_neurons=(r"^visual\.proj$", r"^text_projection$")),
     ArchSpec("t5", ("t5", "mt5")),
+    # multimodal parts by name: the fallback where engine/family_parts.py cannot build the model
+    # from its config (custom code, a config transformers refuses); MMER and `inspect` try that first
     ArchSpec("llava", ("llava", "llava_next", "llava_onevision"), parts=(
         (r"(model\.)?vision_tower\.", "encoder"),
         (r"(model\.)?multi_modal_projector\.", "projector"),
@@ -104,3 +106,41 @@ class Describer:
         if any(re.search(p, name) for p in self.spec.embeddings):
             return TensorInfo(name, shape, "embedding", 0, layer, part)
         return TensorInfo(name, shape, "linear", 0, layer, part)
+
+
+@dataclass(frozen=True)
+class ModuleLayout:
+    """One module of a multi-module model, as mergekit's `modules:` recipes name it (mergekit 0.1.5's
+    `_data/architectures/*.json`, prefixes included): the tensor-name prefixes it owns (a tensor
+    belongs to the module with the longest prefix it starts with), the regex of its layer index
+    (group 1; "" when it has no layers), the non-layer tensors that follow its layers (taken from a
+    module's last slice, as mergekit's post-weights; the others precede them, from the first) and
+    the config.json key (dotted into a sub-config) of its layer count ("" when none)."""
+
+    name: str
+    prefixes: tuple[str, ...]
+    layer_pattern: str = ""
+    post: str = ""
+    layer_count_key: str = ""
+
+
+_QWEN3_VL_MODULES = (
+    ModuleLayout("text_decoder", ("model.language_model.", "lm_head."), r"^model\.language_model\.layers\.(\d+)\.",
+                 r"^model\.language_model\.norm\.|^lm_head\.", "text_config.num_hidden_layers"),
+    ModuleLayout("multi_modal_projector", ("model.visual.merger.", "model.visual.deepstack_merger_list."),
+                 r"^model\.visual\.deepstack_merger_list\.(\d+)\."),
+    ModuleLayout("vision_tower", ("model.visual.",), r"^model\.visual\.blocks\.(\d+)\.", "",
+                 "vision_config.depth"),
+)
+# model_type -> its modules: mergekit's definitions whose tensor names transformers 5 writes unchanged
+# (checked on tiny models against mergekit; qwen2_vl's, qwen3_vl_moe's and gemma3's are left out until they are)
+MODULE_LAYOUTS: dict[str, tuple[ModuleLayout, ...]] = {
+    "qwen3_vl": _QWEN3_VL_MODULES,
+    "mistral3": (
+        ModuleLayout("text_decoder", ("language_model.",), r"^language_model\.model\.layers\.(\d+)\.",
+                     r"^language_model\.model\.norm\.|^language_model\.lm_head\.", "text_config.num_hidden_layers"),
+        ModuleLayout("multi_modal_projector", ("multi_modal_projector.",)),
+        ModuleLayout("vision_tower", ("vision_tower.",), r"^vision_tower\.transformer\.layers\.(\d+)\.", "",
+                     "vision_config.num_hidden_layers"),
+    ),
+}

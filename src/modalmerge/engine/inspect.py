@@ -22,6 +22,7 @@ from ..methods.base import TensorInfo
 from ..ops.reduce import deterministic_dot
 from ..ops.similarity import gram_matrix, sign_conflicts
 from .architectures import Describer, spec_for
+from .family_parts import discover
 from .plan import FLOAT_DTYPES, check_no_extra, check_tensor, read_model_type, who
 
 CHUNK_ELEMS = 1 << 22
@@ -183,3 +184,61 @@ def _tensor_sums(name: str, numel: int, base: TensorSource, models: list[TensorS
         sums.add(part)
         bar.update(stop - start)
     return sums
+
+
+def model_parts(source: TensorSource) -> dict[str, Any]:
+    """Which parts of a model folder are its language model, towers, projectors and head, and where
+    that came from: "discovered" (the model's class built from its config, engine/family_parts.py),
+    "spec" (the table in engine/architectures.py, where discovery fails) or "none" (no multimodal
+    layout: every tensor is the language model's). Each part with the number of tensors it holds."""
+    names = source.names()
+    model_type = read_model_type(source.folder)
+    layout = discover(source.folder)
+    parts: list[dict[str, Any]] = []
+    unplaced = 0
+    if layout is not None and layout.multimodal:
+        counts: dict[int, int] = {}
+        for n in names:
+            found = layout.locate(n)
+            if found is None:
+                unplaced += 1
+            else:
+                counts[id(found[0])] = counts.get(id(found[0]), 0) + 1
+        for part in layout.parts:
+            parts.append({"kind": part.kind, "prefix": part.prefixes[0], "module": part.module, "class": part.cls,
+                          "tensors": counts.get(id(part), 0)})
+        return {"model": source.label, "model_type": model_type, "architecture": layout.architecture,
+                "source": "discovered", "parts": parts, "unplaced_tensors": unplaced}
+    spec = spec_for(model_type)
+    if spec.parts:
+        describer = Describer(spec)
+        by_part: dict[str, list[str]] = {}
+        for n in names:
+            by_part.setdefault(describer.describe(n, source.meta(n).shape).part, []).append(n)
+        for kind, members in by_part.items():
+            if kind == "all":
+                unplaced += len(members)
+                continue
+            groups: dict[str, list[str]] = {}  # by the first segment (two under `model.`)
+            for n in members:
+                segs = n.split(".")
+                groups.setdefault(".".join(segs[:2] if segs[0] == "model" else segs[:1]), []).append(n)
+            for group in groups.values():
+                parts.append({"kind": kind, "prefix": _common_prefix(group), "module": "", "class": "",
+                              "tensors": len(group)})
+        return {"model": source.label, "model_type": model_type, "architecture": "", "source": "spec",
+                "parts": parts, "unplaced_tensors": unplaced}
+    return {"model": source.label, "model_type": model_type, "architecture": layout.architecture if layout else "",
+            "source": "none", "parts": [], "unplaced_tensors": 0}
+
+
+def _common_prefix(names: list[str]) -> str:
+    """The longest run of whole module segments (the tensor's own last segment left out) every
+    name starts with."""
+    first = names[0].split(".")[:-1]
+    k = len(first)
+    for n in names[1:]:
+        segs = n.split(".")[:-1]
+        k = next((i for i in range(min(k, len(segs))) if segs[i] != first[i]), min(k, len(segs)))
+    return ".".join(first[:k]) + ("." if k else "")
+

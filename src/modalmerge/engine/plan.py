@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,10 @@ class Plan:
     trust_remote_code: bool = False
     # the output tokenizer when the recipe sets one (checkpoint/vocabulary.py; engine/embedding_views.py)
     vocabulary: Any = None
+    # a `modules:` recipe (engine/modules.py): each module's own plan, by name, and the output
+    # config's layer counts it sets ({dotted key: the source block of each output block})
+    modules: list[tuple[str, "Plan"]] = field(default_factory=list)
+    layer_counts: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def merged(self) -> list[TensorPlan]:
@@ -145,6 +149,8 @@ class Plan:
             "estimated_peak_bytes": int(peak),
             "output_bytes": int(out_bytes),
             "data": None,
+            # the output vocabulary and chat template (checkpoint/vocabulary.py), when the recipe sets them
+            "vocabulary": self.vocabulary.summary() if self.vocabulary is not None else None,
         }
 
 
@@ -191,7 +197,7 @@ def open_models(recipe: Recipe, allow_pickle: bool = False,
 
 def build_plan(recipe: Recipe, base: TensorSource | None, models: list[TensorSource],
                chunk_elems: int = DEFAULT_CHUNK_ELEMS, *, trust_recipe_code: bool = False,
-               trust_remote_code: bool = False) -> Plan:
+               trust_remote_code: bool = False, layer_pattern: str | None = None) -> Plan:
     """Check the recipe against the method and the models, and list the tensor jobs. The trust
     flags are kept in the plan; procedures/run.plan_merge refuses, before any work, code named by
     the recipe (calibration callables) or by a model folder (auto_map) that the merge would run,
@@ -212,7 +218,7 @@ def build_plan(recipe: Recipe, base: TensorSource | None, models: list[TensorSou
     reference = base if base is not None else models[0]
     folder = reference_folder(recipe.copy_files_from, "copy_files_from") if recipe.copy_files_from \
         else reference.folder
-    tensors = tensor_jobs(recipe, method, params, reference, models, folder, chunk_elems)
+    tensors = tensor_jobs(recipe, method, params, reference, models, folder, chunk_elems, layer_pattern)
     layers = [t.info.layer for t in tensors if t.merge and t.info.layer is not None]
     plan = Plan(recipe, method, params, base, models, [m.label for m in recipe.models], weights,
                 first_model_params, tensors, reference, folder, chunk_elems,
@@ -316,12 +322,16 @@ def check_contract(recipe: Recipe, method: Method, base: TensorSource | None, mo
 
 
 def tensor_jobs(recipe: Recipe, method: Method, params: Params, reference: TensorSource,
-                models: list[TensorSource], folder: Path | None, chunk_elems: int) -> list[TensorPlan]:
+                models: list[TensorSource], folder: Path | None, chunk_elems: int,
+                layer_pattern: str | None = None) -> list[TensorPlan]:
     """Every tensor of the reference model: merged (when selected, floating-point and not empty,
     after checking that every model has it alike) or copied, described by the architecture spec
-    and cut into row blocks."""
+    (its layer index by `layer_pattern` when given: one module's layers) and cut into row blocks."""
     out_dtype = _torch_dtype(recipe.dtype)
-    describer = Describer(spec_for(read_model_type(folder)), tuple((k, v) for k, v in part_patterns(recipe.parts)))
+    spec = spec_for(read_model_type(folder))
+    if layer_pattern is not None:
+        spec = replace(spec, layer_pattern=layer_pattern)
+    describer = Describer(spec, tuple((k, v) for k, v in part_patterns(recipe.parts)))
     include = recipe.include or ["*"]
 
     def wanted(name: str) -> bool:

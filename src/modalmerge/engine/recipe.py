@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..checkpoint.hub import is_hub_reference
 from ..checkpoint.safetensors_io import read_regular
 from ..checkpoint.vocabulary import TokenizerSettings, settings_from_mergekit
-from ..errors import MergeError, one_line
+from ..errors import MergeError, Note, one_line
 from ..methods.base import MergekitForm, Method
 from ..methods import schedules
 from ..methods.registry import mergekit_method
+from .mergekit_modules import modules_from_mergekit
 from .mergekit_output import output_fields
 from .slices import SliceEntry, slices_from_mergekit
 
@@ -47,6 +49,23 @@ class ModelEntry(BaseModel):
         return self.name or Path(self.path).name or self.path
 
 
+class ModuleEntry(BaseModel):
+    """One module of a multi-module model (mergekit's `modules:`; engine/modules.py): its own models
+    or slices, base (else the recipe's) and parameters (over the recipe's)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    models: list[ModelEntry] = Field(default_factory=list)
+    slices: list[SliceEntry] = Field(default_factory=list)
+    base: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _plain_paths(cls, v):
+        return [{"path": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
+
+
 class Recipe(BaseModel):
     """A merge: which method, which models, what parameters, what to merge."""
 
@@ -63,6 +82,7 @@ class Recipe(BaseModel):
     copy_files_from: str | None = None        # model whose config/tokenizer files are copied
     parts: dict[str, str] = Field(default_factory=dict)  # multimodal parts by name pattern
     slices: list[SliceEntry] = Field(default_factory=list)  # layer stacking: engine/slices.py
+    modules: dict[str, ModuleEntry] = Field(default_factory=dict)  # per-module merges: engine/modules.py
     calibration: dict[str, Any] | None = None  # data-aware methods: see procedures/calibration.py
     # the output vocabulary and chat template, as mergekit's (checkpoint/vocabulary.py)
     tokenizer_source: str | None = None       # union | base | a model
@@ -117,6 +137,10 @@ class Recipe(BaseModel):
                        for m in self.models],
             "copy_files_from": fix_model(self.copy_files_from),
             "slices": [s.with_paths(fix_model) for s in self.slices],
+            "modules": {k: m.model_copy(update={
+                "base": fix_model(m.base), "slices": [s.with_paths(fix_model) for s in m.slices],
+                "models": [e.model_copy(update={"path": fix_model(e.path)}) for e in m.models]})
+                for k, m in self.modules.items()},
             "calibration": fix_calibration(self.calibration),
             "tokenizer_source": self.tokenizer_source if self.tokenizer_source in (None, "union", "base")
             else fix_model(self.tokenizer_source),
@@ -132,7 +156,8 @@ def _validation_message(e: ValidationError, where: str) -> str:
         hint = " (a list of model folders, or of {path, name, weight, params})" if loc == ("models",) else ""
         return f"{where}: required field {field_name!r} is missing; add it{hint}"
     if err["type"] == "extra_forbidden":
-        owner = ModelEntry if loc[0] == "models" and len(loc) == 3 else Recipe
+        owner = ModelEntry if loc[0] == "models" and len(loc) == 3 else \
+            ModuleEntry if loc[0] == "modules" and len(loc) == 3 else Recipe
         fields = ", ".join(n for n in owner.model_fields if n not in ("source_format", "source_text"))
         return f"{where}: unknown field {field_name!r}; remove or rename it (fields: {fields})"
     return f"{where}: field {field_name!r}: {one_line(err['msg'])}; fix its value"
@@ -151,7 +176,7 @@ def parse_recipe(data: dict[str, Any] | Recipe, where: str = "recipe") -> Recipe
     elif "source_format" in data or "source_text" in data:  # set by the tool, not by a recipe
         field_name = "source_format" if "source_format" in data else "source_text"
         raise MergeError(f"{where}: unknown field {field_name!r}; remove it")
-    elif data.get("slices") and "models" not in data:  # a native layer stack: its models are the slices'
+    elif (data.get("slices") or data.get("modules")) and "models" not in data:  # models: the slices' or modules'
         data = {**data, "models": []}
     try:
         recipe = Recipe.model_validate(data)
@@ -296,7 +321,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
 # (methods/base.py MergekitForm)
 # mergekit parameters that are set per input model (ParameterScope.INPUT / NON_BASE)
 _MERGEKIT_PER_MODEL = ("weight", "density", "gamma", "epsilon")
-_MERGEKIT_FIELDS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+_MERGEKIT_FIELDS = {"merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
                     "tokenizer_source", "tokenizer", "chat_template"}
 # mergekit fields this tool does not apply (yet): refused, never ignored
 _MERGEKIT_NOT_IMPLEMENTED = {
@@ -342,9 +367,6 @@ def from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any]:
     a base model is no task vector for the task-vector methods, but linear averages it with the
     others (mergekit always adds the base to the inputs), and SLERP interpolates from it.
     """
-    if "modules" in data:
-        raise MergeError(f"{where}: mergekit `modules` (per-module recipes of a multimodal model) are not supported "
-                         "yet; use `models`, or `slices` for a model with one stack of layers")
     for key in _MERGEKIT_NOT_IMPLEMENTED:
         if key in data:
             raise MergeError(f"{where}: mergekit field {key!r} is {_MERGEKIT_NOT_IMPLEMENTED[key]}")
@@ -372,6 +394,8 @@ def from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any]:
     base = data.get("base_model")
     if base is not None:
         base = mergekit_reference(base, where, "base_model")
+    if "modules" in data:  # per-module merges of a multi-module model: engine/mergekit_modules.py
+        return vocabulary | modules_from_mergekit(data, where, from_mergekit) | output_fields(data, base, where)
     if "slices" in data:  # layer stacking: engine/slices.py
         return vocabulary | slices_from_mergekit(data, where, method, form, base, top, reference=mergekit_reference,
                                     value=_mergekit_value, shared=method_params_from_mergekit)
@@ -396,7 +420,7 @@ def from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any]:
         # SLERP interpolates from mergekit's base_model: it is the first endpoint (a method whose
         # form says base_is_input, e.g. karcher, keeps mergekit's order: the base appended last)
         entries.sort(key=lambda e: e["model"] != base)
-    models = []
+    models, unweighted = [], []
     for entry in entries:
         if base is not None and entry["model"] == base and not base_is_input:
             continue  # the base listed among the models is no task vector
@@ -405,8 +429,13 @@ def from_mergekit(data: dict[str, Any], where: str) -> dict[str, Any]:
             v = _mergekit_value(v, where, f"{entry['model']}.{k}")
             # mergekit: a model's filter list that matches nothing falls back to the global value
             mp[k] = schedules.with_fallback(v, mp[k]) if k in mp else v
+        if form.weight_required and "weight" not in mp:
+            unweighted.append(one_line(entry["model"], 60))
         weight = mp.pop("weight", 1.0)
         models.append({"path": entry["model"], "weight": weight, "params": per_model_params_from_mergekit(form, mp)})
+    if unweighted:  # mergekit would stop here; a weight of 1 is what a user almost always means
+        warnings.warn(Note(f"{where}: mergekit's {form.name} requires a `weight` for every input and stops without "
+                           f"one; using weight 1.0 for {', '.join(map(repr, unweighted))}"), stacklevel=2)
     native = {"method": method.name, "base": None if base_is_input else base, "models": models,
               "source_format": "mergekit", "params": method_params_from_mergekit(form, params, where)}
     return native | output_fields(data, base, where) | vocabulary

@@ -167,6 +167,8 @@ class FolderSink:
         _fix_config_dtype(tmp / "config.json", self.plan.recipe.dtype)
         if self.plan.recipe.slices:  # a layer stack: its own block count
             set_layer_count(tmp / "config.json", layer_sources(self.plan.recipe.slices))
+        for key, sources in self.plan.layer_counts.items():  # a `modules:` recipe's stacked modules
+            set_layer_count(tmp / "config.json", sources, key)
         if manifest is not None:
             (tmp / DECOUPLED_DIR / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if self.write_model_card:

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..checkpoint.layer_views import LayerStack, Piece, block_count
+from ..checkpoint.layer_views import PRE_PATTERN, LayerStack, Piece, block_count
 from ..checkpoint.sources import TensorSource, open_source
 from ..errors import MergeError, one_line
 from ..methods import schedules
@@ -216,9 +216,12 @@ def _source(raw: Any, where: str, at: str, reference, value, rename, slice_scope
 
 # ------------------------------------------------------------------ opening: views and per-tensor values
 
-def open_slices(recipe, *, allow_pickle: bool = False, preloaded: dict[str, TensorSource] | None = None):
+def open_slices(recipe, *, allow_pickle: bool = False, preloaded: dict[str, TensorSource] | None = None,
+                layer_pattern: str | None = None, pre_pattern: str = PRE_PATTERN):
     """The recipe's slices opened as views: (the recipe with `models`/`base` standing for the views
-    and every parameter resolved per output tensor, the base view or None, the model views)."""
+    and every parameter resolved per output tensor, the base view or None, the model views).
+    `layer_pattern` / `pre_pattern`: one module's layers and pre-layer tensors (engine/modules.py);
+    by default the architecture's."""
     method = get_method(recipe.method)
     if method.runs != "streaming":
         raise MergeError(f"method {method.name} cannot stack layers (`slices`): it is not merged tensor by tensor; "
@@ -239,7 +242,7 @@ def open_slices(recipe, *, allow_pickle: bool = False, preloaded: dict[str, Tens
         return opened[path]
 
     first = get(slices[0].sources[0].path)
-    pattern = spec_for(_model_type(first.folder)).layer_pattern
+    pattern = layer_pattern or spec_for(_model_type(first.folder)).layer_pattern
     layer_re = re.compile(pattern)
     for i, s in enumerate(slices):
         for j, x in enumerate([*s.sources, *([s.base] if s.base else [])]):
@@ -253,7 +256,7 @@ def open_slices(recipe, *, allow_pickle: bool = False, preloaded: dict[str, Tens
 
     def stack(pick, label: str) -> LayerStack:
         return LayerStack([Piece(get(pick(s).path), pick(s).layers[0], pick(s).layers[1], o)
-                           for s, o in zip(slices, starts)], label, pattern)
+                           for s, o in zip(slices, starts)], label, pattern, pre_pattern)
 
     views = [stack(lambda s, j=j: s.sources[j], labels[j]) for j in range(len(slices[0].sources))]
     base = stack(lambda s: s.base, "base") if slices[0].base is not None else None

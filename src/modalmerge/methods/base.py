@@ -307,6 +307,8 @@ class MergekitForm:
     native: dict[str, Any] = field(default_factory=dict)
     # mergekit adds the base to the inputs and this method averages it with the others
     base_is_input: bool = False
+    # mergekit stops when an input has no `weight` (its ParameterSpec has no default)
+    weight_required: bool = False
 
 
 @dataclass

@@ -101,10 +101,11 @@ BREADCRUMBS = Method(
     chunkable=lambda p, info: p.scope == "row" and len(info.shape) >= 2 and p.rescale == "none",
     mergekit=(MergekitForm("breadcrumbs", defaults={"normalize": False, "lambda": 1.0, "density": 1.0, "gamma": 0.01},
                            per_model_renames={"density": "keep_fraction", "gamma": "top_remove_fraction"},
-                           rescale=True, native={"scope": "tensor"}),
+                           rescale=True, weight_required=True, native={"scope": "tensor"}),
               # the same pruning, then mergekit's sign election (`normalize`: the mean over the agreeing weights)
               MergekitForm("breadcrumbs_ties",
                            defaults={"normalize": False, "lambda": 1.0, "density": 1.0, "gamma": 0.01},
                            per_model_renames={"density": "keep_fraction", "gamma": "top_remove_fraction"},
-                           electing=True, rescale=True, native={"scope": "tensor", "elect": True})),
+                           electing=True, rescale=True, weight_required=True,
+                           native={"scope": "tensor", "elect": True})),
 )

@@ -75,7 +75,7 @@ DARE_LINEAR = Method(
     # an L1 rescale needs each whole tensor's norms
     chunkable=lambda p, info: p.rescale != "l1",
     mergekit=(MergekitForm("dare_linear", defaults={"normalize": False, "lambda": 1.0, "density": 1.0,
-                                                    "rescale": True}, rescale=True),),
+                                                    "rescale": True}, rescale=True, weight_required=True),),
 )
 
 DARE_TIES = Method(
@@ -84,5 +84,6 @@ DARE_TIES = Method(
     statistics=lambda p: [TaskMagnitudes("trim_density")] if p.trim and p.scope == "global" else [],
     chunkable=lambda p, info: p.rescale != "l1" and not (p.trim and p.scope == "tensor"),
     mergekit=(MergekitForm("dare_ties", defaults={"normalize": False, "lambda": 1.0, "density": 1.0,
-                                                  "rescale": True}, electing=True, rescale=True),),
+                                                  "rescale": True}, electing=True, rescale=True,
+                          weight_required=True),),
 )

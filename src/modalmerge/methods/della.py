@@ -98,7 +98,8 @@ DELLA = Method(
     summary="Drop task-vector entries at random, larger ones less often (per row), then TIES's election.",
     chunkable=_chunkable,
     mergekit=(MergekitForm("della", defaults={"normalize": True, "lambda": 1.0, "density": 1.0, "epsilon": 0.15,
-                                              "rescale": True}, electing=True, rescale=True),),
+                                              "rescale": True}, electing=True, rescale=True,
+                           weight_required=True),),
 )
 
 DELLA_LINEAR = Method(
@@ -106,5 +107,6 @@ DELLA_LINEAR = Method(
     summary="DELLA's magnitude-ranked random drop, then the weighted sum of the task vectors.",
     chunkable=_chunkable,
     mergekit=(MergekitForm("della_linear", defaults={"normalize": False, "lambda": 1.0, "density": 1.0,
-                                                     "epsilon": 0.15, "rescale": True}, rescale=True),),
+                                                     "epsilon": 0.15, "rescale": True}, rescale=True,
+                           weight_required=True),),
 )

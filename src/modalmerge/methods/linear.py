@@ -20,5 +20,5 @@ def linear(group: TensorGroup, p: LinearParams, stats: Stats) -> Merged:
 LINEAR = Method(
     "linear", linear, LinearParams, base="optional", min_models=1,
     summary="Weighted average of the models' weights (model soup).",
-    mergekit=(MergekitForm("linear", defaults={"normalize": True}, base_is_input=True),),
+    mergekit=(MergekitForm("linear", defaults={"normalize": True}, base_is_input=True, weight_required=True),),
 )

@@ -76,5 +76,5 @@ NUSLERP = Method(
     base="optional", min_models=2, max_models=2,
     # vectors along the last axis lie whole inside a block of rows; other layouts need the whole tensor
     chunkable=lambda p, info: not p.nuslerp_flatten and not p.nuslerp_row_wise and len(info.shape) >= 2,
-    mergekit=(MergekitForm("nuslerp"),),
+    mergekit=(MergekitForm("nuslerp", weight_required=True),),
 )

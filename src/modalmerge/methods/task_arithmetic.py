@@ -13,6 +13,6 @@ def task_arithmetic(group: TensorGroup, p: TaskArithmeticParams, stats: Stats) -
 TASK_ARITHMETIC = Method(
     "task_arithmetic", task_arithmetic, TaskArithmeticParams,
     summary="Add the weighted sum of the task vectors, scaled by lambda, to the base.",
-    mergekit=(MergekitForm("task_arithmetic", defaults={"normalize": False, "lambda": 1.0}),),
+    mergekit=(MergekitForm("task_arithmetic", defaults={"normalize": False, "lambda": 1.0}, weight_required=True),),
     fused=True,
 )

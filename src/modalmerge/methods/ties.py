@@ -22,7 +22,7 @@ TIES = Method(
     statistics=ties_statistics,
     tensor_statistic=lambda p: tensor_threshold if p.scope == "tensor" else None,
     fused=True,
-    mergekit=(MergekitForm("ties", defaults={"normalize": True, "lambda": 1.0, "density": 1.0}, electing=True,
+    mergekit=(MergekitForm("ties", defaults={"normalize": True, "lambda": 1.0, "density": 1.0}, electing=True, weight_required=True,
                            # mergekit trims per tensor, keeping at least one entry: k = max(1, int(density·n))
                            native={"scope": "tensor", "keep_min": 1}),),
 )

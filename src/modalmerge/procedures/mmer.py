@@ -1,10 +1,11 @@
 """MMER composition: N multimodal models on one base LLM → one composed model folder.
 
-Each model is split by its architecture spec (or the recipe's `parts`) into its LLM, encoder
-and projector tensors. The LLMs, seen under the base LLM's names (checkpoint/parts.PartView),
-go through an ordinary decoupled merge with methods/mmer.py; every model's other tensors are
-copied unchanged into `modalities/<task>/` with its config files. A model without encoder (an
-LLM fine-tuned on a new task) is just one more task with its own mask.
+Each model is split into its LLM, encoder and projector tensors by the recipe's `parts`, else by
+the parts found from its config (engine/family_parts.py), else by its architecture spec. The
+LLMs, seen under the base LLM's names (checkpoint/parts.PartView), go through an ordinary
+decoupled merge with methods/mmer.py; every model's other tensors are copied unchanged into
+`modalities/<task>/` with its config files. A model without encoder (an LLM fine-tuned on a new
+task) is just one more task with its own mask.
 
 Composed folder (extends the decoupled layout of checkpoint/decoupled.py):
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 from ..checkpoint.decoupled import POPCOUNT, sparsify_shared
@@ -36,6 +37,7 @@ from ..units import human_bytes as human
 from ..checkpoint.sources import SafetensorsSource, TensorSource, adapter_base_path, open_source
 from ..errors import MergeError
 from ..engine.architectures import Describer, spec_for
+from ..engine.family_parts import discover
 from ..engine.plan import DEFAULT_CHUNK_ELEMS, Plan, build_plan, part_patterns, read_model_type
 from ..engine.recipe import Recipe
 from ..engine.executor import Executor
@@ -63,50 +65,119 @@ class ModelParts:
         return sum(self.source.meta(n).nbytes for n in self.source.names())
 
 
+# the plain LLM's names for the language model and the head, in the order tried
+PLAIN_LLM_PREFIXES = (("model.", ""), ("lm_head.",))
+
+Candidates = Callable[[str], list[str]]  # a model's own LLM tensor name -> canonical names to try, in order
+
+
 def _describer(folder: Path | None, recipe: Recipe) -> Describer:
     return Describer(spec_for(read_model_type(folder)), tuple(part_patterns(recipe.parts)))
 
 
-def _marker(desc: Describer, recipe: Recipe) -> str:
-    """The LLM name marker: the recipe's `parts.llm` literal prefix, else the spec's."""
+def _marker(desc: Describer, recipe: Recipe) -> tuple[str, bool]:
+    """(the LLM name marker, whether it is the recipe's whole literal prefix): the recipe's
+    `parts.llm` literal prefix, else the spec's marker segment."""
     pattern = recipe.parts.get("llm")
     if pattern:
         literal = re.split(r"[*?\[]", pattern, maxsplit=1)[0]
-        return literal if literal.endswith(".") else ""
-    return desc.spec.llm_marker
+        return (literal if literal.endswith(".") else ""), True
+    return desc.spec.llm_marker, False
 
 
-def split_model(src: TensorSource, task: str, recipe: Recipe, folder: Path | None) -> tuple[list[str], dict[str, list[str]], str]:
-    """(LLM names, {part: names} of the rest, LLM marker) of a model, by its spec or the recipe."""
+def seen_llm_prefix(names) -> str:
+    """The prefix of a checkpoint's language-model blocks (`model.text_model.` for
+    `model.text_model.layers.0.x`), for an error that names the layout it saw."""
+    for n in names:
+        m = re.match(r"(.*?)(?:layers|h|blocks|layer)\.0\.", n)
+        if m:
+            return m.group(1)
+    return ""
+
+
+def _parts_hint(names) -> str:
+    prefix = seen_llm_prefix(names)
+    llm = f"{prefix}*" if prefix else "<prefix of its language-model tensors>*"
+    return f"name the parts in the recipe (`parts: {{llm: \"{llm}\", encoder: ..., projector: ...}}`)"
+
+
+def split_model(src: TensorSource, task: str, recipe: Recipe, folder: Path | None,
+                base_prefixes=PLAIN_LLM_PREFIXES, base_names: set[str] | None = None
+                ) -> tuple[list[str], dict[str, list[str]], Candidates]:
+    """(LLM names, {part: names} of the rest, canonical candidates of each LLM name) of a model: by
+    the recipe's `parts`, else by the parts found from its config (engine/family_parts.py), else by
+    its architecture spec. base_prefixes: (language-model prefixes, head prefixes) of the names the
+    LLM tensors are to take (the base's)."""
+    names = src.names()
+    layout = None if recipe.parts else discover(folder)
+    if layout is not None and layout.multimodal:
+        return _split_by_layout(names, layout, base_prefixes)
     desc = _describer(folder, recipe)
-    tagged = [(n, desc.describe(n, src.meta(n).shape).part) for n in src.names()]
+    tagged = [(n, desc.describe(n, src.meta(n).shape).part) for n in names]
     if not any(p != "all" for _, p in tagged):
-        return [n for n, _ in tagged], {}, ""  # no multimodal layout: all of it is the LLM
-    llm = [n for n, p in tagged if p == "llm"]
+        return [n for n, _ in tagged], {}, lambda n: [n]  # no multimodal layout: all of it is the LLM
+    # a tensor no part names that the base holds under the same name (a top-level `lm_head` beside
+    # `parts: {llm: "model.text_model.*"}`) is the LLM's
+    llm = [n for n, p in tagged if p == "llm" or (p == "all" and recipe.parts and base_names and n in base_names)]
     parts: dict[str, list[str]] = {"encoder": [], "projector": [], "other": []}
+    chosen = set(llm)
     for n, p in tagged:
-        if p != "llm":
+        if n not in chosen:
             parts["encoder" if p == "encoder" else "projector" if p == "projector" else "other"].append(n)
     if not llm:
-        raise MergeError(f"model {task!r}: none of its tensors is an LLM tensor by its architecture spec; name the "
-                         "parts in the recipe (`parts: {llm: \"language_model.*\", encoder: ..., projector: ...}`)")
-    return llm, parts, _marker(desc, recipe)
+        raise MergeError(f"model {task!r}: none of its tensors is an LLM tensor by its architecture spec; "
+                         + _parts_hint(names))
+    marker, literal = _marker(desc, recipe)
+
+    def candidates(n: str) -> list[str]:
+        if literal and marker and n.startswith(marker):
+            # the recipe's whole prefix (`model.language_model.`) replaced by the base's
+            return [p + n[len(marker):] for p in base_prefixes[0]] + [n]
+        return ([strip_marker(n, marker)] if marker else []) + [n]
+    return llm, parts, candidates
 
 
-def _canonical(task: str, llm: list[str], marker: str, base_names: set[str], base_label: str) -> dict[str, str]:
-    """canonical → own name: with the marker stripped, or as they are, whichever the base has."""
-    candidates = []
-    if marker:
-        candidates.append({strip_marker(n, marker): n for n in llm})
-    candidates.append({n: n for n in llm})
-    for mapping in candidates:
-        if len(mapping) == len(llm) and all(c in base_names for c in mapping):
-            return mapping
-    best = candidates[0]
-    missing = next(c for c in best if c not in base_names)
-    raise MergeError(f"model {task!r}: its LLM tensor {best[missing]!r} (as {missing!r}) is not in the base "
-                     f"{base_label!r}; give the base LLM the model was fine-tuned from, or name the parts in the "
-                     "recipe (`parts: {llm: \"language_model.*\", encoder: ..., projector: ...}`)")
+def _split_by_layout(names: list[str], layout, base_prefixes) -> tuple[list[str], dict[str, list[str]], Candidates]:
+    llm, parts, rest = [], {"encoder": [], "projector": [], "other": []}, {}
+    for n in names:
+        found = layout.locate(n)
+        kind = found[0].kind if found else "other"
+        if kind in ("llm", "head"):
+            llm.append(n)
+            rest[n] = (0 if kind == "llm" else 1, found[1])
+        else:
+            parts[kind].append(n)
+
+    def candidates(n: str) -> list[str]:
+        which, tail = rest[n]
+        return [p + tail for p in base_prefixes[which]]
+    return llm, parts, candidates
+
+
+def _base_prefixes(folder: Path | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The prefixes of a plain base LLM's language model and head, found from its config."""
+    layout = discover(folder)
+    if layout is None or layout.multimodal or not layout.llm_prefixes():
+        return PLAIN_LLM_PREFIXES
+    return layout.llm_prefixes(), layout.head_prefixes() or PLAIN_LLM_PREFIXES[1]
+
+
+def _canonical(task: str, names: list[str], llm: list[str], candidates: Candidates, base_names: set[str],
+               base_label: str) -> dict[str, str]:
+    """canonical → own name: for each LLM tensor, the first of its candidate names the base has."""
+    mapping: dict[str, str] = {}
+    for n in llm:
+        options = candidates(n)
+        found = next((c for c in options if c in base_names), None)
+        if found is None:
+            raise MergeError(f"model {task!r}: its LLM tensor {n!r} (as {options[0]!r}) is not in the base "
+                             f"{base_label!r}; give the base LLM the model was fine-tuned from, or "
+                             + _parts_hint(names))
+        if found in mapping:
+            raise MergeError(f"model {task!r}: its tensors {mapping[found]!r} and {n!r} both map to the base's "
+                             f"{found!r}; " + _parts_hint(names))
+        mapping[found] = n
+    return mapping
 
 
 def _open_model(entry, base: TensorSource, allow_pickle: bool) -> TensorSource:
@@ -138,17 +209,19 @@ def plan_composed(recipe: Recipe, *, allow_pickle: bool = False, chunk_elems: in
                          "path/to/base` to the recipe")
     preloaded = preloaded or {}
     base_src = preloaded.get(recipe.base) or open_source(recipe.base, label="base", allow_pickle=allow_pickle)
-    base_llm, base_parts, base_marker = split_model(base_src, "base", recipe, base_src.folder)
+    base_llm, base_parts, base_candidates = split_model(
+        base_src, "base", recipe, base_src.folder, base_names={n for n in base_src.names() if n.startswith("lm_head.")})
     # a multimodal base: its LLM under the plain names
-    base_view = PartView(base_src, {strip_marker(n, base_marker): n for n in base_llm}, "base") \
+    base_view = PartView(base_src, {base_candidates(n)[0]: n for n in base_llm}, "base") \
         if base_parts else base_src
     base_names = set(base_view.names())
+    prefixes = PLAIN_LLM_PREFIXES if base_parts else _base_prefixes(base_src.folder)
     models = []
     for entry in recipe.models:
         src = preloaded.get(entry.path) or _open_model(entry, base_src, allow_pickle)
         folder = _folder_of(src)
-        llm, parts, marker = split_model(src, entry.label, recipe, folder)
-        mapping = _canonical(entry.label, llm, marker, base_names, base_src.label)
+        llm, parts, candidates = split_model(src, entry.label, recipe, folder, prefixes, base_names)
+        mapping = _canonical(entry.label, src.names(), llm, candidates, base_names, base_src.label)
         models.append(ModelParts(entry.label, src, mapping, parts, folder))
     views = [PartView(m.source, m.llm, m.task) for m in models]
     plan = build_plan(recipe, base_view, views, chunk_elems)

@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint.sources import TensorSource
-from ..engine.embedding_views import align_vocabularies
+from ..engine.embedding_views import (align_slice_vocabularies, align_vocabularies, chat_template_vocabulary,
+                                      check_tokenizer_fields)
 from ..engine.executor import Executor, Report
 from ..engine.plan import DEFAULT_CHUNK_ELEMS, Plan, build_plan, open_models
 from ..engine.recipe import Recipe
-from ..engine.sinks import DictSink, FolderSink
+from ..engine import modules
+from ..engine.sinks import DictSink, FolderSink, plan_inputs
 from ..engine.slices import open_slices
 from ..errors import MergeError
 from ..methods.registry import get_method
@@ -57,12 +59,22 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False, chunk_elems: int =
     (`preloaded` sources), whose composed methods stream as usual (no folders to split)."""
     method = get_method(recipe.method)
     wants_tokenizer = bool(recipe.tokenizer_source or recipe.tokenizer or recipe.chat_template)
-    if recipe.slices:  # layer stacking: the models are views of the slices' layers (engine/slices.py)
+    check_tokenizer_fields(recipe, method.runs, method.name)  # before opening anything
+    # a gradient on a model with modules runs over each module's layers, as in mergekit (engine/modules.py)
+    recipe = modules.per_module(recipe, allow_pickle=allow_pickle, preloaded=preloaded)
+    if recipe.modules:  # a VLM's text decoder, vision tower, ... each merged its own way (engine/modules.py)
+        plan = modules.plan_modules(recipe, allow_pickle=allow_pickle, chunk_elems=chunk_elems, preloaded=preloaded,
+                                    trust_recipe_code=trust_recipe_code, trust_remote_code=trust_remote_code)
+    elif recipe.slices:  # layer stacking: the models are views of the slices' layers (engine/slices.py)
         recipe, base, models = open_slices(recipe, allow_pickle=allow_pickle, preloaded=preloaded)
+        base, models, vocabulary = align_slice_vocabularies(recipe, base, models, trust_remote_code)
         plan = build_plan(recipe, base, models, chunk_elems, trust_recipe_code=trust_recipe_code,
                           trust_remote_code=trust_remote_code)
+        plan.vocabulary = vocabulary
     elif method.runs == "composed" and not preloaded:
         plan = mmer.plan_composed(recipe, allow_pickle=allow_pickle, chunk_elems=chunk_elems)
+        plan.vocabulary = chat_template_vocabulary(recipe, ([plan.base] if plan.base else []) + plan.models,
+                                                   plan.aux_folder, trust_remote_code)
     else:
         base, models = open_models(recipe, allow_pickle=allow_pickle, preloaded=preloaded)
         # tokenizer settings: every model's vocabulary tensors seen in the output vocabulary
@@ -70,11 +82,12 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False, chunk_elems: int =
         plan = build_plan(recipe, base, models, chunk_elems, trust_recipe_code=trust_recipe_code,
                           trust_remote_code=trust_remote_code)
         plan.vocabulary = vocabulary
-    if plan.vocabulary is None and wants_tokenizer:
-        raise MergeError("`tokenizer_source`, `tokenizer` and `chat_template` are not supported with `slices` or "
-                         f"method {method.name} yet; remove them")
-    calibration.check_data_fields(plan)
-    calibration.check_trust(plan)  # before any work: code the merge would run needs the user's consent
+    if plan.vocabulary is None and wants_tokenizer:  # check_tokenizer_fields names what is refused
+        where = "to a `modules:` recipe yet" if plan.modules else f"by method {method.name}"
+        raise MergeError(f"`tokenizer_source`, `tokenizer` and `chat_template` are not applied {where}; remove them")
+    for checked in [plan, *(module_plan for _, module_plan in plan.modules)]:
+        calibration.check_data_fields(checked)
+        calibration.check_trust(checked)  # before any work: code the merge would run needs the user's consent
     return plan
 
 
@@ -105,8 +118,13 @@ def merge_in_memory(plan: Plan, device: str = "cpu", exact_stats: bool = False,
                          "modalmerge.merge(recipe, output) with model folders")
     sink = DictSink(plan)
     # the data pass's own checks say what state dicts lack (e.g. calibration data)
-    Executor(plan, device=device, exact_stats=exact_stats, progress=False, data=data,
-             gather=calibration.gather).run(sink)
+    def executor(one: Plan) -> Executor:
+        return Executor(one, device=device, exact_stats=exact_stats, progress=False, data=data,
+                        gather=calibration.gather)
+    if plan.modules:
+        modules.run_modules(plan, sink, executor)
+    else:
+        executor(plan).run(sink)
     return sink
 
 
@@ -118,9 +136,13 @@ def describe(plan: Plan) -> dict[str, Any]:
 def _stream(plan: Plan, output, o: RunOptions) -> Report:
     sink = FolderSink(plan, output, overwrite=o.overwrite, max_shard_bytes=o.max_shard_bytes,
                       tool_version=o.tool_version, copy_tokenizer=o.copy_tokenizer,
-                      write_model_card=o.write_model_card)
-    return Executor(plan, device=o.device, exact_stats=o.exact_stats, progress=o.progress,
-                    allow_pickle=o.allow_pickle, gather=calibration.gather).run(sink)
+                      write_model_card=o.write_model_card,
+                      inputs=[x for _, module_plan in plan.modules for x in plan_inputs(module_plan)])
+
+    def executor(one: Plan) -> Executor:
+        return Executor(one, device=o.device, exact_stats=o.exact_stats, progress=o.progress,
+                        allow_pickle=o.allow_pickle, gather=calibration.gather)
+    return modules.run_modules(plan, sink, executor) if plan.modules else executor(plan).run(sink)
 
 
 def _compose(plan: Plan, output, o: RunOptions) -> Report:
@@ -148,6 +170,8 @@ def _whole_model(plan: Plan, output, o: RunOptions) -> Report:
 
 
 def _streaming_summary(plan: Plan) -> dict[str, Any]:
+    if plan.modules:
+        return modules.summary(plan)
     summary = plan.summary()
     if plan.method.data(plan.params):
         summary["data"] = calibration.estimate(plan)
