@@ -251,6 +251,18 @@ def test_ramplus_matches_reference(epsilon, r, alpha):
         assert_close(out, ref, f"ramplus_tl {params} (chunk {chunk})")
 
 
+def test_ramplus_column_blocks_give_the_whole_tensors_result(monkeypatch):
+    """The kernel's passes over column blocks (bounded temporaries) change nothing, bit for bit."""
+    import modalmerge.methods.ram as ram_module
+
+    base, models = state_dicts(7, 3)
+    params = {"epsilon": 0.05, "r": 0.5, "alpha": 1.5}
+    whole = merge_state_dicts("ramplus_tl", models, base, params)
+    monkeypatch.setattr(ram_module, "_BLOCK", 5)  # does not divide the tensors' sizes
+    blocked = merge_state_dicts("ramplus_tl", models, base, params)
+    assert all(torch.equal(whole[n], blocked[n]) for n in whole)
+
+
 def test_ramplus_recipe(family, tmp_path):
     paths, sds = family
     out = run_yaml(tmp_path, {"merge_method": "ramplus_tl", "base_model": str(paths["base"]),
