@@ -16,7 +16,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny_vocab import BASE_WORDS, OTHER_WORDS, TEMPLATE_1, TEMPLATE_2, save_model, save_tokenizer, save_two_vocabularies
+from tiny_vocab import (BASE_WORDS, OTHER_WORDS, TEMPLATE_1, TEMPLATE_2, record_read_sizes, save_model,
+                        save_tokenizer, save_two_vocabularies)
 
 from modalmerge import merge
 from modalmerge.checkpoint import vocabulary as vocab_mod
@@ -216,15 +217,7 @@ def test_reads_are_row_blocks(tmp_path, monkeypatch):
     monkeypatch.setattr(vocab_mod, "_BLOCK_ELEMS", 32 * 16)   # 32 rows of 16
     recipe = parse_recipe({"method": "linear", "models": [str(a), str(b)], "tokenizer_source": "union"})
     base, models = open_models(recipe)
-    largest = []
-    for src in models:
-        original = src.read
-
-        def spy(name, start=0, stop=None, _orig=original):
-            if name in VOCAB_TENSORS:
-                largest.append((stop if stop is not None else 10**9) - start)
-            return _orig(name, start, stop)
-        monkeypatch.setattr(src, "read", spy)
+    largest = record_read_sizes(monkeypatch, models, VOCAB_TENSORS)
     _, views, vocabulary = align_vocabularies(recipe, None, models)
     assert vocabulary.size == 305
     for v in views:

@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_tokenizer_merge import expected_rows, model_vocab, out_tokens_of, write_recipe
-from tiny_vocab import (BASE_WORDS, OTHER_WORDS, TEMPLATE_1, TEMPLATE_2, save_model, save_tokenizer,
-                        save_two_vocabularies)
+from tiny_vocab import (BASE_WORDS, OTHER_WORDS, TEMPLATE_1, TEMPLATE_2, record_read_sizes, save_model,
+                        save_tokenizer, save_two_vocabularies)
 
 from modalmerge import merge
 from modalmerge.cli import main
@@ -279,15 +279,8 @@ def test_slice_reads_are_row_blocks(tmp_path, monkeypatch):
         {"sources": [{"model": str(a), "layer_range": [0, 2]}, {"model": str(b), "layer_range": [0, 2]}]},
         {"sources": [{"model": str(b), "layer_range": [2, 4]}, {"model": str(a), "layer_range": [2, 4]}]}]})
     expanded, base, models = open_slices(recipe)
-    largest = []
-    for src in {id(p.source): p.source for m in models for p in m.pieces}.values():
-        original = src.read
-
-        def spy(name, start=0, stop=None, _orig=original):
-            if name in (EMBED, HEAD):
-                largest.append((stop if stop is not None else 10**9) - start)
-            return _orig(name, start, stop)
-        monkeypatch.setattr(src, "read", spy)
+    sources = {id(p.source): p.source for m in models for p in m.pieces}.values()
+    largest = record_read_sizes(monkeypatch, sources, (EMBED, HEAD))
     _, views, vocabulary = align_slice_vocabularies(expanded, base, models)
     assert vocabulary.size == 305
     for v in views:

@@ -54,3 +54,18 @@ def save_two_vocabularies(root: Path, layers: int = 1) -> tuple[Path, Path]:
     save_tokenizer(b, words[:150] + ["z"], added=("<q>",))
     save_model(b, 152, 1, layers)
     return a, b
+
+
+def record_read_sizes(monkeypatch, sources, names) -> list[int]:
+    """Spy on each source's `read` of the tensors `names`: the list of entries each read spans
+    (a whole-tensor read counts as 10**9), filled as the test reads."""
+    sizes: list[int] = []
+    for src in sources:
+        original = src.read
+
+        def spy(name, start=0, stop=None, _orig=original):
+            if name in names:
+                sizes.append((stop if stop is not None else 10**9) - start)
+            return _orig(name, start, stop)
+        monkeypatch.setattr(src, "read", spy)
+    return sizes
