@@ -32,7 +32,8 @@ import modalmerge  # where the subprocesses find the package
 from conftest import cli_fails, perturbed, tiny_llama
 from test_search import save_tokenizer  # its word-level tokenizer: w0 ... w99
 from modalmerge.errors import MergeError
-from modalmerge.procedures.search.ray_runner import RayRunner, check_reachable
+from modalmerge.procedures.ray_cluster import check_reachable
+from modalmerge.procedures.search.ray_runner import RayRunner
 
 pytest.importorskip("ray")
 pytest.importorskip("optuna")
@@ -154,19 +155,29 @@ def test_a_killed_worker_fails_its_trial_and_the_search_goes_on(local_run):
     assert "1 failed" in run.stdout
 
 
+CLUSTER = "127.0.0.1:6379"
+
+
+def two_node_cluster(commands: str) -> str:
+    """A shell script (for in_loopback_namespace) that starts `ray start --head` and a second node
+    joining it, one CPU each, both at 127.0.0.1 (logs in ray-head.log, ray-node2.log), runs the
+    commands, and stops both nodes at exit."""
+    ray_cli = shlex.quote(sys.executable) + " -m ray.scripts.scripts"
+    return f"""
+trap '{ray_cli} stop --force >/dev/null 2>&1 || true' EXIT
+{ray_cli} start --head --node-ip-address=127.0.0.1 --port=6379 --num-cpus=1 --include-dashboard=false \\
+    --temp-dir="$RAY_TMPDIR/head" --disable-usage-stats >ray-head.log 2>&1
+{ray_cli} start --address={CLUSTER} --node-ip-address=127.0.0.1 --num-cpus=1 \\
+    --temp-dir="$RAY_TMPDIR/node2" --disable-usage-stats >ray-node2.log 2>&1
+{commands}
+"""
+
+
 @needs_namespace
 def test_two_node_cluster(search_inputs):
     """`ray start --head` and a second `ray start --address` on this machine, each node with one
     CPU; a search with two workers runs a worker on each, and trials.json names both nodes."""
-    ray_cli = shlex.quote(sys.executable) + " -m ray.scripts.scripts"
-    script = f"""
-trap '{ray_cli} stop --force >/dev/null 2>&1 || true' EXIT
-{ray_cli} start --head --node-ip-address=127.0.0.1 --port=6379 --num-cpus=1 --include-dashboard=false \\
-    --temp-dir="$RAY_TMPDIR/head" --disable-usage-stats >ray-head.log 2>&1
-{ray_cli} start --address=127.0.0.1:6379 --node-ip-address=127.0.0.1 --num-cpus=1 \\
-    --temp-dir="$RAY_TMPDIR/node2" --disable-usage-stats >ray-node2.log 2>&1
-{search_command("out-cluster", "--address", "127.0.0.1:6379", "--workers", "2", "--trials", "4")}
-"""
+    script = two_node_cluster(search_command("out-cluster", "--address", CLUSTER, "--workers", "2", "--trials", "4"))
     run = in_loopback_namespace(script, search_inputs)
     logs = "".join((search_inputs / f).read_text()[-2000:] for f in ("ray-head.log", "ray-node2.log")
                    if (search_inputs / f).exists())

@@ -13,6 +13,7 @@ from .checkpoint.sources import StateDictSource
 from .engine.executor import Report
 from .engine.plan import DEFAULT_CHUNK_ELEMS, Plan
 from .engine.recipe import Recipe, load_recipe, parse_recipe
+from .errors import MergeError
 from .procedures import run
 from .procedures.continual import continual_add
 from .version import __version__
@@ -51,12 +52,18 @@ def merge(recipe: str | os.PathLike | dict | Recipe | Plan, output: str | os.Pat
           overwrite: bool = False, allow_pickle: bool = False, exact_stats: bool = False,
           progress: bool = False, max_shard_bytes: int | None = None,
           chunk_elems: int = DEFAULT_CHUNK_ELEMS, trust_recipe_code: bool = False,
-          trust_remote_code: bool = False, copy_tokenizer: bool = True, write_model_card: bool = True) -> Report:
+          trust_remote_code: bool = False, copy_tokenizer: bool = True, write_model_card: bool = True,
+          ray: bool = False, address: str | None = None, workers: int | None = None,
+          threads: int | None = None) -> Report:
     """Merge the recipe's models (or a plan() of them) into a model folder at `output`, written
     atomically, by the procedure the method declares. The trust flags are plan()'s: without them,
     code the recipe or a model folder names is refused. `copy_tokenizer` and `write_model_card`
     (mergekit's options of those names) choose whether the reference model's tokenizer files and a
     README.md model card go into the output (streamed methods only).
+
+    `ray`: the merge's tensor groups (one per output shard) run as Ray tasks, locally or on the
+    cluster at `address` (default RAY_ADDRESS), `workers` at once with `threads` torch threads each;
+    bit-identical to the merge without it (procedures/ray_merge.py).
 
     As a library call it changes no process-wide setting (the CLI alone tunes glibc's malloc)."""
     if isinstance(recipe, (str, os.PathLike)):  # the recipe file is an input too (the rest: in the sinks)
@@ -67,7 +74,14 @@ def merge(recipe: str | os.PathLike | dict | Recipe | Plan, output: str | os.Pat
     options = run.RunOptions(device=device, overwrite=overwrite, allow_pickle=allow_pickle, exact_stats=exact_stats,
                              progress=progress, max_shard_bytes=max_shard_bytes, tool_version=__version__,
                              copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
-    return run.run_merge(planned, output, options)
+    spread = None
+    if ray:
+        from .procedures.ray_merge import OnRay
+        spread = OnRay(address=address, workers=workers, threads=threads)
+    elif address is not None or workers is not None or threads is not None:
+        raise MergeError("address, workers and threads (--address, --workers) say how a merge runs on Ray: give "
+                         "ray=True (--ray) with them")
+    return run.run_merge(planned, output, options, spread=spread)
 
 
 def merge_state_dicts(method: str, models: list[dict[str, torch.Tensor]] | dict[str, dict[str, torch.Tensor]],
@@ -136,13 +150,15 @@ def search(recipe: str | os.PathLike | dict, evals: str | list[str], output: str
            trials: int = 20, workers: int = 1, address: str | None = None, seed: int = 0, sampler: str = "tpe",
            objectives: str | list[str] = (), threads: int | None = None, device: str = "cpu",
            trust_recipe_code: bool = False, trust_remote_code: bool = False, allow_pickle: bool = False,
-           overwrite: bool = False, prune: bool = True, progress: bool = False, batch_size: int = 8, runner=None):
+           overwrite: bool = False, prune: bool = True, progress: bool = False, batch_size: int = 8, runner=None,
+           extra_evals: dict[str, str] | None = None):
     """Search the values a recipe marks `{search: ...}` on validation data (`evals`: --eval values
     such as "perplexity:valid.txt"), then write the best trial's merge at `output`, with
     output/search/ holding trials.json, trials.md, search.png and the journal that lets the same
     call resume an interrupted search. `workers` > 1 or `address` run the trials on Ray; a
     `runner` (procedures/search/runners.Runner) replaces that choice. Returns a SearchOutcome
-    (its `result`: every trial, the best, the Pareto front). See docs/search.md."""
+    (its `result`: every trial, the best, the Pareto front). `extra_evals`: more --eval prefixes,
+    prefix -> "module:factory" (e.g. bench.text_eval.EVALUATORS). See docs/search.md."""
     from .procedures.search.procedure import search as run_search
 
     return run_search(recipe, [evals] if isinstance(evals, str) else list(evals), output, trials=trials,
@@ -150,4 +166,4 @@ def search(recipe: str | os.PathLike | dict, evals: str | list[str], output: str
                       objectives=[objectives] if isinstance(objectives, str) else list(objectives), threads=threads,
                       device=device, trust_recipe_code=trust_recipe_code, trust_remote_code=trust_remote_code,
                       allow_pickle=allow_pickle, overwrite=overwrite, prune=prune, progress=progress,
-                      batch_size=batch_size, tool_version=__version__, runner=runner)
+                      batch_size=batch_size, tool_version=__version__, runner=runner, extra_evals=extra_evals)

@@ -49,7 +49,8 @@ def cmd_merge(args) -> int:
     report = api.merge(plan, args.output, device=args.device, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
                        exact_stats=args.exact_stats, progress=not args.no_progress,
                        max_shard_bytes=args.max_shard_bytes, copy_tokenizer=args.copy_tokenizer,
-                       write_model_card=args.write_model_card)
+                       write_model_card=args.write_model_card, ray=args.ray, address=args.address,
+                       workers=args.workers, threads=args.threads if args.ray else None)
     if report.procedure == "whole_model":
         print("\n".join(report_lines(report.statistics["experts"], args.output)))
         return 0
@@ -266,6 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed (overrides the recipe's)")
     p.add_argument("--threads", type=int, help="torch threads (default: the cores available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("Ray", "spread the merge over Ray: one task per output shard (--out-shard-size), "
+                                    "bit-identical to the merge without --ray (docs/architecture.md)")
+    g.add_argument("--ray", action="store_true", help="run the tensor groups as Ray tasks (a local instance, or "
+                                                     "the cluster at --address / RAY_ADDRESS)")
+    g.add_argument("--address", help="with --ray: HOST:PORT of a Ray cluster's head, whose nodes read the inputs "
+                                     "and write the output at the same paths (shared storage)")
+    g.add_argument("--workers", type=int, help="with --ray: tasks at once (default: local, one per core; on a "
+                                               "cluster, every shard); --threads: torch threads per task")
     _add_mergekit_flags(p)
     p.set_defaults(func=cmd_merge)
 

@@ -149,6 +149,17 @@ class Projector(nn.Module):
         return self.lin(x).view(x.shape[0], self.k, self.hidden)
 
 
+def load_projectors(projectors: dict[str, dict], tasks: dict[str, data.Task], hidden: int) -> dict[str, Projector]:
+    """Each task's trained projector from its state dict (a task without one, {}, has none)."""
+    out = {}
+    for name, sd in projectors.items():
+        if sd:
+            p = Projector(tasks[name].train.x.shape[1], hidden, sd["lin.weight"].shape[0] // hidden)
+            p.load_state_dict(sd)
+            out[name] = p.eval()
+    return out
+
+
 class Prompter:
     """Builds [CLS] [soft tokens of each block] [question] [SEP] and the token groups:
     0 for text tokens, 1 + j for the tokens of block j's group."""
@@ -251,18 +262,29 @@ def finetune(base: nn.Module, prompter: Prompter, task: data.Task, cfg: Config, 
     # vocabulary (a fixed seeded sample incl. the other modalities' answers): an open-vocabulary
     # answer at a fraction of the cost of a softmax over all 30k words
     vocab = torch.cat([prompter.answer_ids(task.answers), prompter.distractors(task.answers, cfg.seed)])
-    n = len(task.train.y)
-    steps = (epochs or cfg.epochs) * ((n + cfg.batch - 1) // cfg.batch)
+    def batch_loss(idx):
+        logits = logits_of(llm, prompter, [proj(task.train.x[idx])], [1], task.question, vocab)
+        return F.cross_entropy(logits, task.train.y[idx])
+
+    log = train_epochs(opt, len(task.train.y), cfg.batch, epochs or cfg.epochs, cfg.seed, batch_loss, progress)
+    llm.eval()
+    return llm_state(llm), {k: v.detach().clone() for k, v in proj.state_dict().items()}, log
+
+
+def train_epochs(opt, n: int, batch: int, epochs: int, seed: int, batch_loss: Callable[[torch.Tensor], torch.Tensor],
+                 progress=None) -> dict:
+    """`epochs` seeded shuffles of n training examples in batches, one optimiser step per batch
+    (`batch_loss(indices)` gives its loss), the learning rate warmed up over the first tenth of
+    the steps and then decayed linearly to 0; the training log."""
+    steps = epochs * ((n + batch - 1) // batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) *
                                               max(0.0, 1 - s / steps))
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(seed)
     losses, t0 = [], time.perf_counter()
-    for _ in range(epochs or cfg.epochs):
+    for _ in range(epochs):
         perm = torch.randperm(n, generator=g)
-        for i in range(0, n, cfg.batch):
-            idx = perm[i:i + cfg.batch]
-            logits = logits_of(llm, prompter, [proj(task.train.x[idx])], [1], task.question, vocab)
-            loss = F.cross_entropy(logits, task.train.y[idx])
+        for i in range(0, n, batch):
+            loss = batch_loss(perm[i:i + batch])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -270,10 +292,8 @@ def finetune(base: nn.Module, prompter: Prompter, task: data.Task, cfg: Config, 
             losses.append(loss.item())
             if progress:
                 progress(1)
-    llm.eval()
-    log = {"steps": steps, "seconds": time.perf_counter() - t0, "first_loss": losses[0],
-           "last_loss": float(np.mean(losses[-10:]))}
-    return llm_state(llm), {k: v.detach().clone() for k, v in proj.state_dict().items()}, log
+    return {"steps": steps, "seconds": time.perf_counter() - t0, "first_loss": losses[0],
+            "last_loss": float(np.mean(losses[-10:]))}
 
 
 def cached_finetune(cache: Path | None, key: str, fn: Callable[[], tuple[dict, dict, dict]]):
@@ -306,12 +326,7 @@ class Evaluator:
                  projectors: dict[str, dict], batch: int = 256):
         self.work = copy.deepcopy(base).eval()
         self.prompter, self.tasks, self.batch = prompter, tasks, batch
-        self.projs = {}
-        for name, sd in projectors.items():
-            p = Projector(tasks[name].train.x.shape[1], base.config.hidden_size, sd["lin.weight"].shape[0]
-                          // base.config.hidden_size)
-            p.load_state_dict(sd)
-            self.projs[name] = p.eval()
+        self.projs = load_projectors(projectors, tasks, base.config.hidden_size)
 
     def load(self, weights: dict[str, torch.Tensor]) -> nn.Module:
         self.work.load_state_dict(weights, strict=False)
@@ -332,8 +347,9 @@ class Evaluator:
         return correct / len(s.y)
 
     def mixed_batches(self, asked: str, other: str, n: int, seed: int):
-        """Two modalities in one input (asked first or second, half each), a question about
-        `asked`: yields (blocks, which task each block is, labels) batch by batch."""
+        """Two modalities in one input, a question about `asked`: yields (blocks, which task each
+        block is, labels) batch by batch. The asked block comes first in even batches and second in
+        odd ones, so with n ≤ batch it is always first (docs/results/mllm.md says so)."""
         ta, tb = self.tasks[asked], self.tasks[other]
         g = np.random.default_rng(seed)
         ia = g.permutation(len(ta.test.y))[:n]
@@ -484,6 +500,7 @@ class Composer:
 
     def __init__(self, base_llm: nn.Module, llms: dict[str, dict], root: Path):
         self.root = root
+        self.model_class = type(base_llm)   # what load_composed builds: BertModel here, a causal LM in collide
         self.folders = {}
         for name, state in [("base", llm_state(base_llm))] + list(llms.items()):
             self.folders[name] = root / "inputs" / name
@@ -509,44 +526,61 @@ class Composer:
         out = self.root / f"composed-{method}"
         merge({"method": method, "base": str(self.folders["base"]), "models": models, "params": params,
                "seed": seed}, out, overwrite=True)
-        from transformers import BertModel
-
-        return load_composed(out, BertModel)
+        return load_composed(out, self.model_class)
 
 
-def runtime_cost(composed, ev: "Evaluator", pairs, n: int, seed: int, repeats: int = 3) -> dict:
-    """Tokens/s of the routed forward against the plain model on the same mixed inputs, and what
-    serving holds in memory."""
-    inputs = []
+def runtime_cost(composed, ev: "Evaluator", pairs, n: int, seed: int, repeats: int = 5) -> dict:
+    """Tokens/s of the routed forward against the plain model on the same mixed inputs, measured
+    side by side (one pass over the inputs of each in turn per round, the median of `repeats`
+    rounds after a warm-up round), and what serving holds in memory against separate models.
+    Two input sets: the benchmark's two-modality mixed inputs (every ordered pair, the top-level
+    figures) and inputs holding every modality at once (`every_modality`: n per modality asked,
+    the modalities in turn first)."""
+    every = [t for t in composed.tasks if t in ev.tasks]
+    pair_inputs, every_inputs = [], []
+    g = np.random.default_rng(seed)
     with torch.no_grad():
         for a, b in pairs:
             for blocks, which, _ in ev.mixed_batches(a, b, n, seed):
-                inputs.append(routed_inputs(composed, ev.prompter, blocks, which, ev.tasks[a].question))
-    tokens = sum(x.shape[0] * x.shape[1] for x, _ in inputs)
+                pair_inputs.append(routed_inputs(composed, ev.prompter, blocks, which, ev.tasks[a].question))
+        for r in range(len(every)):
+            order = every[r:] + every[:r]
+            idx = {t: g.integers(0, len(ev.tasks[t].test.y), size=n) for t in order}
+            for i in range(0, n, ev.batch):
+                blocks = [ev.projs[t](ev.tasks[t].test.x[idx[t][i:i + ev.batch]]) for t in order]
+                every_inputs.append(routed_inputs(composed, ev.prompter, blocks, order, ev.tasks[order[0]].question))
 
-    def plain():
+    def plain(inputs):
         for x, _ in inputs:
             composed.llm(inputs_embeds=x)
 
-    def routed(text_mask):
+    def routed(inputs, text_mask):
         for x, ids in inputs:
             with composed.route(ids, text_mask=text_mask):
                 composed.llm(inputs_embeds=x)
 
-    times = {}
-    with torch.no_grad():
-        for name, fn in [("plain", plain), ("routed", lambda: routed("all")),
-                         ("routed, m̄ present", lambda: routed("present"))]:
-            runs = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                runs.append(time.perf_counter() - t0)
-            times[name] = float(np.median(runs))
-    return {"tokens": tokens, "threads": torch.get_num_threads(), "repeats": repeats,
-            "tokens_per_s": {k: tokens / v for k, v in times.items()},
-            "x_plain": {k: v / times["plain"] for k, v in times.items()},
-            "resident_mib": {k: v / 2 ** 20 for k, v in composed.resident_bytes().items()}}
+    def timed(inputs) -> dict:
+        fns = {"plain": lambda: plain(inputs), "routed": lambda: routed(inputs, "all"),
+               "routed, m̄ present": lambda: routed(inputs, "present")}
+        runs = {name: [] for name in fns}
+        with torch.no_grad():
+            for r in range(repeats + 1):
+                for name, fn in fns.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    if r:  # round 0 warms up
+                        runs[name].append(time.perf_counter() - t0)
+        times = {k: float(np.median(v)) for k, v in runs.items()}
+        tokens = sum(x.shape[0] * x.shape[1] for x, _ in inputs)
+        return {"tokens": tokens, "tokens_per_s": {k: tokens / v for k, v in times.items()},
+                "x_plain": {k: v / times["plain"] for k, v in times.items()},
+                "x_plain_tokens_per_s": {k: times["plain"] / v for k, v in times.items()}}
+
+    resident = composed.resident_bytes()
+    return {**timed(pair_inputs), "threads": torch.get_num_threads(), "repeats": repeats,
+            "every_modality": {"modalities": len(every), **timed(every_inputs)},
+            "resident_mib": {k: v / 2 ** 20 for k, v in resident.items()},
+            "separate_models_mib": len(composed.tasks) * resident["model"] / 2 ** 20}
 
 
 def weights_for(merged, task: str) -> dict:
@@ -556,31 +590,34 @@ def weights_for(merged, task: str) -> dict:
 def select(method: str, cfg: Config, models: dict[str, dict], base: dict, val_acc: Callable[[dict, str], float],
            task_of: dict[str, str]):
     """Choose hyperparameters on the validation splits only: the mean over tasks for one shared
-    setting; TALL's λ_t per task on that task's own validation split."""
+    setting; TALL's λ_t per task on that task's own validation split. The grid runs through the
+    search's study loop (procedures/search/tune.py, grid order); each trial records every task's
+    validation accuracy, and the choice is made from those records."""
+    from ..procedures.search.tune import tune
+
     grid = cfg.grids[method]
-    trials = []
+    names = list(models)
+    if method != "tall" and len(grid) == 1:
+        return run_merge(method, grid[0], models, base, cfg.seed), grid[0], []
+
+    def score(values: dict) -> dict[str, float]:
+        if method == "tall":
+            merged = run_merge("tall", [values["lambda"]] * len(names), models, base, cfg.seed)
+        else:
+            merged = run_merge(method, values["params"], models, base, cfg.seed)
+        per = {n: val_acc(weights_for(merged, n), task_of[n]) for n in names}
+        return {"val_mean": float(np.mean(list(per.values()))), **{f"val/{n}": a for n, a in per.items()}}
+
+    key = "lambda" if method == "tall" else "params"
+    result = tune({key: {"search": list(grid)}}, score, ["val_mean:max"], sampler="grid", stop_on_error=True)
+    trials = [{key: r["params"][key], "val": {n: r["metrics"][f"val/{n}"] for n in names}} for r in result.ordered()]
     if method == "tall":
-        names = list(models)
-        best = []
-        per = {}
-        for lam in grid:
-            merged = run_merge("tall", [lam] * len(names), models, base, cfg.seed)
-            per[lam] = {n: val_acc(merged.task(n), task_of[n]) for n in names}
-            trials.append({"lambda": lam, "val": per[lam]})
-        for n in names:
-            best.append(max(grid, key=lambda lam: (per[lam][n], -abs(lam - 0.6))))
+        # each task its own λ_t; equal accuracies go to the λ nearest 0.6
+        best = [result.best_by(f"val/{n}", prefer=lambda p: -abs(p["lambda"] - 0.6))["params"]["lambda"]
+                for n in names]
         return run_merge("tall", best, models, base, cfg.seed), {"lambda": dict(zip(names, best))}, trials
-    best, best_score, best_merged = None, -1.0, None
-    for params in grid:
-        merged = run_merge(method, params, models, base, cfg.seed)
-        if len(grid) == 1:
-            return merged, params, trials
-        scores = {n: val_acc(weights_for(merged, n), task_of[n]) for n in models}
-        score = float(np.mean(list(scores.values())))
-        trials.append({"params": params, "val": scores})
-        if score > best_score:
-            best, best_score, best_merged = params, score, merged
-    return best_merged, best, trials
+    best = result.best["params"]["params"]
+    return run_merge(method, best, models, base, cfg.seed), best, trials
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -705,20 +742,8 @@ def run(cfg: Config, *, cache: Path | None, data_root=None, out: Path | None = N
     mixed_n = cfg.mixed_test
     for step in bar:
         bar.set_postfix_str(step)
-        if step == "individual":
-            for n in names if cfg.cross_rows else []:
-                # cross-modality accuracies and the text skill of each fine-tune; mixed inputs are
-                # scored once, in the reference row (the asked modality's own model)
-                evaluate_row(f"Individual: {n}", "individual", lambda t, n=n: llms[n], llms[n], None,
-                             {"storage_mib": mib(composer.model_bytes[n])})
-            # the reference each merge is measured against: each task's own model
-            evaluate_row("Individual models (each on its own task)", "reference", lambda t: llms[t], None,
-                         lambda a, b: ev.mixed_accuracy(a, b, mixed_n, cfg.seed, weights=llms[a]),
-                         {"storage_mib": mib(sum(composer.model_bytes[n] for n in names))})
-        elif step == "base":
-            evaluate_row("Base LLM (projectors from fine-tuning)", "base", lambda t: base, base,
-                         lambda a, b: ev.mixed_accuracy(a, b, mixed_n, cfg.seed, weights=base),
-                         {"storage_mib": mib(one_model)})
+        if step in ("individual", "base"):
+            reference_rows(step, evaluate_row, ev, cfg, names, llms, base, composer)
         elif step == "forgetting":
             result["forgetting"] = forgetting(cfg, ev, base, llms, projs, tasks, log)
         else:
@@ -767,6 +792,25 @@ def run(cfg: Config, *, cache: Path | None, data_root=None, out: Path | None = N
     if out is not None:
         write_outputs(result, out)
     return result
+
+
+def reference_rows(step: str, evaluate_row, ev, cfg, names: list[str], llms: dict, base: dict, composer) -> None:
+    """The rows the merges are measured against, through `evaluate_row(label, kind, weights_of,
+    text_weights, mixed_fn, extra)`. step "individual": each fine-tune on every task (when
+    cfg.cross_rows; mixed inputs are scored once, in the reference row) and the reference, each
+    task's own model; step "base": the base with the fine-tuned projectors."""
+    mib = lambda b: b / 2 ** 20  # noqa: E731
+    if step == "individual":
+        for n in names if cfg.cross_rows else []:
+            evaluate_row(f"Individual: {n}", "individual", lambda t, n=n: llms[n], llms[n], None,
+                         {"storage_mib": mib(composer.model_bytes[n])})
+        evaluate_row("Individual models (each on its own task)", "reference", lambda t: llms[t], None,
+                     lambda a, b: ev.mixed_accuracy(a, b, cfg.mixed_test, cfg.seed, weights=llms[a]),
+                     {"storage_mib": mib(sum(composer.model_bytes[n] for n in names))})
+    else:
+        evaluate_row("Base LLM (projectors from fine-tuning)", "base", lambda t: base, base,
+                     lambda a, b: ev.mixed_accuracy(a, b, cfg.mixed_test, cfg.seed, weights=base),
+                     {"storage_mib": mib(composer.model_bytes["base"])})
 
 
 def forgetting(cfg: Config, ev: Evaluator, base, llms, projs, tasks, log) -> dict:
@@ -827,6 +871,12 @@ def markdown(result: dict) -> str:
         held = ", ".join(f"{k} {v:.1f} MiB" for k, v in rt["resident_mib"].items())
         out += (f"\nMMER's mixed inputs through modalmerge.runtime ({rt['tokens']:,} tokens, "
                 f"{rt['threads']} threads, median of {rt['repeats']}): {speed}. Held for serving: {held}.\n")
+        every = rt.get("every_modality")
+        if every:
+            out += (f"Inputs holding all {every['modalities']} modalities ({every['tokens']:,} tokens): " + ", ".join(
+                f"{k} {v:,.0f} tokens/s ({every['x_plain_tokens_per_s'][k]:.2f}× plain's tokens/s)"
+                for k, v in every["tokens_per_s"].items()) + f". {every['modalities']} separate language models "
+                f"would hold {rt['separate_models_mib']:.1f} MiB.\n")
     f = result.get("forgetting")
     if f:
         out += (f"\nForgetting: old task `{f['old_task']}`, new task `{f['new_task']}`\n\n"
@@ -855,28 +905,41 @@ def plot_groups(result: dict) -> tuple[list[dict], list[tuple[str, list]]]:
 def plot(result: dict, path: Path) -> None:
     """Grouped bars: per modality (and mixed inputs, the text probe when run), each merge's
     retention of the individual models, the value over each bar when there are few."""
+    rows, groups = plot_groups(result)
+    retention_bars(path, [r["row"] for r in rows], groups, "mini-MLLM merge: how much of each model is retained")
+
+
+def retention_bars(path: Path, row_labels: list[str], groups: list[tuple[str, list]], title: str) -> None:
+    """Grouped bars, one group per (label, values) with one value per row: a fraction, None (not
+    measured), or {"mean", "min", "max"} over seeds (drawn with a min–max error bar)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, groups = plot_groups(result)
-    width = 0.8 / max(1, len(rows))
-    fig, ax = plt.subplots(figsize=(max(6.5, 1.2 + 0.32 * len(groups) * max(1, len(rows))), 4.6))
+    width = 0.8 / max(1, len(row_labels))
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.2 + 0.32 * len(groups) * max(1, len(row_labels))), 4.6))
     x = np.arange(len(groups))
-    for i, r in enumerate(rows):
+    for i, label in enumerate(row_labels):
         vals = [g[i] for _, g in groups]
-        bars = ax.bar(x + i * width, [100 * (v or 0) for v in vals], width, label=r["row"])
-        if len(rows) <= 5:
-            ax.bar_label(bars, labels=["–" if v is None else f"{100 * v:.1f}" for v in vals], fontsize=6.5,
+        spread = [v for v in vals if isinstance(v, dict)]
+        mean = [v["mean"] if isinstance(v, dict) else v for v in vals]
+        err = None
+        if spread:
+            err = [[100 * (v["mean"] - v["min"]) if isinstance(v, dict) else 0 for v in vals],
+                   [100 * (v["max"] - v["mean"]) if isinstance(v, dict) else 0 for v in vals]]
+        bars = ax.bar(x + i * width, [100 * (v or 0) for v in mean], width, yerr=err, capsize=2, label=label)
+        if len(row_labels) <= 5:
+            ax.bar_label(bars, labels=["–" if v is None else f"{100 * v:.1f}" for v in mean], fontsize=6.5,
                          padding=1)
     ax.axhline(100, color="0.6", lw=0.8, ls="--", zorder=0)  # the reference
-    ax.set_xticks(x + width * (len(rows) - 1) / 2)
+    ax.set_xticks(x + width * (len(row_labels) - 1) / 2)
     ax.set_xticklabels([label for label, _ in groups], fontsize=9)
     ax.set_ylim(0, 115)
     ax.set_ylabel("accuracy, % of the reference")
-    ax.set_title("mini-MLLM merge: how much of each model is retained")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=min(3, len(rows)), frameon=False)
+    ax.set_title(title, fontsize=9 if len(title) > 60 else None)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=min(3, len(row_labels)),
+              frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -4,7 +4,8 @@ One model per task: the pretrained encoder (all-MiniLM-L6-v2 by default) fully f
 task head (mean pooling + linear). The encoders are merged through `merge_state_dicts` (the
 streaming engine); each task keeps its own head. Decoupled methods (TALL, EMR, MMER) serve each
 task with its own reconstructed encoder. Every method is evaluated at its no-validation default
-and with its main hyperparameter chosen on the validation splits; test accuracy is reported.
+and with its main hyperparameter chosen on the validation splits (a grid run through the search's
+study loop, procedures/search/tune.py); test accuracy is reported.
 Fine-tuned models are cached, so a re-run only merges and evaluates.
 
 Methods that need more than the fine-tuned models (calibration statistics, the optimiser's second
@@ -18,7 +19,6 @@ import json
 import platform
 import time
 from dataclasses import asdict
-from itertools import product
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,6 +60,8 @@ GRIDS: dict[str, dict[str, Any]] = {
 QUICK_METHODS = ["task_arithmetic", "ties", "tall", "emr", "neuromerging", "mmer"]
 # quick mode's "default" row of a method whose defaults cost minutes (said in the row's params)
 QUICK_DEFAULTS: dict[str, dict[str, Any]] = {"adamerging": {"steps": 50}}
+# the validation choice: a later setting must beat the best so far by more than this (ties: the first)
+TIE = 1e-12
 
 
 # AdamW's second moments of the encoder's parameters at the end of fine-tuning (OTA's input). Entries
@@ -291,16 +293,25 @@ class TextBench:
             usable.append(name)
         return usable
 
-    def _grid(self, spec: dict[str, list]) -> list[dict]:
-        keys = list(spec)
-        values = [self._shrink(spec[k]) for k in keys]
-        return [dict(zip(keys, combo)) for combo in product(*values)]
-
     def _shrink(self, values: list) -> list:
         """Quick mode tries the ends and the middle of each list only."""
         if not self.cfg.quick or len(values) <= 2:
             return list(values)
         return [values[0], values[len(values) // 2]] if len(values) > 3 else [values[0], values[-1]]
+
+    def tune(self, name: str, grid: dict[str, list]):
+        """Every setting of the grid merged and scored on the validation splits, through the
+        search's study loop (procedures/search/tune.py, grid sampler: grid order, first best)."""
+        from ..procedures.search.tune import tune
+
+        def score(params: dict) -> dict[str, float]:
+            states, secs = self.merge(name, params)
+            val = self.eval_all(states, "val")
+            return {"val_avg": sum(val.values()) / len(val), **{f"val/{t}": a for t, a in val.items()},
+                    "merge_seconds": secs}
+
+        return tune({k: {"search": v} for k, v in grid.items()}, score, ["val_avg:max"], sampler="grid",
+                    tolerance=TIE, stop_on_error=True)
 
     def run_method(self, name: str) -> dict:
         """Default row, and the validation-chosen row, of one method."""
@@ -313,36 +324,23 @@ class TextBench:
         out["default"] = default
         if not self.cfg.tune or not (spec.get("grid") or spec.get("per_task")):
             return out
-        tried = []
         if "grid" in spec:
-            best = None
-            for params in self._grid(spec["grid"]):
-                states, secs = self.merge(name, params)
-                val = self.eval_all(states, "val")
-                score = sum(val.values()) / len(val)
-                tried.append({"params": params, "val": val, "val_avg": score, "merge_seconds": round(secs, 3)})
-                if best is None or score > best[0] + 1e-12:
-                    best = (score, params, states, secs)
-            _, params, states, secs = best
-            model_params = None
-            chosen = params
+            result = self.tune(name, {k: self._shrink(v) for k, v in spec["grid"].items()})
+            chosen = result.best["params"]
+            states, secs = self.merge(name, chosen)
         else:
             (key, values), = spec["per_task"].items()
             from ..methods.registry import METHODS
             if key not in getattr(METHODS[name].params, "per_model", ()):
                 return out
-            per_task_best: dict[str, tuple[float, Any]] = {}
-            for v in self._shrink(values):
-                states, secs = self.merge(name, {key: v})
-                val = self.eval_all(states, "val")
-                tried.append({"params": {key: v}, "val": val, "val_avg": sum(val.values()) / len(val),
-                              "merge_seconds": round(secs, 3)})
-                for t, acc in val.items():
-                    if t not in per_task_best or acc > per_task_best[t][0] + 1e-12:
-                        per_task_best[t] = (acc, v)
-            model_params = [{key: per_task_best[t][1]} for t in self.tasks]
-            chosen = {key: {t: per_task_best[t][1] for t in self.tasks}}
-            states, secs = self.merge(name, {}, model_params=model_params)
+            # one trial per value, every task's validation accuracy recorded; each task takes its own best
+            result = self.tune(name, {key: self._shrink(values)})
+            per_task = {t: result.best_by(f"val/{t}", tolerance=TIE)["params"][key] for t in self.tasks}
+            chosen = {key: per_task}
+            states, secs = self.merge(name, {}, model_params=[{key: per_task[t]} for t in self.tasks])
+        tried = [{"params": r["params"], "val": {t: r["metrics"][f"val/{t}"] for t in self.tasks},
+                  "val_avg": r["metrics"]["val_avg"], "merge_seconds": round(r["metrics"]["merge_seconds"], 3)}
+                 for r in result.ordered()]
         out["tuned"] = {"params": chosen, "test": self.eval_all(states, "test"), "merge_seconds": round(secs, 3),
                         "distance_from_base": self.distance(states)}
         out["grid"] = tried

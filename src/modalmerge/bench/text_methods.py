@@ -222,6 +222,7 @@ def checkpoint_study(bench: "TextBench") -> dict:
     weights it in metrics_weighted. Test accuracy of the last checkpoint and of each average."""
     from ..api import merge_state_dicts
     from ..methods.metrics_weighted import MetricsWeightedParams, metric_weights
+    from ..procedures.search.tune import tune
 
     cfg = bench.cfg
     task = CHECKPOINT_TASK if CHECKPOINT_TASK in bench.tasks else next(iter(bench.tasks))
@@ -264,17 +265,27 @@ def checkpoint_study(bench: "TextBench") -> dict:
     model_params = [{"loss": c["val_loss"], "step": float(c["step"])} for c in checkpoints]
     rows = [{"label": "last checkpoint", "params": {}, "weights": [0.0] * (len(steps) - 1) + [1.0],
              "val": checkpoints[-1]["val"], "test": checkpoints[-1]["test"], "merge_seconds": None}]
-    for label, params in AVERAGES:
-        p = MetricsWeightedParams(**params)
-        values = [c["val_loss"] if p.metric == "loss" else float(c["step"]) for c in checkpoints]
+
+    def average(values: dict) -> dict[str, float]:
+        """One of AVERAGES merged and scored (its test accuracy too: the table shows every row)."""
+        params = AVERAGES[values["average"]][1]
         t0 = time.perf_counter()
         merged = merge_state_dicts("metrics_weighted", dict(zip(names, (states[s] for s in steps))), params=params,
                                    model_params=model_params, seed=cfg.seed)
         secs = time.perf_counter() - t0
-        r = evaluate(merged)
+        return {**evaluate(merged), "merge_seconds": secs}
+
+    # the choice on validation accuracy goes through the search's study loop (grid order, first best)
+    result = tune({"average": {"search": list(range(len(AVERAGES)))}}, average, ["val:max"], sampler="grid",
+                  stop_on_error=True)
+    for trial in result.ordered():
+        label, params = AVERAGES[trial["params"]["average"]]
+        p = MetricsWeightedParams(**params)
+        values = [c["val_loss"] if p.metric == "loss" else float(c["step"]) for c in checkpoints]
+        r = trial["metrics"]
         rows.append({"label": label, "params": params, "weights": metric_weights(p, values, [1.0] * len(values)),
-                     "val": r["val"], "test": r["test"], "merge_seconds": round(secs, 3)})
-    chosen = max(rows[1:], key=lambda r: r["val"])
+                     "val": r["val"], "test": r["test"], "merge_seconds": round(r["merge_seconds"], 3)})
+    chosen = rows[1 + result.order.index(result.best["number"])]
     return {"task": task, "seed": seed, "steps": steps, "cached": cached, "fine_tune_seconds": meta.get("seconds"),
             "checkpoints": checkpoints, "rows": rows,
             "chosen_on_validation": {"label": chosen["label"], "params": chosen["params"], "test": chosen["test"]},

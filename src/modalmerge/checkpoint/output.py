@@ -60,7 +60,7 @@ import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Collection, Iterable
 
 import torch
 
@@ -484,30 +484,46 @@ def is_output_error(e: OSError, final: Path) -> bool:
     return False
 
 
+def shard_layout(entries: list[tuple[str, TensorMeta]], stem: str = "model",
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[tuple[str, list[tuple[str, TensorMeta]]]]:
+    """The shard files of `entries`, in order: (file name, its tensors), each filled up to
+    max_shard_bytes (a tensor larger than that has a shard of its own)."""
+    shards: list[list[tuple[str, TensorMeta]]] = [[]]
+    size = 0
+    for name, meta in entries:
+        if shards[-1] and size + meta.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, meta))
+        size += meta.nbytes
+    n = len(shards)
+    return [(f"{stem}.safetensors" if n == 1 else f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors", shard)
+            for i, shard in enumerate(shards)]
+
+
 class ShardedWriter:
-    """Streams planned tensors into one or more safetensors shards, with an index when sharded."""
+    """Streams planned tensors into one or more safetensors shards, with an index when sharded.
+
+    `files`: the shard files this writer opens (default: all of them); the others are written
+    into the same folder by other processes (a merge spread over Ray: procedures/ray_merge.py)."""
 
     def __init__(self, folder: Path, entries: list[tuple[str, TensorMeta]], stem: str = "model",
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict[str, str] | None = None):
-        shards: list[list[tuple[str, TensorMeta]]] = [[]]
-        size = 0
-        for name, meta in entries:
-            if shards[-1] and size + meta.nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append((name, meta))
-            size += meta.nbytes
-        n = len(shards)
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict[str, str] | None = None,
+                 files: Collection[str] | None = None):
+        layout = shard_layout(entries, stem, max_shard_bytes)
+        n = len(layout)
         self._writers: dict[str, SafetensorsStreamWriter] = {}
         self._files: list[SafetensorsStreamWriter] = []
         weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"{stem}.safetensors" if n == 1 else f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
+        for fname, shard in layout:
+            for name, _ in shard:
+                weight_map[name] = fname
+            if files is not None and fname not in files:
+                continue
             writer = SafetensorsStreamWriter(folder / fname, shard, metadata)
             self._files.append(writer)
             for name, _ in shard:
                 self._writers[name] = writer
-                weight_map[name] = fname
         if n > 1:
             total = sum(m.nbytes for _, m in entries)
             (folder / f"{stem}.safetensors.index.json").write_text(

@@ -14,14 +14,13 @@ def default_cache() -> Path:
     return cache_dir("bench-mllm")
 
 
-def cmd_mllm(args) -> int:
+def apply_options(cfg, args):
+    """--tasks, --methods (checked), --no-forgetting onto either setting's config; then the
+    outputs are checked before any work."""
     from ..bench import mllm
     from ..errors import MergeError
     from ..methods.registry import METHODS
 
-    set_threads(args.threads)
-    make = mllm.tiny_config if args.tiny else mllm.quick_config if args.quick else mllm.Config
-    cfg = make(seed=args.seed)
     if args.tasks:
         cfg.tasks = tuple(args.tasks)
     if args.methods:
@@ -32,6 +31,23 @@ def cmd_mllm(args) -> int:
     if args.no_forgetting:
         cfg.forgetting = False
     check_bench_outputs({"--out": args.out, "--cache": args.cache}, {"data folder": args.data_dir})
+    return cfg
+
+
+def cmd_mllm(args) -> int:
+    from ..bench import mllm
+    from ..errors import MergeError
+
+    set_threads(args.threads)
+    if args.setting == "collide":
+        return cmd_mllm_collide(args)
+    if args.seeds:
+        raise MergeError("bench mllm: --seeds is for --setting collide; the small setting runs one --seed")
+    if args.tasks and "text" in args.tasks:
+        raise MergeError("bench mllm: the text task is in --setting collide only; the small setting has image, "
+                         "speech and table")
+    make = mllm.tiny_config if args.tiny else mllm.quick_config if args.quick else mllm.Config
+    cfg = apply_options(make(seed=args.seed), args)
     cache = None if args.no_cache else Path(args.cache or default_cache())
     out = Path(args.out)
     result = mllm.run(cfg, cache=cache, data_root=args.data_dir, out=out, missing_ok=args.quick or args.tiny,
@@ -39,6 +55,25 @@ def cmd_mllm(args) -> int:
     print(mllm.markdown(result), end="")
     print(f"\nseed {cfg.seed}; mixed inputs of decoupled merges: {result['routed']}")
     print(f"{result['seconds']:.0f} s; wrote {out / 'mllm.json'}, {out / 'mllm.md'}, {out / 'mllm.png'}")
+    return 0
+
+
+def cmd_mllm_collide(args) -> int:
+    """--setting collide: the generative decoder, four tasks, several seeds (bench/mllm_collide.py)."""
+    from ..bench import mllm_collide
+
+    make = mllm_collide.tiny_config if args.tiny else mllm_collide.quick_config if args.quick \
+        else mllm_collide.CollideConfig
+    cfg = apply_options(make(), args)
+    seeds = args.seeds or ([args.seed] if (args.tiny or args.quick or args.seed) else [0, 1, 2])
+    cache = None if args.no_cache else Path(args.cache or mllm_collide.default_cache())
+    out = Path(args.out)
+    result = mllm_collide.run(cfg, seeds, cache=cache, data_root=args.data_dir, out=out,
+                              log=lambda s: print(s, file=sys.stderr), progress=not args.no_progress)
+    print(mllm_collide.markdown(result), end="")
+    print(f"\nmixed inputs of decoupled merges: {result['per_seed'][0]['routed']}")
+    print(f"{result['seconds']:.0f} s; wrote {out / 'mllm-collide.json'}, {out / 'mllm-collide.md'}, "
+          f"{out / 'mllm-collide.png'}")
     return 0
 
 
@@ -51,19 +86,26 @@ def register_mllm(bench) -> None:
                     "arithmetic, TIES, DARE-TIES, TALL, EMR and MMER and report per-modality accuracy "
                     "and retention, mask density, mixed-modality inputs, the base's SST-2 text skill, "
                     "forgetting and storage. Hyperparameters are chosen on validation splits.")
+    s.add_argument("--setting", choices=["small", "collide"], default="small",
+                   help="small (default): MiniLM answering from [CLS], three modalities, one seed; collide: a "
+                        "decoder pretrained here on sentconv text that generates its answers, four tasks (image, "
+                        "speech, table, text: TREC question type), strong fine-tunes, several seeds")
     s.add_argument("--quick", action="store_true", help="small subsets and grids: a few minutes, for CI")
     s.add_argument("--tiny", action="store_true", help=argparse_suppress())
     s.add_argument("--data-dir", help="folder holding fsdd/ and sentconv/ (default $MODALMERGE_DATA or "
                                       "../shared/data)")
     s.add_argument("--cache", help="fine-tuned models (default ~/.cache/modalmerge/bench-mllm, or "
-                                   "$MODALMERGE_CACHE/bench-mllm)")
+                                   "$MODALMERGE_CACHE/bench-mllm; collide: bench-mllm-collide)")
     s.add_argument("--no-cache", action="store_true", help="fine-tune again and store nothing")
     s.add_argument("--out", default="bench-mllm", help="folder for mllm.json, mllm.md, mllm.png (default ./bench-mllm)")
-    s.add_argument("--tasks", nargs="+", choices=["image", "speech", "table"], help="modalities (default all three)")
+    s.add_argument("--tasks", nargs="+", choices=["image", "speech", "table", "text"],
+                   help="modalities (default: all of the setting's; text is collide's only)")
     s.add_argument("--methods", nargs="+", metavar="METHOD",
                    help="merges to compare (default task_arithmetic ties dare_ties tall emr mmer)")
     s.add_argument("--no-forgetting", action="store_true", help="skip the forgetting setting")
     s.add_argument("--seed", type=int, default=0, help="seed of splits, encoders and training (default 0)")
+    s.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                   help="collide: the seeds to run and summarise (default 0 1 2; --quick/--tiny: --seed)")
     s.add_argument("--threads", type=int, help="torch threads (default: the cores available)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_mllm)

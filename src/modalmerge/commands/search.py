@@ -10,6 +10,8 @@ from .options import add_trust_flags, set_threads
 
 def cmd_search(args) -> int:
     from ..api import search
+    from ..bench.mllm_eval import EVALUATORS as MLLM_EVALUATORS
+    from ..bench.text_eval import EVALUATORS  # the benchmark tasks' evaluators (procedures/ may not import bench)
 
     if args.workers == 1 and not args.address:
         set_threads(args.threads)  # trials run in this process (Ray workers set their own)
@@ -18,7 +20,7 @@ def cmd_search(args) -> int:
                      threads=args.threads, device=args.device, trust_recipe_code=args.trust_recipe_code,
                      trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
                      overwrite=args.overwrite, prune=not args.no_prune, progress=not args.no_progress,
-                     batch_size=args.batch_size)
+                     batch_size=args.batch_size, extra_evals={**EVALUATORS, **MLLM_EVALUATORS})
     result = outcome.result
     for note in outcome.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -50,7 +52,10 @@ def register(sub) -> None:
     p.add_argument("--eval", action="append", required=True, metavar="EVAL",
                    help="perplexity:FILE (causal LM, one document per line), accuracy:FILE (sequence classifier, "
                         "label<TAB>text lines), python:MODULE:FUNCTION ((model, tokenizer) -> {metric: value}; needs "
-                        "--trust-recipe-code) or lm_eval:TASK[,TASK]; repeat to record more metrics")
+                        "--trust-recipe-code), lm_eval:TASK[,TASK], bench-text:TASK=FOLDER[,TASK=FOLDER] (the "
+                        "text benchmark's validation accuracy with each task's fine-tuned head) or "
+                        "bench-mllm:TASK=FOLDER[,TASK=FOLDER] (the mini-MLLM benchmark's, each task's encoder and "
+                        "projector on the merged language model); repeat to record more metrics")
     p.add_argument("--output", "-o", required=True, metavar="OUT", help="output folder (the best merge, and search/)")
     p.add_argument("--trials", type=int, default=20, help="trials to finish, counting a resumed journal's (default 20)")
     p.add_argument("--objective", action="append", metavar="NAME[:min|max]",

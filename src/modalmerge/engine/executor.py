@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import torch
 from tqdm import tqdm
 
 from ..checkpoint.sources import TensorSource
 from ..errors import MergeError
-from ..methods.base import ElectionState, Stats, TensorGroup
+from ..methods.base import ElectionState, Statistic, Stats, TensorGroup
 from ..ops import pack_bits
 from ..ops.threads import KernelThreads, threads_in_use
 from .plan import Plan, TensorPlan, who
@@ -78,10 +79,13 @@ class Report:
 class Executor:
     def __init__(self, plan: Plan, device: str = "cpu", exact_stats: bool = False, progress: bool = True,
                  allow_pickle: bool = False, data: dict[str, list[TensorSource]] | None = None,
-                 gather: Callable[..., dict[str, list[TensorSource]]] | None = None):
+                 gather: Callable[..., dict[str, list[TensorSource]]] | None = None,
+                 tensors: Collection[str] | None = None):
         """`data`: a data-aware method's per-model statistics by kind, one source per model, where
         the caller has them; `gather(plan, kinds, folder, allow_pickle=, progress=)` computes the
-        missing kinds into a scratch folder before the merge (procedures/calibration.gather)."""
+        missing kinds into a scratch folder before the merge (procedures/calibration.gather).
+        `tensors`: the passes run over these tensors only (one group of a merge spread over
+        processes, procedures/ray_merge.py); statistics sample as over the whole plan."""
         if plan.method.sequential:
             raise MergeError(f"method {plan.method.name} applies its models one at a time and writes its state to a "
                              "folder: use `modalmerge merge` / modalmerge.merge() with an output folder")
@@ -94,6 +98,7 @@ class Executor:
             raise MergeError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
         self.exact_stats = exact_stats
         self.progress = progress
+        self.selected = None if tensors is None else set(tensors)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modalmerge-read")
         # outputs are cast and written in a thread while the next job computes (one in flight)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modalmerge-write")
@@ -238,32 +243,18 @@ class Executor:
 
     # -- passes ----------------------------------------------------------------------------
     def jobs(self) -> list[Job]:
-        return [Job(t, rows) for t in self.plan.merged for rows in t.chunks]
+        return [Job(t, rows) for t in self.plan.merged if self.selected is None or t.name in self.selected
+                for rows in t.chunks]
 
-    def statistics(self) -> Stats:
+    def statistics(self, observe: Callable[[Statistic, Stats], Statistic] | None = None) -> Stats:
+        """Every statistics pass the method declares, each result given to the passes after it.
+        `observe(stat, prior)` runs one pass over the jobs and returns the statistic that observed
+        them: by default self.observe; procedures/ray_merge.py runs it group by group on Ray."""
         p = self.plan
         results = Stats()
         queue = list(p.method.statistics(p.params))
-        total = sum(t.meta.numel for t in p.merged)
-        # sample only where the model is large enough that a sample still has >= 4M values
-        stride = 1 if self.exact_stats else max(1, total // SAMPLE_TARGET)
         while queue:
-            stat = queue.pop(0)
-            jobs = self.jobs()
-            with self._bar(sum(j.stop - j.start for j in jobs), f"statistics ({stat.name})") as bar:
-                sampled = stat.sampled and stride > 1
-
-                def read(job: Job):
-                    if sampled and job.stop - job.start > SAMPLE_MIN:
-                        if self.data:  # per-element statistics must be sampled alike: strided, from the whole job
-                            return self._read_raw(job), ((hash_name(job.tensor.name) + job.rows[0]) % stride, stride)
-                        return self._read_sample(job, stride), (0, 1)
-                    return self._read_raw(job), None
-
-                for job, (raw, sample) in self._prefetched(jobs, read):
-                    stat.observe(self._group(job, raw, sample, scheduled=False), p.params_for(job.tensor.info)[0],
-                                 results)
-                    bar.update(job.stop - job.start)
+            stat = (observe or self.observe)(queue.pop(0), results)
             result = stat.result(p.params, results)
             results.put(stat, result)
             if self.exact_stats:
@@ -271,6 +262,28 @@ class Executor:
                 if follow is not None:
                     queue.insert(0, follow)
         return results
+
+    def observe(self, stat: Statistic, prior: Stats) -> Statistic:
+        """One statistics pass: `stat` observes every job of this executor, in plan order."""
+        p = self.plan
+        total = sum(t.meta.numel for t in p.merged)
+        # sample only where the model is large enough that a sample still has >= 4M values
+        stride = 1 if self.exact_stats else max(1, total // SAMPLE_TARGET)
+        jobs = self.jobs()
+        with self._bar(sum(j.stop - j.start for j in jobs), f"statistics ({stat.name})") as bar:
+            sampled = stat.sampled and stride > 1
+
+            def read(job: Job):
+                if sampled and job.stop - job.start > SAMPLE_MIN:
+                    if self.data:  # per-element statistics must be sampled alike: strided, from the whole job
+                        return self._read_raw(job), ((hash_name(job.tensor.name) + job.rows[0]) % stride, stride)
+                    return self._read_sample(job, stride), (0, 1)
+                return self._read_raw(job), None
+
+            for job, (raw, sample) in self._prefetched(jobs, read):
+                stat.observe(self._group(job, raw, sample, scheduled=False), p.params_for(job.tensor.info)[0], prior)
+                bar.update(job.stop - job.start)
+        return stat
 
     def apply(self, sink, stats: Stats) -> None:
         p = self.plan
@@ -305,7 +318,7 @@ class Executor:
                 bar.update(job.stop - job.start)
         self._drain()
         for t in p.tensors:
-            if not t.merge:
+            if not t.merge and (self.selected is None or t.name in self.selected):
                 value = p.copy_source.read(t.name)
                 sink.write(t.name, value.to(t.out_dtype))
 
@@ -393,11 +406,25 @@ class Executor:
             sink.abort()
             raise
         finally:
-            self._writer.shutdown(wait=True, cancel_futures=True)
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._kernel_threads.close()
+            self.close()
             if scratch is not None:
                 self._drop_scratch(scratch, missing)
+
+    @contextmanager
+    def passes(self):
+        """Its kernel threads in use for the passes run inside (observe, apply: what run() does
+        around its own); its thread pools shut down on the way out (an executor runs once)."""
+        try:
+            with threads_in_use(self._kernel_threads):
+                yield self
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Shut down its reading and writing threads and the kernels' threads."""
+        self._writer.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._kernel_threads.close()
 
     def _drop_scratch(self, scratch: Path, kinds: list[str]) -> None:
         for kind in kinds:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Collection, Iterable
 
 import torch
 import yaml
@@ -99,12 +99,13 @@ class FolderSink:
     """A Hugging Face model folder: sharded safetensors, config/tokenizer files, a model card,
     and a `decoupled/` part for task-conditional methods. Nothing appears at the output path
     until close() succeeds, and the output is never one of the plan's inputs (or `inputs`),
-    inside one or around one."""
+    inside one or around one. `shard_files`: the weight shards it writes itself (default all); a
+    Ray merge's workers write the others into `folder.tmp` (procedures/ray_merge.py)."""
 
     def __init__(self, plan: Plan, output: str | Path, overwrite: bool = False,
                  max_shard_bytes: int | None = None, tool_version: str = "?",
                  inputs: Iterable[tuple[str, str]] = (), copy_tokenizer: bool = True,
-                 write_model_card: bool = True):
+                 write_model_card: bool = True, shard_files: Collection[str] | None = None):
         self.plan = plan
         self.folder = AtomicFolder(output, overwrite, inputs=[*inputs, *plan_inputs(plan)])
         try:
@@ -113,7 +114,7 @@ class FolderSink:
             self.write_model_card = write_model_card
             kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
             entries = [(t.name, TensorMeta(t.meta.shape, t.out_dtype)) for t in plan.tensors]
-            self.main = ShardedWriter(self.folder.tmp, entries, **kwargs)
+            self.main = ShardedWriter(self.folder.tmp, entries, files=shard_files, **kwargs)
             self.shared = self.masks = None
             if plan.method.decoupled:
                 ddir = self.folder.tmp / DECOUPLED_DIR

@@ -252,7 +252,10 @@ class ComposedSink(FolderSink):
         for n in names:
             writer.write(n, m.source.read(n))
         writer.close()
-        copy_aux_files(m.folder, folder)
+        # the config, processor and tokenizer files: generate loads them from here. A LoRA
+        # adapter's own folder first (a processor saved with it), then the model it was trained on
+        for src in dict.fromkeys(f for f in (m.source.folder, m.folder) if f is not None):
+            copy_aux_files(src, folder)
 
     def close(self, manifest: dict[str, Any] | None = None) -> Path:
         try:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..checkpoint.sources import TensorSource
 from ..engine.embedding_views import (align_slice_vocabularies, align_vocabularies, chat_template_vocabulary,
@@ -91,8 +91,10 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False, chunk_elems: int =
     return plan
 
 
-def run_merge(plan: Plan, output: str | Path, options: RunOptions = RunOptions()) -> Report:
-    """Run a planned merge into the folder `output` (written atomically) with its method's procedure."""
+def run_merge(plan: Plan, output: str | Path, options: RunOptions = RunOptions(),
+              spread: Callable[[Plan, str | Path, RunOptions], Report] | None = None) -> Report:
+    """Run a planned merge into the folder `output` (written atomically) with its method's procedure,
+    or with `spread` in its place: a streaming merge spread over processes (ray_merge.OnRay)."""
     start = time.perf_counter()
     if plan.method.runs != "streaming" and not (options.copy_tokenizer and options.write_model_card):
         raise MergeError(f"method {plan.method.name} writes its output folder its own way, always with the "
@@ -101,7 +103,7 @@ def run_merge(plan: Plan, output: str | Path, options: RunOptions = RunOptions()
     if plan.vocabulary is not None and not plan.vocabulary.remaps and not options.copy_tokenizer:
         raise MergeError("`chat_template` is written into the output's tokenizer, which --no-copy-tokenizer leaves "
                          "out; drop one of them")
-    report = PROCEDURES[plan.method.runs](plan, output, options)
+    report = (spread or PROCEDURES[plan.method.runs])(plan, output, options)
     report.procedure = plan.method.runs
     report.seconds.setdefault("total", time.perf_counter() - start)
     return report

@@ -8,6 +8,9 @@
     python:MODULE:FUNCTION  a callable (model, tokenizer) -> {metric: value}; it is code the user
                             names, so it is imported only with --trust-recipe-code
     lm_eval:TASK[,TASK]     lm-evaluation-harness tasks (an optional package)
+    PREFIX:...              an evaluator the caller registers (`extra`: prefix -> "module:factory",
+                            imported in each worker): the command layer adds the benchmarks' tasks
+                            (bench/text_eval.py: bench-text:TASK=FOLDER), which this layer may not import
 
 An evaluator reads its data once per worker (`load`), then scores each trial's model
 (`evaluate`); the built-in ones go through their data in batches and report the objective after
@@ -20,7 +23,7 @@ import importlib
 import importlib.util
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from ...checkpoint.safetensors_io import read_regular
 from ...errors import MergeError, one_line
@@ -60,9 +63,12 @@ class Evaluator:
         raise NotImplementedError
 
 
-def parse_eval(text: str, trust_recipe_code: bool = False) -> Evaluator:
-    """An --eval value as its evaluator (files are read later, by load)."""
+def parse_eval(text: str, trust_recipe_code: bool = False, extra: Mapping[str, str] | None = None) -> Evaluator:
+    """An --eval value as its evaluator (files are read later, by load). `extra`: evaluators the
+    caller registers, prefix -> "module:factory", factory(text, rest after the prefix) -> Evaluator."""
     kind, _, rest = text.partition(":")
+    if extra and kind in extra:
+        return registered(extra[kind], text, rest)
     if kind in ("perplexity", "accuracy"):
         if not rest:
             raise MergeError(f"--eval {text}: name the data file, e.g. --eval {kind}:valid.txt")
@@ -81,8 +87,25 @@ def parse_eval(text: str, trust_recipe_code: bool = False) -> Evaluator:
         if importlib.util.find_spec("lm_eval") is None:
             raise MergeError(f"--eval {text} needs lm-evaluation-harness, which is not installed: {LM_EVAL_EXTRA}")
         return LmEval(text, tasks)
+    more = "".join(f", {k}:..." for k in extra or {})
     raise MergeError(f"--eval {one_line(text, 80)}: unknown evaluator {one_line(kind, 40)!r}; use perplexity:FILE, "
-                     "accuracy:FILE, python:MODULE:FUNCTION or lm_eval:TASK[,TASK]")
+                     f"accuracy:FILE, python:MODULE:FUNCTION{more} or lm_eval:TASK[,TASK]")
+
+
+def registered(target: str, text: str, rest: str) -> Evaluator:
+    """The evaluator of a registered prefix: its factory ("module:name", chosen by the calling code,
+    not by the recipe or the user) imported and called."""
+    module, _, name = target.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), name, None)
+    except ImportError as e:
+        raise MergeError(f"--eval {one_line(text, 80)}: cannot import {module} ({one_line(e, 120)})") from None
+    if not callable(factory):
+        raise MergeError(f"--eval {one_line(text, 80)}: the registered evaluator {target} is not importable")
+    evaluator = factory(text, rest)
+    if not isinstance(evaluator, Evaluator):
+        raise MergeError(f"--eval {one_line(text, 80)}: {target} gave {type(evaluator).__name__}, not an Evaluator")
+    return evaluator
 
 
 def read_lines(path: str, what: str) -> list[str]:

@@ -16,7 +16,7 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -79,8 +79,10 @@ def search(recipe: str | os.PathLike | dict[str, Any], evals: Sequence[str], out
            objectives: Sequence[str] = (), threads: int | None = None, device: str = "cpu",
            trust_recipe_code: bool = False, trust_remote_code: bool = False, allow_pickle: bool = False,
            overwrite: bool = False, prune: bool = True, progress: bool = False, batch_size: int = 8,
-           tool_version: str = "?", runner: Runner | None = None) -> SearchOutcome:
-    """Search the recipe's marked values on the evaluators, write OUT (see the module docstring)."""
+           tool_version: str = "?", runner: Runner | None = None,
+           extra_evals: Mapping[str, str] | None = None) -> SearchOutcome:
+    """Search the recipe's marked values on the evaluators, write OUT (see the module docstring).
+    `extra_evals`: more --eval prefixes, prefix -> "module:factory" (evaluators.parse_eval)."""
     if isinstance(recipe, dict):
         text, folder, where = yaml.safe_dump(recipe, sort_keys=False), None, "recipe"
         recipe_inputs = []
@@ -93,8 +95,9 @@ def search(recipe: str | os.PathLike | dict[str, Any], evals: Sequence[str], out
     if trials < 1:
         raise MergeError(f"--trials {trials}: give 1 or more")
     space = parse_space(text, where)
-    evaluators = [parse_eval(e, trust_recipe_code=trust_recipe_code) for e in evals]
+    evaluators = [parse_eval(e, trust_recipe_code, extra_evals) for e in evals]
     spec = SearchSpec(recipe_text=text, recipe_folder=folder, evals=tuple(evals),
+                      extra_evals=tuple(sorted((extra_evals or {}).items())),
                       objectives=parse_objectives(objectives, evaluators), device=device, threads=threads,
                       trust_recipe_code=trust_recipe_code, trust_remote_code=trust_remote_code,
                       allow_pickle=allow_pickle, batch_size=batch_size)

@@ -9,30 +9,25 @@ seconds, status, and the node and actor that ran it); no tensor travels through 
 cluster each node reads the inputs from storage that every node sees at the same paths
 (docs/search-cluster.md).
 
-Without an address, a local Ray instance is started for the search and shut down after it:
-`num_cpus` = workers × threads, no dashboard, node address 127.0.0.1 (Ray 2.60's gRPC servers
-still listen on every interface, so tests run it inside a network namespace that has only
-loopback). With `--address` or RAY_ADDRESS, the trials run on that cluster; an address where no
-cluster answers is one MergeError line. An actor that dies (killed, out of memory, its node lost)
+Without an address, a local Ray instance of workers × threads CPUs is started for the search and
+shut down after it; with `--address` or RAY_ADDRESS, the trials run on that cluster
+(procedures/ray_cluster.py: how either is joined, and why an address is checked first). An actor that dies (killed, out of memory, its node lost)
 fails the trial it was running; a new actor replaces it and the search goes on.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 from ...errors import MergeError, one_line
+from ..ray_cluster import connect, node_name, usable_cores
 from .runners import SEARCH_EXTRA
 from .trial import PruneRule, SearchSpec, TrialContext, TrialResult
 
-LOOPBACK = "127.0.0.1"
-LOCAL_OBJECT_STORE_BYTES = 256 * 2**20   # trials move parameters and metrics only, never tensors
-CONNECT_TIMEOUT_S = 5.0
 
 
 class TrialWorker:
@@ -130,23 +125,7 @@ class RayRunner:
 
     def connect(self, ray) -> None:
         """Join the cluster at the address, or start a local instance for this search."""
-        if ray.is_initialized():
-            return  # the caller's Ray (it shuts it down, not us)
-        quiet = dict(configure_logging=False, log_to_driver=False)
-        if self.address:
-            check_reachable(self.address)
-            try:
-                ray.init(address=self.address, namespace="modalmerge-search", **quiet)
-            except (ConnectionError, RuntimeError, ray.exceptions.RayError) as e:
-                raise MergeError(f"no Ray cluster at {self.address} (--address or RAY_ADDRESS): "
-                                 f"{one_line(e, 200)}; start one there (ray start --head), or leave --address "
-                                 "out for a local one") from None
-        else:
-            # address="local": always a new instance for this search, never a cluster found on the machine
-            ray.init(address="local", num_cpus=self.capacity * self.threads, _node_ip_address=LOOPBACK,
-                     include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                     namespace="modalmerge-search", **quiet)
-        self.shutdown_ray = True
+        self.shutdown_ray = connect(ray, self.address, self.capacity * self.threads, "modalmerge-search")
 
     def check_resources(self, ray, spec: SearchSpec) -> None:
         """Refuse a worker count the cluster cannot place (the actors would wait for ever)."""
@@ -267,32 +246,3 @@ class RayRunner:
         if self.shutdown_ray:
             ray.shutdown()
             self.shutdown_ray = False
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def node_name(ray, node_id: str) -> str:
-    """A node as trials.json records it: host name, IP address and the start of Ray's node id (two
-    nodes on one machine share the first two)."""
-    node = next((n for n in ray.nodes() if n["NodeID"] == node_id), {})
-    return f"{node.get('NodeManagerHostname', '?')} {node.get('NodeManagerAddress', '?')} (node {node_id[:8]})"
-
-
-def check_reachable(address: str) -> None:
-    """One line, quickly, when nothing listens at a cluster's HOST:PORT (ray.init would retry for minutes)."""
-    if address in ("auto", "local"):
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise MergeError(f"--address {address}: write HOST:PORT of the cluster's head, e.g. 127.0.0.1:6379")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as e:
-        why = e.strerror or type(e).__name__
-        raise MergeError(f"no Ray cluster at {address} (--address or RAY_ADDRESS): {why.lower()}; start one there "
-                         "(ray start --head --port PORT), or leave --address out for a local one") from None

@@ -121,6 +121,15 @@ class SearchSpace:
     def grid_size(self) -> int:
         return math.prod(len(p.choices) for p in self.parameters)
 
+    def grid_index(self, params: dict[str, Any]) -> tuple[int, ...]:
+        """Where a point (the recipe's values, as decode gives them) stands in grid order: sorting by
+        it orders the points as nested loops over the parameters, first one outermost, would."""
+        index = []
+        for p in self.parameters:
+            value = params[p.name]  # the same type as its choice: True is not the choice 1
+            index.append(next(i for i, c in enumerate(p.choices) if type(c) is type(value) and c == value))
+        return tuple(index)
+
     def fingerprint(self) -> str:
         """The recipe and its space, as one hash: a journal of another space is not resumed."""
         text = json.dumps(self.data, sort_keys=True, default=str)

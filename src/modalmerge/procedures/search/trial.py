@@ -60,6 +60,8 @@ class SearchSpec:
     allow_pickle: bool = False
     batch_size: int = 8
     max_length: int = 512
+    # evaluators the caller registered: (--eval prefix, "module:factory"), imported in each worker
+    extra_evals: tuple[tuple[str, str], ...] = ()
 
     def space(self) -> SearchSpace:
         return parse_space(self.recipe_text, "recipe")
@@ -100,6 +102,21 @@ class TrialResult:
     intermediate: dict[int, float] = field(default_factory=dict)  # the objective after each evaluation step
 
 
+def checked(metrics: dict[str, Any], objectives: tuple[Objective, ...],
+            fix: str = "fix --objective") -> tuple[str, dict[str, float], str | None]:
+    """(status, metrics, error) of a trial whose evaluation gave `metrics`: failed when a metric is
+    not a finite number or an objective is missing, else ok with the metrics as floats."""
+    bad = [k for k, v in metrics.items() if not isinstance(v, (int, float)) or not math.isfinite(v)]
+    if bad:
+        return ("failed", {k: v for k, v in metrics.items() if k not in bad},
+                f"metric {bad[0]!r} is {metrics[bad[0]]!r}, not a finite number")
+    missing = [o.metric for o in objectives if o.metric not in metrics]
+    if missing:
+        return ("failed", metrics, f"the evaluators gave no metric {missing[0]!r} (they gave "
+                                   f"{', '.join(metrics) or 'none'}); {fix}")
+    return "ok", {k: float(v) for k, v in metrics.items()}, None
+
+
 class Inputs:
     """The input models of a search's recipes, each opened once (read-only, read per tensor) and
     handed to every plan as `preloaded` sources."""
@@ -138,7 +155,7 @@ class TrialContext:
         self.node = socket.gethostname()
         self.space = spec.space()
         self.inputs = Inputs(spec)
-        self.evaluators: list[Evaluator] = [parse_eval(e, trust_recipe_code=spec.trust_recipe_code)
+        self.evaluators: list[Evaluator] = [parse_eval(e, spec.trust_recipe_code, dict(spec.extra_evals))
                                             for e in spec.evals]
         # the probe plan names the reference folder (config, tokenizer) and the tensors a merge gives
         probe = self.plan(self.space.concrete(self.space.probes()[0]))
@@ -188,21 +205,17 @@ class TrialContext:
             return result("failed", {}, str(e))
         except Exception as e:  # noqa: BLE001 - a failing trial is recorded; the search goes on
             return result("failed", {}, f"{type(e).__name__}: {one_line(e, 300)}")
-        bad = [k for k, v in metrics.items() if not isinstance(v, (int, float)) or not math.isfinite(v)]
-        if bad:
-            return result("failed", {k: v for k, v in metrics.items() if k not in bad},
-                          f"metric {bad[0]!r} is {metrics[bad[0]]!r}, not a finite number")
-        missing = [o.metric for o in self.spec.objectives if o.metric not in metrics]
-        if missing:
-            return result("failed", metrics, f"the evaluators gave no metric {missing[0]!r} (they gave "
-                                             f"{', '.join(metrics) or 'none'}); fix --objective")
-        return result("ok", {k: float(v) for k, v in metrics.items()})
+        return result(*checked(metrics, self.spec.objectives))
 
     def load_weights(self, merged: dict) -> None:
-        """The merged tensors into the skeleton, in place (the skeleton's own dtype and device)."""
+        """The merged tensors into the skeleton, in place (the skeleton's own dtype and device).
+        An integer tensor the model class does not have is left out, as from_pretrained leaves
+        it: an index buffer older checkpoints saved (BERT's `embeddings.position_ids`, which
+        all-MiniLM-L6-v2's file holds and transformers 5 computes instead), not a weight."""
         missing, unexpected = self.model.load_state_dict(merged, strict=False)
         needed = {n for n, _ in self.model.named_parameters()}  # tied weights appear once
         missing = [k for k in missing if k in needed]
+        unexpected = [k for k in unexpected if merged[k].is_floating_point()]
         if missing or unexpected:
             what = f"lacks {missing[0]!r}" if missing else f"has {unexpected[0]!r}, which the model does not"
             raise MergeError(f"the merged state dict {what}; the model class {type(self.model).__name__} does "
