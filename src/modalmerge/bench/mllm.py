@@ -945,10 +945,12 @@ def retention_bars(path: Path, row_labels: list[str], groups: list[tuple[str, li
     plt.close(fig)
 
 
-def write_outputs(result: dict, out: Path) -> dict[str, Path]:
+def write_outputs(result: dict, out: Path, stem: str = "mllm", to_markdown: Callable[[dict], str] = markdown,
+                  to_plot: Callable[[dict, Path], None] = plot) -> dict[str, Path]:
+    """OUT/STEM.json (every number), STEM.md (the tables) and STEM.png (the plot)."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "mllm.json", "markdown": out / "mllm.md", "plot": out / "mllm.png"}
+    paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md", "plot": out / f"{stem}.png"}
     paths["json"].write_text(json.dumps(result, indent=2, default=str))
-    paths["markdown"].write_text(markdown(result))
-    plot(result, paths["plot"])
+    paths["markdown"].write_text(to_markdown(result))
+    to_plot(result, paths["plot"])
     return paths

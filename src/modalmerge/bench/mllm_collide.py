@@ -840,12 +840,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write_outputs(result: dict, out: Path) -> dict[str, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "mllm-collide.json", "markdown": out / "mllm-collide.md", "plot": out / "mllm-collide.png"}
-    paths["json"].write_text(json.dumps(result, indent=2, default=str))
-    paths["markdown"].write_text(markdown(result))
-    plot(result, paths["plot"])
-    return paths
+    return mllm.write_outputs(result, out, "mllm-collide", markdown, plot)
 
 
 def default_cache() -> Path:

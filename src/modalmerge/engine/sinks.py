@@ -95,6 +95,11 @@ def plan_inputs(plan: Plan) -> list[tuple[str, str]]:
     return found
 
 
+def output_entries(plan: Plan) -> list[tuple[str, TensorMeta]]:
+    """The output's tensors, in the order and dtypes they are laid out in shards."""
+    return [(t.name, TensorMeta(t.meta.shape, t.out_dtype)) for t in plan.tensors]
+
+
 class FolderSink:
     """A Hugging Face model folder: sharded safetensors, config/tokenizer files, a model card,
     and a `decoupled/` part for task-conditional methods. Nothing appears at the output path
@@ -113,8 +118,7 @@ class FolderSink:
             self.copy_tokenizer = copy_tokenizer
             self.write_model_card = write_model_card
             kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
-            entries = [(t.name, TensorMeta(t.meta.shape, t.out_dtype)) for t in plan.tensors]
-            self.main = ShardedWriter(self.folder.tmp, entries, files=shard_files, **kwargs)
+            self.main = ShardedWriter(self.folder.tmp, output_entries(plan), files=shard_files, **kwargs)
             self.shared = self.masks = None
             if plan.method.decoupled:
                 ddir = self.folder.tmp / DECOUPLED_DIR

@@ -44,11 +44,11 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint.output import DEFAULT_SHARD_BYTES, is_output_error, output_error, shard_layout
-from ..checkpoint.safetensors_io import SafetensorsStreamWriter, TensorMeta
+from ..checkpoint.safetensors_io import SafetensorsStreamWriter
 from ..engine.executor import Executor, Report
 from ..engine.plan import Plan
 from ..engine.recipe import Recipe
-from ..engine.sinks import FolderSink
+from ..engine.sinks import FolderSink, output_entries
 from ..errors import MergeError, one_line
 from ..methods.base import Statistic, Stats
 from .run import RunOptions, plan_merge
@@ -92,11 +92,6 @@ def supported(plan: Plan) -> None:
     if method.data(plan.params):
         raise MergeError(f"--ray: method {method.name} needs a data pass on calibration data first, which a Ray "
                          f"merge does not run yet; {fix}")
-
-
-def output_entries(plan: Plan) -> list[tuple[str, TensorMeta]]:
-    """The output's tensors as FolderSink lays them out in shards."""
-    return [(t.name, TensorMeta(t.meta.shape, t.out_dtype)) for t in plan.tensors]
 
 
 def plan_fingerprint(plan: Plan) -> str:

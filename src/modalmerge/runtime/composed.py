@@ -31,10 +31,9 @@ from torch import nn
 from ..checkpoint.decoupled import DecoupledFolder
 from ..errors import MergeError
 from ..ops import unpack_bits
-from .generate import Generation, generate
+from .generate import TEXT, Generation, generate
 from .multimodal import Modality, default_model_class, modality_of
 
-TEXT = -1
 # byte value → its 8 bits, little-endian as ops.pack_bits writes them: a packed mask unpacks to
 # float in one table lookup
 _BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).float()

@@ -33,7 +33,7 @@ from .multimodal import MEDIA, PROCESSOR_FILES, Modality, media_of
 if TYPE_CHECKING:
     from .composed import ComposedModel
 
-TEXT = -1  # the group id of text tokens (composed.TEXT)
+TEXT = -1  # the group id of text tokens (exported as modalmerge.runtime.TEXT)
 
 
 @dataclass
