@@ -44,15 +44,14 @@ SCRIPT_TIMEOUT_S = 300
 # a --eval python: callable that kills its worker process on the first call of the whole search
 KILLER = '''
 import os
-from pathlib import Path
 
 
 def score(model, tokenizer):
-    mark = Path(os.environ["MODALMERGE_TEST_KILL_MARK"])
-    if not mark.exists():
-        mark.write_text("killed once")
-        os._exit(3)
-    return {"score": float(sum(float(p.float().sum()) for p in model.parameters()))}
+    try:   # O_EXCL: of two workers calling at once, exactly one creates the mark and dies
+        os.close(os.open(os.environ["MODALMERGE_TEST_KILL_MARK"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return {"score": float(sum(float(p.float().sum()) for p in model.parameters()))}
+    os._exit(3)
 '''
 
 
