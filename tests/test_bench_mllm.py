@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from modalmerge.bench import mllm
+from modalmerge.bench import mllm_data
 from modalmerge.cli import main
 
 transformers = pytest.importorskip("transformers")
@@ -180,13 +181,42 @@ def test_bench_mllm_tiny_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_tiny(tmp_path, capsys):
+def test_demo_tiny(tmp_path, capsys, monkeypatch):
+    """The demo: MiniLM as a causal decoder, two generative fine-tunes, three merges, then one mixed
+    input answered by the composed MMER model's generate; that answer equals the benchmark's own
+    routed greedy decoding of the same prompt (BOS, the two blocks, the question)."""
+    import modalmerge.commands.demo as demo
+    from modalmerge.bench import mllm_collide
+    from modalmerge.runtime import TEXT
+
+    checked = {}
+
+    def ask_and_check(composed, ev, asked, other):
+        got = ask_mixed(composed, ev, asked, other)
+        emb = composed.llm.get_input_embeddings()
+        blocks = [ev.prompts.block(emb, t, ev.tasks[t].test.x[:1], ev.projs[t]) for t in (asked, other)]
+        x, mask, groups = ev.prompts.build(emb, blocks, ev.prompts.question[asked])
+        ids = torch.tensor([TEXT, composed.task_index(asked), composed.task_index(other)])[groups]
+        gen = mllm_collide.greedy(composed.llm, x, mask, 4, lambda: composed.route(ids))
+        want = ev.decoder.decode(gen[0].tolist())
+        checked.update(got=got, want=want)
+        return got
+
+    ask_mixed = demo.ask_mixed
+    monkeypatch.setattr(demo, "ask_mixed", ask_and_check)
     out = tmp_path / "demo"
     assert main(["demo", "--tiny", "--no-cache", "--out", str(out), "--no-progress", "--threads", "1"]) == 0
     captured = capsys.readouterr()
     text = captured.out
     assert "MMER" in text and str(out / "mllm.png") in text and "Storage of the language model" in text
-    assert (out / "mllm.png").exists()
+    assert (out / "mllm.png").exists() and (out / "mllm.md").exists()
+    got = checked["got"]
+    assert got["answer"] == checked["want"] and got["expected"] in mllm_data.DIGIT_WORDS
+    assert f"answered {got['answer']!r}; the picture shows {got['expected']!r}" in text
+    assert got["rows"] == {"image": 4, "table": 4} and got["prompt_tokens"] == 1 + 8 + len(
+        mllm.tokenizer()(got["question"], add_special_tokens=False)["input_ids"])
+    result = json.loads((out / "mllm.json").read_text())
+    assert result["per_seed"][0]["decoder"]["class"] == "BertLMHeadModel"
     # one progress display: transformers' own bars and load reports are silenced
     assert "Loading weights" not in captured.err and "Writing model shards" not in captured.err
     assert "fine-tuning" in captured.err      # what it is doing, even without bars

@@ -233,6 +233,41 @@ def test_generate_from_an_image_and_a_clip_matches_materialised_groups(built):
     assert (plain - first).abs().max() > 1e-3
 
 
+def test_features_from_the_users_own_encoders_match_materialised_groups(built):
+    """`features`: rows the user's own encoder and projector made, one block per task, placed after
+    BOS and before the text; here the source models' own projector rows, so the answer equals the
+    media prompt's with the blocks in that place."""
+    root, models = built
+    composed = load_composed(root / "composed")
+    image, clip = media()
+    _, _, rows = reference_prompt(root, models, image, clip, "<image> <|AUDIO|>")
+    image_rows = torch.stack([rows[p] for p in sorted(rows)[:4]])
+    audio_rows = torch.stack([rows[p] for p in sorted(rows)[4:]])
+    out = composed.generate(" d e", features=[("vision", image_rows), ("audio", audio_rows)], max_new_tokens=6)
+    tok = models["tok"]
+    text_ids = tok(" d e", add_special_tokens=False)["input_ids"]
+    n_i, n_a = len(image_rows), len(audio_rows)
+    filler = tok.pad_token_id
+    assert out.prompt.input_ids.tolist() == [[filler] * (n_i + n_a) + text_ids]
+    groups = torch.tensor([[0] * n_i + [1] * n_a + [TEXT] * len(text_ids)])
+    assert torch.equal(out.prompt.group_ids, groups)
+    want_rows = dict(enumerate(torch.cat([image_rows, audio_rows])))
+    first, tokens = reference_greedy(models, out.prompt.input_ids, groups, want_rows, 6)
+    assert (out.first_logits - first).abs().max() < 1e-4
+    assert out.token_ids == tokens
+    # a mapping works as the pairs do
+    again = composed.generate(" d e", features={"vision": image_rows, "audio": audio_rows}, max_new_tokens=6)
+    assert again.token_ids == tokens
+    hidden = composed.llm.get_input_embeddings().embedding_dim
+    for bad, message in [([("nope", image_rows)], "'nope' is not a task"),
+                         ([("vision", image_rows[:, :5])], f"rows must be a [n, {hidden}] tensor"),
+                         ([("vision", image_rows[:0])], "(n ≥ 1"),
+                         ([("vision", image_rows * float("nan"))], "NaN"),
+                         (["vision"], "(task, rows) pairs")]:
+        with pytest.raises(MergeError, match=re.escape(message)):
+            composed.generate("a", features=bad)
+
+
 def test_text_mask_present_runs_the_prompt_and_decoding_on_the_modality_present(built):
     """With one modality in the prompt and text_mask="present", m̄ = m_audio: the prefill and
     every decoding step run on the audio task's weights."""

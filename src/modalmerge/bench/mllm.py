@@ -498,13 +498,22 @@ class Composer:
     once as Hugging Face folders, merged by `modalmerge.merge` into a composed folder, loaded by
     `modalmerge.runtime.load_composed` (mixed inputs then go through its routed forward)."""
 
-    def __init__(self, base_llm: nn.Module, llms: dict[str, dict], root: Path):
+    def __init__(self, base_llm: nn.Module, llms: dict[str, dict], root: Path, tokenizer=None):
         self.root = root
         self.model_class = type(base_llm)   # what load_composed builds: BertModel here, a causal LM in collide
         self.folders = {}
+        # a tied tensor (BertLMHeadModel's output head is its word embeddings) is saved once, under
+        # its first name, as save_pretrained saves the model's own state dict
+        seen, tied = set(), set()
+        for k, v in base_llm.state_dict().items():
+            if v.data_ptr() in seen:
+                tied.add(k)
+            seen.add(v.data_ptr())
         for name, state in [("base", llm_state(base_llm))] + list(llms.items()):
             self.folders[name] = root / "inputs" / name
-            base_llm.save_pretrained(self.folders[name], state_dict=dict(state))  # it empties the dict given
+            base_llm.save_pretrained(self.folders[name], state_dict={k: v for k, v in state.items() if k not in tied})
+        if tokenizer is not None:   # the merge copies it into each composed folder (composed.generate reads it)
+            tokenizer.save_pretrained(self.folders["base"])
         # a stored model's size, as the user's folders hold it (every model has the base's tensors)
         self.model_bytes = {name: safetensors_bytes(f) for name, f in self.folders.items()}
 

@@ -11,6 +11,8 @@ interfere and the MiniLM "LLM" answers from [CLS]. This setting makes interferen
   pretraining saw often (ANSWERS); each non-text modality = a frozen random encoder
   (mllm_data.py) + a trainable projector to soft tokens; the text task's question is read as
   ordinary tokens;
+- `modalmerge demo` runs this code with decoder="minilm" instead: the pip all-MiniLM-L6-v2 as a
+  causal decoder (BertLMHeadModel), no pretraining and no data folder, image and table only;
 - the decoder is fine-tuned per task: every transformer layer and norm, at a high learning rate
   for several epochs (strong task vectors that collide when merged); the input embeddings and
   the output head stay frozen, so the layers carry each skill and every model embeds and scores
@@ -73,6 +75,11 @@ class CollideConfig:
     seed: int = 0
     tasks: tuple = ("image", "speech", "table", TEXT_TASK)
     soft_tokens: int = 4
+    # "pretrained": a Qwen2 decoder pretrained here on sentconv text (below); "minilm": the pip
+    # all-MiniLM-L6-v2's layers run as a causal decoder (transformers' BertLMHeadModel, its word
+    # embeddings the output head; no text needed, as the demo has none), the tasks answering in
+    # the small setting's words
+    decoder: str = "pretrained"
     # the decoder (Qwen2ForCausalLM, output head untied) and its pretraining on sentconv text
     hidden: int = 128
     intermediate: int = 384
@@ -125,6 +132,8 @@ class CollideConfig:
                                   train_sentences=self.pretrain_sentences)
 
     def decoder_key(self) -> str:
+        if self.decoder == "minilm":
+            return f"minilm-decoder-v{CACHE_VERSION}"
         spec = [CACHE_VERSION, "qwen2, untied head", "without TREC", self.pretrain_settings().key()]
         return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
@@ -174,10 +183,21 @@ class DenseForMoeTrainer(nn.Module):
         return SimpleNamespace(logits=logits, aux_loss=logits.new_zeros(()))
 
 
+class TokenizerVocabulary:
+    """The tokenizer's own ids, unchanged (moe.Vocabulary's interface): BOS, EOS and UNK are its
+    [CLS], [SEP] and [UNK]."""
+
+    def __init__(self, tokenizer):
+        self.kept = list(range(len(tokenizer)))
+        self.index = {t: t for t in self.kept}
+        self.bos, self.eos, self.unk = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.unk_token_id
+        self.size = len(self.kept)
+
+
 @dataclass
 class Decoder:
-    model: nn.Module                 # Qwen2ForCausalLM (untied output head), float32, eval
-    vocab: moe.Vocabulary
+    model: nn.Module                 # Qwen2ForCausalLM (untied output head) or BertLMHeadModel, float32, eval
+    vocab: moe.Vocabulary | TokenizerVocabulary
     tokenizer: object                # all-MiniLM-L6-v2's wordpiece tokenizer (ids remapped by vocab)
     heldout: list                    # batches of held-out sentences (perplexity)
     info: dict
@@ -219,11 +239,35 @@ def trec_sentences(folder: Path) -> set[str]:
             for t, _ in sentconv.read_examples(folder / f)}
 
 
+def minilm_decoder(seed: int) -> Decoder:
+    """all-MiniLM-L6-v2 (pip) as a causal decoder: BertLMHeadModel with is_decoder, its pretrained
+    layers and word embeddings (the tied output head); the head's transform, which the pip
+    weights lack, seeded. No held-out text: its text skill is not measured."""
+    from transformers import AutoConfig, BertLMHeadModel
+
+    from . import minilm_path
+
+    path = minilm_path("the demo's decoder")
+    tok = mllm.tokenizer()
+    config = AutoConfig.from_pretrained(path)
+    config.update({"is_decoder": True, "bos_token_id": tok.cls_token_id, "eos_token_id": tok.sep_token_id,
+                   "pad_token_id": tok.pad_token_id, "architectures": ["BertLMHeadModel"]})
+    torch.manual_seed(seed)
+    model = BertLMHeadModel.from_pretrained(path, config=config, dtype=torch.float32).eval()
+    model.generation_config.update(bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    return Decoder(model, TokenizerVocabulary(tok), tok, [],
+                   {"source": "all-MiniLM-L6-v2 (pip) as BertLMHeadModel (is_decoder); head transform seeded"})
+
+
 def load_decoder(cfg: CollideConfig, data_root, cache: Path | None, log) -> Decoder:
     """The pretrained decoder: from the cache, or trained now by bench moe's loop. Its training
     and held-out sentences are bench moe's split of the sentconv sentences less every TREC
-    sentence (the text task's), so the base never saw the text task's questions."""
+    sentence (the text task's), so the base never saw the text task's questions. With
+    cfg.decoder "minilm": minilm_decoder()."""
     from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    if cfg.decoder == "minilm":
+        return minilm_decoder(cfg.pretrain_seed)
 
     settings = cfg.pretrain_settings()
     settings.data_dir = str(data_root) if data_root else None
@@ -307,8 +351,9 @@ def build_tasks(cfg: CollideConfig, decoder: Decoder, data_root) -> dict[str, da
              for n in cfg.tasks}
     if cfg.forgetting and "image" in tasks:
         tasks["image-parity"] = data.mnist_parity_task(cfg.seed, cfg.caps)
-    for t in tasks.values():
-        t.question, t.answers = QUESTIONS[t.name], list(ANSWERS[t.name])
+    if cfg.decoder == "pretrained":   # words the pretraining saw often; MiniLM knows the small setting's
+        for t in tasks.values():
+            t.question, t.answers = QUESTIONS[t.name], list(ANSWERS[t.name])
     return tasks
 
 
@@ -362,8 +407,8 @@ def greedy(llm: nn.Module, embeds, mask, steps: int, prefill=contextlib.nullcont
     inside `prefill()` (a routed context for a composed model), each new token inside
     `decode()`. Returns [batch, steps] token ids."""
     emb = llm.get_input_embeddings()
-    with prefill():
-        out = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
+    with prefill():   # the head on the last position only: a vocabulary-wide matmul per token is most of the work
+        out = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
     tokens = [out.logits[:, -1].argmax(-1)]
     for _ in range(steps - 1):
         mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype)], 1)
@@ -392,17 +437,19 @@ def finetune(base: nn.Module, prompts: Prompts, task: data.Task, cfg: CollideCon
         llm.load_state_dict(init_llm, strict=False)
     emb = llm.get_input_embeddings()
     emb.weight.requires_grad_(False)
-    head = llm.get_output_embeddings().weight
-    head.requires_grad_(cfg.lr_head > 0)
+    head = list(llm.get_output_embeddings().parameters())   # its weight (and a bias tied to the head's)
+    for p in head:
+        p.requires_grad_(cfg.lr_head > 0)
     proj = None
     if task.modality != "text":
         proj = mllm.Projector(task.train.x.shape[1], llm.config.hidden_size, cfg.soft_tokens)
         if init_proj is not None:
             proj.load_state_dict(init_proj)
     llm.train()
-    groups = [{"params": [p for p in llm.parameters() if p.requires_grad and p is not head], "lr": cfg.lr_llm}]
+    in_head = {id(p) for p in head}
+    groups = [{"params": [p for p in llm.parameters() if p.requires_grad and id(p) not in in_head], "lr": cfg.lr_llm}]
     if cfg.lr_head > 0:
-        groups.append({"params": [head], "lr": cfg.lr_head})
+        groups.append({"params": head, "lr": cfg.lr_head})
     if proj is not None:
         groups.append({"params": list(proj.parameters()), "lr": cfg.lr_proj})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -415,7 +462,7 @@ def finetune(base: nn.Module, prompts: Prompts, task: data.Task, cfg: CollideCon
         answer_in = emb(labels[:, :-1].clamp(min=0))
         x = torch.cat([x, answer_in], 1)
         mask = torch.cat([mask, torch.ones(answer_in.shape[:2], dtype=torch.long)], 1)
-        logits = llm(inputs_embeds=x, attention_mask=mask).logits[:, -labels.shape[1]:]
+        logits = llm(inputs_embeds=x, attention_mask=mask, logits_to_keep=labels.shape[1]).logits
         return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100)
 
     log = mllm.train_epochs(opt, len(task.train.y), cfg.batch, epochs or cfg.epochs, cfg.seed, batch_loss, progress)
@@ -511,8 +558,11 @@ class Evaluator:
         return correct / total
 
     @torch.no_grad()
-    def perplexity(self, weights) -> float:
-        """Held-out perplexity on sentconv sentences the decoder never trained on (its text skill)."""
+    def perplexity(self, weights) -> float | None:
+        """Held-out perplexity on sentconv sentences the decoder never trained on (its text skill);
+        None for a decoder with no held-out text (MiniLM's)."""
+        if not self.decoder.heldout:
+            return None
         llm = self.load(weights)
         return moe.perplexity((llm(**b).logits for b in self.decoder.heldout), self.decoder.heldout)
 
@@ -520,8 +570,11 @@ class Evaluator:
 # ---------------------------------------------------------------- one seed
 
 
-def run_seed(cfg: CollideConfig, *, cache: Path | None, data_root=None, log=print, progress=True) -> dict:
-    """One seed: fine-tune (cached), merge, evaluate. Returns the result dict."""
+def run_seed(cfg: CollideConfig, *, cache: Path | None, data_root=None, log=print, progress=True,
+             serve=None) -> dict:
+    """One seed: fine-tune (cached), merge, evaluate. Returns the result dict. `serve(method,
+    composed, evaluator)` is called with each decoupled merge's composed model (loaded by
+    modalmerge.runtime from its folder, which is removed at the end) after its row."""
     from tqdm import tqdm
 
     t_start = time.perf_counter()
@@ -563,7 +616,10 @@ def run_seed(cfg: CollideConfig, *, cache: Path | None, data_root=None, log=prin
     ev = Evaluator(decoder, prompts, projs)
     ev.samples_per_task = cfg.samples
     scratch = tempfile.TemporaryDirectory(prefix="modalmerge-bench-collide-")
-    composer = mllm.Composer(base_llm, {n: llms[n] for n in names}, Path(scratch.name))
+    # the tokenizer goes with the folders only where the decoder's ids are its own (not remapped)
+    own_ids = isinstance(decoder.vocab, TokenizerVocabulary)
+    composer = mllm.Composer(base_llm, {n: llms[n] for n in names}, Path(scratch.name),
+                             decoder.tokenizer if own_ids else None)
     mib = lambda b: b / 2 ** 20  # noqa: E731
     one_model = composer.model_bytes["base"]
     pairs = [(a, b) for a in names for b in names if a != b]
@@ -632,6 +688,8 @@ def run_seed(cfg: CollideConfig, *, cache: Path | None, data_root=None, log=prin
                         for a, b in pairs}
                     row["extracted_equal_masked"] = extracted_equal_masked(composer.root / f"composed-{step}",
                                                                            merged, names)
+                if serve is not None:
+                    serve(step, composed, ev)
             else:
                 evaluate_row(mllm.LABELS[step], "merged", lambda t: merged, merged,
                              lambda a, b: ev.mixed_accuracy(a, b, mixed_n, cfg.seed, weights=merged),
@@ -698,14 +756,15 @@ def extracted_equal_masked(folder: Path, merged: "mllm.Decoupled", names: list[s
 
 
 def run(cfg: CollideConfig, seeds: list[int], *, cache: Path | None, data_root=None, out: Path | None = None,
-        log=print, progress=True) -> dict:
-    """Every seed, then the summary: mean and min–max of each row's numbers over the seeds."""
+        log=print, progress=True, serve=None) -> dict:
+    """Every seed, then the summary: mean and min–max of each row's numbers over the seeds
+    (`serve`: run_seed's)."""
     t0 = time.perf_counter()
     per_seed = []
     for s in seeds:
         c = copy.deepcopy(cfg)
         c.seed = s
-        per_seed.append(run_seed(c, cache=cache, data_root=data_root, log=log, progress=progress))
+        per_seed.append(run_seed(c, cache=cache, data_root=data_root, log=log, progress=progress, serve=serve))
         if out is not None:   # each seed's numbers as soon as they exist
             out.mkdir(parents=True, exist_ok=True)
             (out / f"seed-{s}.json").write_text(json.dumps(per_seed[-1], indent=2, default=str))
@@ -784,7 +843,8 @@ def markdown(result: dict) -> str:
     summ = result["summary"]
     names = summ["tasks"]
     seeds = result["seeds"]
-    lines = [f"Seeds {', '.join(map(str, seeds))}: each cell is the mean over the seeds (min–max in brackets).", "",
+    lines = [f"Seeds {', '.join(map(str, seeds))}: each cell is the mean over the seeds (min–max in brackets)."
+             if len(seeds) > 1 else f"Seed {seeds[0]}.", "",
              "| Model | " + " | ".join(f"{n} acc" for n in names) + " | mean ret. | min ret. | mixed acc | "
              "held-out ppl | mask density (" + "/".join(names) + ") |",
              "|" + "---|" * (len(names) + 6)]
@@ -836,7 +896,8 @@ def plot(result: dict, path: Path) -> None:
                         for r in rows]))
     mllm.retention_bars(path, [r["row"] for r in rows], groups,
                         f"mini-MLLM merge, generative decoder, {len(names)} tasks: retention "
-                        f"(mean, min–max over {len(result['seeds'])} seeds)")
+                        + (f"(mean, min–max over {len(result['seeds'])} seeds)" if len(result["seeds"]) > 1
+                           else f"(seed {result['seeds'][0]})"))
 
 
 def write_outputs(result: dict, out: Path) -> dict[str, Path]:

@@ -9,6 +9,12 @@ go through θ_0 + m_g ⊙ τ* and the text through the text weights; decoding th
 weights with the KV cache and no routing, at the plain model's speed (with
 `text_mask="present"`, on the mean mask of the modalities in the prompt, patched in once).
 
+A modality served by the user's own encoder and projector (not a transformers family: no
+processor in the composed folder) is given as `features`: (task, rows [n, hidden]) pairs, rows
+already in the language model's embedding space. Each block's rows take n positions of their own
+with that task's group id, in the order given, after the tokenizer's BOS and before everything
+else.
+
 Where the text holds a modality's placeholder (`<image>` for LLaVA, `<|AUDIO|>` for Qwen2-Audio:
 the processor's own token), each occurrence takes the next image or clip in order; a text without
 any puts all images, then all clips, before the text. One prompt at a time (batch 1). Families
@@ -145,9 +151,32 @@ def _special_prefix(tok: Any) -> list[int]:
     return []
 
 
+def feature_blocks(composed: "ComposedModel", features: Any) -> list[tuple[str, torch.Tensor]]:
+    """`features` as checked (task, rows [n, hidden]) pairs: a mapping or a sequence of pairs."""
+    items = list(features.items()) if hasattr(features, "items") else list(features or [])
+    hidden = composed.llm.get_input_embeddings().embedding_dim
+    out = []
+    for item in items:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise MergeError("features: give (task, rows) pairs or a {task: rows} mapping")
+        task, rows = item
+        if task not in composed.tasks:
+            raise MergeError(f"features: {task!r} is not a task of the composed model ({', '.join(composed.tasks)})")
+        if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[1] != hidden or not len(rows):
+            shape = list(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
+            raise MergeError(f"features[{task!r}]: rows must be a [n, {hidden}] tensor (n ≥ 1, the language "
+                             f"model's hidden size), got {shape}")
+        if not torch.isfinite(rows).all():
+            raise MergeError(f"features[{task!r}]: the rows hold NaN or infinite values")
+        out.append((task, rows))
+    return out
+
+
 def build_prompt(composed: "ComposedModel", text: str = "", images: Sequence[Any] = (), audios: Sequence[Any] = (),
-                 *, tasks: dict[str, str] | None = None, add_special_tokens: bool = True) -> Prompt:
+                 *, features: Any = (), tasks: dict[str, str] | None = None,
+                 add_special_tokens: bool = True) -> Prompt:
     """The prompt's ids, group ids and feature rows (see the module docstring)."""
+    blocks = feature_blocks(composed, features)
     media = {"image": list(images or []), "audio": list(audios or [])}
     serving = serving_tasks(composed, media, tasks)
     tok = text_tokenizer(composed)
@@ -170,6 +199,13 @@ def build_prompt(composed: "ComposedModel", text: str = "", images: Sequence[Any
     rows: list[torch.Tensor] = []
     taken = {kind: 0 for kind in serving}
     dtype = next(composed.llm.parameters()).dtype
+    filler = getattr(tok, "pad_token_id", None) or 0   # an id under the rows: embedded, then replaced
+    for task, block in blocks:
+        n = block.shape[0]
+        ids.append(torch.full((n,), filler, dtype=torch.long))
+        groups.append(torch.full((n,), composed.task_index(task), dtype=torch.long))
+        where.append(torch.ones(n, dtype=torch.bool))
+        rows.append(block.to(dtype))
     for piece in pieces:
         if not piece:
             continue
@@ -189,7 +225,7 @@ def build_prompt(composed: "ComposedModel", text: str = "", images: Sequence[Any
         rows.append(feats)
     input_ids = torch.cat(ids).unsqueeze(0)
     if input_ids.numel() == 0:
-        raise MergeError("the prompt is empty: give a text, an image or an audio clip")
+        raise MergeError("the prompt is empty: give a text, an image, an audio clip or features")
     vocab = composed.llm.get_input_embeddings().num_embeddings
     if int(input_ids.max()) >= vocab:
         raise MergeError(f"token id {int(input_ids.max())} of the prompt is outside the composed LLM's vocabulary "
@@ -232,11 +268,10 @@ def prefill(composed: "ComposedModel", prompt: Prompt, text_mask: str = "all") -
 
 
 def _eos_ids(composed: "ComposedModel", tok: Any, eos_token_id) -> set[int]:
-    if eos_token_id is None:
-        config = getattr(composed.llm, "generation_config", None)
-        eos_token_id = getattr(config, "eos_token_id", None)
+    # the generation config's, else the model config's, else the tokenizer's
+    for source in (getattr(composed.llm, "generation_config", None), composed.llm.config, tok):
         if eos_token_id is None:
-            eos_token_id = getattr(tok, "eos_token_id", None)
+            eos_token_id = getattr(source, "eos_token_id", None)
     if eos_token_id is None:
         return set()
     return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(i) for i in eos_token_id}
@@ -260,18 +295,20 @@ def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: in
 def generate(composed: "ComposedModel", text: str = "", images: Sequence[Any] = (), audios: Sequence[Any] = (), *,
              max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, seed: int | None = None, eos_token_id: int | list[int] | None = None,
-             text_mask: str = "all", tasks: dict[str, str] | None = None,
+             text_mask: str = "all", tasks: dict[str, str] | None = None, features: Any = (),
              add_special_tokens: bool = True) -> Generation:
     """Generate text from one prompt of text, images (what the vision modality's processor takes:
     PIL images, arrays) and audio clips (1-D float arrays at the feature extractor's sampling
-    rate). Greedy by default; `do_sample` with `temperature`, `top_k`, `top_p` and `seed`.
+    rate), and `features`: (task, rows) from the user's own encoders (module docstring).
+    Greedy by default; `do_sample` with `temperature`, `top_k`, `top_p` and `seed`.
     `tasks` picks the modality task for a media kind where several take it ({"image": "vision"})."""
     if max_new_tokens < 1:
         raise MergeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if do_sample and not (temperature > 0 and 0 < top_p <= 1 and top_k >= 0):
         raise MergeError("sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
     tok = text_tokenizer(composed)
-    prompt = build_prompt(composed, text, images, audios, tasks=tasks, add_special_tokens=add_special_tokens)
+    prompt = build_prompt(composed, text, images, audios, features=features, tasks=tasks,
+                          add_special_tokens=add_special_tokens)
     logits, cache = prefill(composed, prompt, text_mask)
     first = logits.detach().float().cpu()
     eos = _eos_ids(composed, tok, eos_token_id)
