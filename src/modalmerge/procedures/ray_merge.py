@@ -21,8 +21,10 @@ The driver opens the output as the single-machine merge does (engine/sinks.Folde
 the partial folder and the shards' index, here without the weight shards, which the workers
 write), and once every group is written it writes config, tokenizer and model card and places
 the folder atomically. A failed group (an error in the merge, or its worker or node lost) ends the
-merge with one error line and no output: the other tasks are cancelled and the partial folder
-removed. Each worker checks that its plan is the driver's, so a node that sees other files at the
+merge with one error line and no output: the tasks still running are let finish (a while) and
+the partial folder removed. They are not cancelled: in Ray 2.60 a cancel that meets a task's
+reply on its way crashes the driver ("Check failed: it != submissible_tasks_.end()", the race of
+ray-project/ray#54798), seen here once in CI; only Ctrl-C cancels the unfinished ones. Each worker checks that its plan is the driver's, so a node that sees other files at the
 inputs' paths is one error line too.
 
 Ray: a local instance of `workers × threads` CPUs by default, node address 127.0.0.1, shut down
@@ -56,7 +58,7 @@ from .ray_cluster import connect, usable_cores
 from .search.runners import SEARCH_EXTRA
 
 NAMESPACE = "modalmerge-merge"
-CANCEL_WAIT_S = 60.0  # cancelled tasks are waited for (a while) before the partial folder is removed
+CANCEL_WAIT_S = 60.0  # tasks still running are waited for (a while) before the partial folder is removed
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,7 @@ class RayMerge:
             options["scheduling_strategy"] = "SPREAD"  # the shards' reads and writes over the nodes
         self.observe_remote = ray.remote(observe_group).options(**options)
         self.apply_remote = ray.remote(apply_group).options(**options)
-        self.submitted: list = []  # every task's result, for cancel()
+        self.submitted: list = []  # every task's result, for stop()
 
     def observe(self, stat: Statistic, prior: Stats) -> Statistic:
         """One statistics pass: the statistic handed from group to group in plan order (a chain of
@@ -215,22 +217,26 @@ class RayMerge:
         return done
 
     def get(self, ref, what: str) -> Any:
-        """A task's result; on failure the other tasks are cancelled and the error is one line."""
+        """A task's result; on failure the error is one line, once no other task runs (stop())."""
         try:
             return self.ray.get(ref)
         except self.ray.exceptions.RayError as e:
-            self.cancel()
+            self.stop()
             raise self.error(e, what) from None
 
-    def cancel(self) -> None:
-        """Stop every task still running, and wait (a while) until none writes into the partial
-        folder any more, which the caller then removes."""
+    def stop(self, cancel: bool = False) -> None:
+        """Wait (a while) until no task writes into the partial folder any more, which the caller
+        then removes. At most `workers` apply tasks are in flight, and a statistics chain's links
+        after a failed one fail at once, so the wait is about one shard's merge. `cancel` (Ctrl-C):
+        the unfinished tasks are cancelled first (see the module docstring for why not always)."""
         ray = self.ray
-        for ref in self.submitted:
-            try:
-                ray.cancel(ref, force=True)
-            except Exception:  # noqa: BLE001 - already finished or gone: nothing to stop
-                pass
+        if cancel and self.submitted:
+            _, unfinished = ray.wait(self.submitted, num_returns=len(self.submitted), timeout=0)
+            for ref in unfinished:
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:  # noqa: BLE001 - finished or gone meanwhile: nothing to stop
+                    pass
         if self.submitted:
             ray.wait(self.submitted, num_returns=len(self.submitted), timeout=CANCEL_WAIT_S)
         self.submitted = []
@@ -300,9 +306,9 @@ def merge_on_ray(plan: Plan, output: str | os.PathLike, o: RunOptions, on: OnRay
         done = run.apply(stats)
         t2 = time.perf_counter()
         sink.close()
-    except BaseException:
-        if run is not None:  # e.g. Ctrl-C: no task still writing into the partial folder
-            run.cancel()
+    except BaseException as e:
+        if run is not None:  # no task still writing into the partial folder; Ctrl-C stops them
+            run.stop(cancel=isinstance(e, KeyboardInterrupt))
         sink.abort()
         raise
     finally:
