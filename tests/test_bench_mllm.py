@@ -210,6 +210,7 @@ def test_demo_tiny(tmp_path, capsys, monkeypatch):
     text = captured.out
     assert "MMER" in text and str(out / "mllm.png") in text and "Storage of the language model" in text
     assert (out / "mllm.png").exists() and (out / "mllm.md").exists()
+    assert "mixed     2nd" in text       # mixed inputs with the asked input first, and second
     got = checked["got"]
     assert got["answer"] == checked["want"] and got["expected"] in mllm_data.DIGIT_WORDS
     assert f"answered {got['answer']!r}; the picture shows {got['expected']!r}" in text

@@ -110,6 +110,8 @@ def test_bench_mllm_collide_tiny_end_to_end(tmp_path, capsys):
     mmer = rows["MMER"]
     assert set(mmer["mixed"]) == pairs and set(mmer["mixed_present"]) == set(mmer["mixed_text_asked"]) == pairs
     assert all(0 <= v <= 1 for v in mmer["mixed"].values())
+    # every row with mixed inputs also scores them with the asked block second
+    assert all(set(r["mixed_second"]) == pairs for r in run["rows"] if "mixed" in r)
     assert mmer["extracted_equal_masked"] == {n: True for n in names}
     assert all(0 <= v["mass_left_at_base"] <= 1 and v["relative_error"] >= 0 for v in mmer["reconstruction"].values())
     assert all(0 < v <= 1 for v in mmer["mask_density"].values())
@@ -136,3 +138,22 @@ def test_small_setting_refuses_collides_options(capsys):
     assert "text task is in --setting collide only" in capsys.readouterr().err
     assert main(["bench", "mllm", "--seeds", "0", "1", "--no-cache", "--out", "/nonexistent"]) == 1
     assert "--seeds is for --setting collide" in capsys.readouterr().err
+
+
+def test_mixed_batches_put_the_asked_block_where_asked():
+    """The default alternates by batch (asked first in even batches); asked_first False puts the
+    asked block second in every batch, with the same inputs and labels."""
+    from types import SimpleNamespace
+
+    split = lambda n: SimpleNamespace(x=torch.arange(n)[:, None], y=torch.arange(n))  # noqa: E731
+    ev = SimpleNamespace(
+        tasks={"a": SimpleNamespace(test=split(10)), "b": SimpleNamespace(test=split(7))}, projs={}, batch=4,
+        prompts=SimpleNamespace(block=lambda emb, task, x, proj: (task, x[:, 0].tolist())), asked_first=None)
+    batches = lambda: list(mllm_collide.Evaluator.mixed_batches(ev, "a", "b", 8, 0, None))  # noqa: E731
+    default = batches()
+    assert [which for _, which, _ in default] == [["a", "b"], ["b", "a"]]
+    ev.asked_first = False
+    second = batches()
+    assert [which for _, which, _ in second] == [["b", "a"], ["b", "a"]]
+    for (blocks_d, which_d, y_d), (blocks_s, _, y_s) in zip(default, second):
+        assert torch.equal(y_d, y_s) and sorted(blocks_d) == sorted(blocks_s)   # the same inputs

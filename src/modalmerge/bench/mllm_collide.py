@@ -511,10 +511,13 @@ class Evaluator:
 
     samples_per_task = 4
 
+    asked_first: bool | None = None   # where mixed inputs put the asked block (None: see mixed_batches)
+
     def mixed_batches(self, asked: str, other: str, n: int, seed: int, emb: nn.Embedding):
         """Two tasks' inputs in one prompt, a question about `asked`: yields (blocks, which task
-        each block is, labels). The order alternates by batch (asked first in even batches), so
-        with n ≤ batch inputs the asked block always comes first."""
+        each block is, labels). The asked block comes first (self.asked_first True), second
+        (False), or by default first in even batches and second in odd ones, so with n ≤ batch
+        inputs always first."""
         ta, tb = self.tasks[asked], self.tasks[other]
         g = np.random.default_rng(seed)
         ia = g.permutation(len(ta.test.y))[:n]
@@ -522,7 +525,7 @@ class Evaluator:
         for i in range(0, len(ia), self.batch):
             a = self.prompts.block(emb, asked, ta.test.x[ia[i:i + self.batch]], self.projs.get(asked))
             b = self.prompts.block(emb, other, tb.test.x[ib[i:i + self.batch]], self.projs.get(other))
-            first = (i // self.batch) % 2 == 0
+            first = (i // self.batch) % 2 == 0 if self.asked_first is None else self.asked_first
             blocks, which = ([a, b], [asked, other]) if first else ([b, a], [other, asked])
             yield blocks, which, ta.test.y[ia[i:i + self.batch]]
 
@@ -642,6 +645,11 @@ def run_seed(cfg: CollideConfig, *, cache: Path | None, data_root=None, log=prin
         row["perplexity"] = ev.perplexity(text_weights) if text_weights is not None else None
         if mixed_fn is not None and pairs:
             row["mixed"] = {f"{a}+{b}": mixed_fn(a, b) for a, b in pairs}
+            ev.asked_first = False   # the same inputs with the asked block second
+            try:
+                row["mixed_second"] = {f"{a}+{b}": mixed_fn(a, b) for a, b in pairs}
+            finally:
+                ev.asked_first = None
         result["rows"].append(row)
         return row
 
@@ -702,7 +710,7 @@ def run_seed(cfg: CollideConfig, *, cache: Path | None, data_root=None, log=prin
         r["retention"] = {n: r["acc"][n] / ref["acc"][n] if ref["acc"][n] else None for n in names}
         if r.get("mixed"):
             r["mixed_mean"] = float(np.mean(list(r["mixed"].values())))
-        for key in ("mixed_present", "mixed_text_asked"):
+        for key in ("mixed_second", "mixed_present", "mixed_text_asked"):
             if r.get(key):
                 r[f"{key}_mean"] = float(np.mean(list(r[key].values())))
     result["test_sizes"] = {n: len(tasks[n].test.y) for n in names}
@@ -803,6 +811,7 @@ def summarise(per_seed: list[dict]) -> dict:
                "mean_retention": spread([over_tasks(np.mean, r["retention"], names) for r in runs]),
                "min_retention": spread([over_tasks(min, r["retention"], names) for r in runs]),
                "mixed": spread([r.get("mixed_mean") for r in runs]),
+               "mixed_second": spread([r.get("mixed_second_mean") for r in runs]),
                "mixed_present": spread([r.get("mixed_present_mean") for r in runs]),
                "mixed_text_asked": spread([r.get("mixed_text_asked_mean") for r in runs]),
                "perplexity": spread([r.get("perplexity") for r in runs]),
@@ -852,6 +861,8 @@ def markdown(result: dict) -> str:
         dens = "/".join(cell(r["mask_density"][n], digits=0).split(" ")[0] for n in names) \
             if any(r["mask_density"][n] for n in names) else "–"
         mixed = cell(r["mixed"])
+        if r["mixed_second"]:
+            mixed += f"; asked second: {cell(r['mixed_second'])}"
         if r["mixed_present"]:
             mixed += f"; present m̄: {cell(r['mixed_present'])}"
         if r["mixed_text_asked"]:

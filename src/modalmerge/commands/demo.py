@@ -82,19 +82,21 @@ def cmd_demo(args) -> int:
     run = result["per_seed"][0]
     names = run["tasks_run"]
     print()
-    print(f"{'model':<44}" + "".join(f"{n + ' acc':>12}{'retained':>10}" for n in names) + f"{'mixed':>8}")
+    print(f"{'model':<44}" + "".join(f"{n + ' acc':>12}{'retained':>10}" for n in names) + f"{'mixed':>8}"
+          + f"{'2nd':>8}")
     for r in run["rows"]:
         if r["kind"] == "individual":
             continue
         cells = "".join(f"{100 * r['acc'][n]:>11.1f}%{100 * (r['retention'][n] or 0):>9.1f}%" for n in names)
-        print(f"{r['row'][:43]:<44}{cells}{100 * r.get('mixed_mean', 0):>7.1f}%")
+        print(f"{r['row'][:43]:<44}{cells}{100 * r.get('mixed_mean', 0):>7.1f}%"
+              f"{100 * r.get('mixed_second_mean', 0):>7.1f}%")
     merges = [r for r in run["rows"] if r["kind"] in ("merged", "decoupled")]
     worst = ", ".join(f"{r['row']} {100 * min(v or 0 for v in r['retention'].values()):.1f}%" for r in merges)
     print(f"\nThe modality each merge keeps least of, as a share of that modality's own model: {worst}.")
     mmer_row = next(r for r in run["rows"] if r["row"] == mllm.LABELS["mmer"])
     print(storage_line(mmer_row["storage"]))
     print("'acc': the generated answer is exactly the right word. 'mixed': an image and a table reading in one "
-          "input, a question about one of them (its input first).")
+          "input, a question about one of them, its input first; '2nd': the same inputs, its input second.")
     a = asked
     print(f"\nOne mixed input, answered by the composed MMER model (modalmerge.runtime: load_composed, "
           f"composed.generate):\n  [CLS] + {a['rows'][a['asked']]} rows of a digit picture + {a['rows'][a['other']]} "
