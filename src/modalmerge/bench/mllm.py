@@ -33,6 +33,7 @@ from torch import nn
 
 from . import minilm_path
 from . import mllm_data as data
+from .runtime_overhead import median_times
 
 DISTRACTORS = 1000     # other vocabulary words each training answer competes with
 SCALE = 20.0           # cosine-logit temperature of the answer scoring (fixed, not trained)
@@ -318,6 +319,20 @@ def cached_finetune(cache: Path | None, key: str, fn: Callable[[], tuple[dict, d
 # ---------------------------------------------------------------- evaluation
 
 
+def mixed_slices(n_asked: int, n_other: int, n: int, seed: int, batch: int, asked_first: bool | None = None):
+    """Which test inputs make up mixed prompts, batch by batch: (indices into the asked task's
+    test split, indices into the other's, whether the asked block comes first). n asked inputs
+    (a seeded permutation), each paired with a random other input; the asked block comes first
+    (asked_first True), second (False), or by default first in even batches and second in odd
+    ones."""
+    g = np.random.default_rng(seed)
+    ia = g.permutation(n_asked)[:n]
+    ib = g.integers(0, n_other, size=len(ia))
+    for i in range(0, len(ia), batch):
+        first = (i // batch) % 2 == 0 if asked_first is None else asked_first
+        yield ia[i:i + batch], ib[i:i + batch], first
+
+
 class Evaluator:
     """Accuracy of a language model (plain weights, or routed per token group) with the modality
     projectors, on single-modality, mixed and text-probe inputs."""
@@ -351,15 +366,11 @@ class Evaluator:
         block is, labels) batch by batch. The asked block comes first in even batches and second in
         odd ones, so with n ≤ batch it is always first (docs/results/mllm.md says so)."""
         ta, tb = self.tasks[asked], self.tasks[other]
-        g = np.random.default_rng(seed)
-        ia = g.permutation(len(ta.test.y))[:n]
-        ib = g.integers(0, len(tb.test.y), size=len(ia))
-        for i in range(0, len(ia), self.batch):
-            a = self.projs[asked](ta.test.x[ia[i:i + self.batch]])
-            b = self.projs[other](tb.test.x[ib[i:i + self.batch]])
-            first = (i // self.batch) % 2 == 0
+        for ia, ib, first in mixed_slices(len(ta.test.y), len(tb.test.y), n, seed, self.batch):
+            a = self.projs[asked](ta.test.x[ia])
+            b = self.projs[other](tb.test.x[ib])
             blocks, which = ([a, b], [asked, other]) if first else ([b, a], [other, asked])
-            yield blocks, which, ta.test.y[ia[i:i + self.batch]]
+            yield blocks, which, ta.test.y[ia]
 
     @torch.no_grad()
     def mixed_accuracy(self, asked: str, other: str, n: int, seed: int, weights=None, composed=None,
@@ -571,15 +582,8 @@ def runtime_cost(composed, ev: "Evaluator", pairs, n: int, seed: int, repeats: i
     def timed(inputs) -> dict:
         fns = {"plain": lambda: plain(inputs), "routed": lambda: routed(inputs, "all"),
                "routed, m̄ present": lambda: routed(inputs, "present")}
-        runs = {name: [] for name in fns}
         with torch.no_grad():
-            for r in range(repeats + 1):
-                for name, fn in fns.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    if r:  # round 0 warms up
-                        runs[name].append(time.perf_counter() - t0)
-        times = {k: float(np.median(v)) for k, v in runs.items()}
+            times = median_times(fns, repeats, str(composed.device))
         tokens = sum(x.shape[0] * x.shape[1] for x, _ in inputs)
         return {"tokens": tokens, "tokens_per_s": {k: tokens / v for k, v in times.items()},
                 "x_plain": {k: v / times["plain"] for k, v in times.items()},

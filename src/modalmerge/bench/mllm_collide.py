@@ -519,15 +519,12 @@ class Evaluator:
         (False), or by default first in even batches and second in odd ones, so with n ≤ batch
         inputs always first."""
         ta, tb = self.tasks[asked], self.tasks[other]
-        g = np.random.default_rng(seed)
-        ia = g.permutation(len(ta.test.y))[:n]
-        ib = g.integers(0, len(tb.test.y), size=len(ia))
-        for i in range(0, len(ia), self.batch):
-            a = self.prompts.block(emb, asked, ta.test.x[ia[i:i + self.batch]], self.projs.get(asked))
-            b = self.prompts.block(emb, other, tb.test.x[ib[i:i + self.batch]], self.projs.get(other))
-            first = (i // self.batch) % 2 == 0 if self.asked_first is None else self.asked_first
+        for ia, ib, first in mllm.mixed_slices(len(ta.test.y), len(tb.test.y), n, seed, self.batch,
+                                               self.asked_first):
+            a = self.prompts.block(emb, asked, ta.test.x[ia], self.projs.get(asked))
+            b = self.prompts.block(emb, other, tb.test.x[ib], self.projs.get(other))
             blocks, which = ([a, b], [asked, other]) if first else ([b, a], [other, asked])
-            yield blocks, which, ta.test.y[ia[i:i + self.batch]]
+            yield blocks, which, ta.test.y[ia]
 
     @torch.no_grad()
     def mixed_accuracy(self, asked: str, other: str, n: int, seed: int, weights=None, composed=None,

@@ -67,7 +67,7 @@ def build(root: Path, arch: str, n_modalities: int = 3) -> tuple[Path, type]:
     return root / "composed", cls
 
 
-def _median_times(fns: dict, repeats: int, device: str) -> dict[str, float]:
+def median_times(fns: dict, repeats: int, device: str) -> dict[str, float]:
     """Median seconds of each function; one call of each per round, in turn, so that load on a
     shared machine falls on all of them alike (one warm-up round first)."""
     runs: dict[str, list[float]] = {name: [] for name in fns}
@@ -115,11 +115,11 @@ def measure(folder: Path, cls, device: str, tokens: int, batch: int, repeats: in
                 composed.llm(inputs_embeds=x)
         return run
 
-    results = _median_times({"plain": plain, "routed": routed(groups), "one-modality": routed(one, text_mask="present")},
+    results = median_times({"plain": plain, "routed": routed(groups), "one-modality": routed(one, text_mask="present")},
                             repeats, device)
     with torch.no_grad(), composed.route(groups, cache=True):
         composed.llm(inputs_embeds=x)  # builds each group's weights, kept for the context
-        results["routed+cache"] = _median_times({"cached": lambda: composed.llm(inputs_embeds=x)},
+        results["routed+cache"] = median_times({"cached": lambda: composed.llm(inputs_embeds=x)},
                                                 repeats, device)["cached"]
     peaks = None
     if device.startswith("cuda"):
@@ -166,8 +166,8 @@ def decode_speed(composed, x: torch.Tensor, groups: torch.Tensor, steps: int, re
         return run
 
     seconds: dict[bool, list[float]] = {}
-    _median_times({"plain prefill": after(False), "routed prefill": after(True)}, repeats, device)
-    # the first round is the warm-up: drop it, as _median_times does
+    median_times({"plain prefill": after(False), "routed prefill": after(True)}, repeats, device)
+    # the first round is the warm-up: drop it, as median_times does
     med = {k: statistics.median(v[1:]) for k, v in seconds.items()}
     per_s = {"after plain prefill": x.shape[0] * steps / med[False],
              "after routed prefill": x.shape[0] * steps / med[True]}

@@ -47,7 +47,7 @@ def cmd_mllm(args) -> int:
         raise MergeError("bench mllm: the text task is in --setting collide only; the small setting has image, "
                          "speech and table")
     make = mllm.tiny_config if args.tiny else mllm.quick_config if args.quick else mllm.Config
-    cfg = apply_options(make(seed=args.seed), args)
+    cfg = apply_options(make(seed=0 if args.seed is None else args.seed), args)
     cache = None if args.no_cache else Path(args.cache or default_cache())
     out = Path(args.out)
     result = mllm.run(cfg, cache=cache, data_root=args.data_dir, out=out, missing_ok=args.quick or args.tiny,
@@ -65,7 +65,8 @@ def cmd_mllm_collide(args) -> int:
     make = mllm_collide.tiny_config if args.tiny else mllm_collide.quick_config if args.quick \
         else mllm_collide.CollideConfig
     cfg = apply_options(make(), args)
-    seeds = args.seeds or ([args.seed] if (args.tiny or args.quick or args.seed) else [0, 1, 2])
+    # an explicit --seed (0 included) runs that seed alone; --tiny/--quick default to seed 0
+    seeds = args.seeds or ([args.seed or 0] if (args.tiny or args.quick or args.seed is not None) else [0, 1, 2])
     cache = None if args.no_cache else Path(args.cache or mllm_collide.default_cache())
     out = Path(args.out)
     result = mllm_collide.run(cfg, seeds, cache=cache, data_root=args.data_dir, out=out,
@@ -103,7 +104,8 @@ def register_mllm(bench) -> None:
     s.add_argument("--methods", nargs="+", metavar="METHOD",
                    help="merges to compare (default task_arithmetic ties dare_ties tall emr mmer)")
     s.add_argument("--no-forgetting", action="store_true", help="skip the forgetting setting")
-    s.add_argument("--seed", type=int, default=0, help="seed of splits, encoders and training (default 0)")
+    s.add_argument("--seed", type=int, help="seed of splits, encoders and training (default 0; collide: "
+                                            "this seed alone instead of --seeds)")
     s.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
                    help="collide: the seeds to run and summarise (default 0 1 2; --quick/--tiny: --seed)")
     s.add_argument("--threads", type=int, help="torch threads (default: the cores available)")

@@ -69,11 +69,11 @@ def cmd_demo(args) -> int:
           "modality.", flush=True)
     cache = None if args.no_cache else mllm_collide.default_cache()
     out = Path(args.out)
-    asked = {}
+    one = {}   # the mixed input the composed model is asked, and its answer
 
     def serve(method, composed, ev):
         if method == "mmer":
-            asked.update(ask_mixed(composed, ev, "image", "table"))
+            one.update(ask_mixed(composed, ev, "image", "table"))
 
     result = mllm_collide.run(cfg, [cfg.seed], cache=cache, out=None, serve=serve,
                               log=lambda s: print(s, file=sys.stderr, flush=True),
@@ -97,13 +97,12 @@ def cmd_demo(args) -> int:
     print(storage_line(mmer_row["storage"]))
     print("'acc': the generated answer is exactly the right word. 'mixed': an image and a table reading in one "
           "input, a question about one of them, its input first; '2nd': the same inputs, its input second.")
-    a = asked
     print(f"\nOne mixed input, answered by the composed MMER model (modalmerge.runtime: load_composed, "
-          f"composed.generate):\n  [CLS] + {a['rows'][a['asked']]} rows of a digit picture + {a['rows'][a['other']]} "
-          f"rows of a table reading (code {a['other_truth']!r}) + {a['question']!r}\n"
-          f"  answered {a['answer']!r}; the picture shows {a['expected']!r} "
-          f"({'right' if a['answer'] == a['expected'] else 'wrong'}; {1000 * a['seconds']:.0f} ms, "
-          f"{a['prompt_tokens']} prompt tokens)")
+          f"composed.generate):\n  [CLS] + {one['rows'][one['asked']]} rows of a digit picture + "
+          f"{one['rows'][one['other']]} rows of a table reading (code {one['other_truth']!r}) + {one['question']!r}\n"
+          f"  answered {one['answer']!r}; the picture shows {one['expected']!r} "
+          f"({'right' if one['answer'] == one['expected'] else 'wrong'}; {1000 * one['seconds']:.0f} ms, "
+          f"{one['prompt_tokens']} prompt tokens)")
     print(f"Plot: {out / 'mllm.png'}   table: {out / 'mllm.md'}   all numbers: {out / 'mllm.json'}")
     print(f"({result['seconds']:.0f} s; the full benchmarks: modalmerge bench mllm [--setting collide])")
     return 0

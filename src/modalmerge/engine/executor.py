@@ -75,6 +75,13 @@ class Report:
     statistics: dict[str, Any] = field(default_factory=dict)
     procedure: str = "streaming"  # Method.runs of the merge (procedures/run.py)
 
+    @classmethod
+    def of(cls, plan: Plan, stats: Stats, seconds: dict[str, float]) -> Report:
+        """The report of a streaming merge of `plan`: its tensor counts and statistics' summaries."""
+        merged = len(plan.merged)
+        return cls(seconds=seconds, merged_tensors=merged, copied_tensors=len(plan.tensors) - merged,
+                   merged_parameters=sum(t.meta.numel for t in plan.merged), statistics=stats.summaries())
+
 
 class Executor:
     def __init__(self, plan: Plan, device: str = "cpu", exact_stats: bool = False, progress: bool = True,
@@ -243,8 +250,11 @@ class Executor:
 
     # -- passes ----------------------------------------------------------------------------
     def jobs(self) -> list[Job]:
-        return [Job(t, rows) for t in self.plan.merged if self.selected is None or t.name in self.selected
-                for rows in t.chunks]
+        return [Job(t, rows) for t in self.plan.merged if self._selected(t) for rows in t.chunks]
+
+    def _selected(self, t: TensorPlan) -> bool:
+        """Whether this executor's passes cover tensor `t` (all of them without `tensors`)."""
+        return self.selected is None or t.name in self.selected
 
     def statistics(self, observe: Callable[[Statistic, Stats], Statistic] | None = None) -> Stats:
         """Every statistics pass the method declares, each result given to the passes after it.
@@ -318,7 +328,7 @@ class Executor:
                 bar.update(job.stop - job.start)
         self._drain()
         for t in p.tensors:
-            if not t.merge and (self.selected is None or t.name in self.selected):
+            if not t.merge and self._selected(t):
                 value = p.copy_source.read(t.name)
                 sink.write(t.name, value.to(t.out_dtype))
 
@@ -367,7 +377,6 @@ class Executor:
             sink.write_mask(task, t.name, pack_bits(mask.cpu()), job.start // 8)
 
     def run(self, sink) -> Report:
-        report = Report()
         scratch = None
         missing = [k for k in self.plan.method.data(self.plan.params) if k not in self.data]
         try:
@@ -395,12 +404,8 @@ class Executor:
                 scratch = None
             manifest = decoupled_manifest(self.plan, stats) if self.plan.method.decoupled else None
             sink.close(manifest)
-            report.seconds = {"statistics": t1 - t0, "apply": t2 - t1, "total": time.perf_counter() - t0}
-            report.merged_tensors = len(self.plan.merged)
-            report.copied_tensors = len(self.plan.tensors) - report.merged_tensors
-            report.merged_parameters = sum(t.meta.numel for t in self.plan.merged)
-            report.statistics = stats.summaries()
-            return report
+            return Report.of(self.plan, stats,
+                             {"statistics": t1 - t0, "apply": t2 - t1, "total": time.perf_counter() - t0})
         except BaseException:
             self._writer.shutdown(wait=True)  # the one write in flight lands before the abort, never after
             sink.abort()

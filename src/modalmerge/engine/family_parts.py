@@ -130,7 +130,7 @@ def discover(folder: str | Path | None) -> FamilyLayout | None:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """transformers' warnings about a config's token ids or unused keys are not the user's business here."""
     logger = logging.getLogger("transformers")
     level = logger.level
@@ -146,7 +146,7 @@ def _quiet():
 @lru_cache(maxsize=64)
 def _discover_cached(config_text: str) -> FamilyLayout | None:
     try:
-        with _quiet():
+        with quiet():
             model = _meta_model(json.loads(config_text))
             if model is None:
                 return None

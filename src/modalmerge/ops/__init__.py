@@ -13,7 +13,7 @@ from .sparsify import (
 from . import fused  # noqa: F401  (ops.fused: the fused C kernels)
 from . import trimmed_merge  # noqa: F401  (ops.trimmed_merge: TIES's trim and merge, C or torch)
 from .assignment import best_permutation
-from .bits import pack_bits, unpack_bits
+from .bits import pack_bits, unpack_bits, unpack_bits_scaled
 from .reduce import deterministic_dot, deterministic_sum, weighted_sum
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "mass_below",
     "pack_bits",
     "unpack_bits",
+    "unpack_bits_scaled",
     "deterministic_sum",
     "deterministic_dot",
     "weighted_sum",

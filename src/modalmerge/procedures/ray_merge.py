@@ -314,10 +314,7 @@ def merge_on_ray(plan: Plan, output: str | os.PathLike, o: RunOptions, on: OnRay
     finally:
         if started:
             ray.shutdown()
-    merged = plan.merged
-    report = Report(seconds={"statistics": t1 - t0, "apply": t2 - t1, "total": time.perf_counter() - start},
-                    merged_tensors=len(merged), copied_tensors=len(plan.tensors) - len(merged),
-                    merged_parameters=sum(t.meta.numel for t in merged), statistics=stats.summaries())
+    report = Report.of(plan, stats, {"statistics": t1 - t0, "apply": t2 - t1, "total": time.perf_counter() - start})
     report.statistics["ray"] = {"shards": len(groups), "workers": workers, "threads": threads,
                                 "nodes": len({d["node"] for d in done}), "processes": len({d["pid"] for d in done})}
     return report

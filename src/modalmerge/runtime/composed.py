@@ -30,13 +30,9 @@ from torch import nn
 
 from ..checkpoint.decoupled import DecoupledFolder
 from ..errors import MergeError
-from ..ops import unpack_bits
+from ..ops import unpack_bits, unpack_bits_scaled
 from .generate import TEXT, Generation, generate
 from .multimodal import Modality, default_model_class, modality_of
-
-# byte value → its 8 bits, little-endian as ops.pack_bits writes them: a packed mask unpacks to
-# float in one table lookup
-_BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).float()
 
 
 @dataclass
@@ -50,10 +46,14 @@ class ComposedModel:
     """A composed folder loaded for inference: `llm` (an ordinary HF module holding W_t), the
     modalities' encoder/projector tensors, and token routing."""
 
-    def __init__(self, folder: DecoupledFolder, llm: nn.Module, device: torch.device):
+    def __init__(self, folder: DecoupledFolder, llm: nn.Module, device: torch.device,
+                 trust_remote_code: bool = False):
         self.folder = folder
         self.llm = llm
         self.device = device
+        self.trust_remote_code = trust_remote_code  # whether a modality's processor/config may run its folder's code
+        self.loaded_modalities: dict[str, Modality] = {}   # built on first use (modality())
+        self.text_tokenizer: Any = None                      # loaded on first use (generate())
         self.tasks: list[str] = folder.task_names
         param_dtype = next(llm.parameters()).dtype
         names = dict(llm.named_parameters())
@@ -79,7 +79,6 @@ class ComposedModel:
                       for task in self.tasks for r in self._routed for t in r.params.values()}
         self.scalars = {name: s for name, s in folder.tasks}
         self._state = threading.local()
-        self._byte_bits = _BYTE_BITS.to(device)
         # with unit scalars (MMER, TALL) the mean mask over all tasks is count / N: the count per
         # element (1 byte a parameter) is built once here, so a group's weights need its own mask
         # only, never every task's
@@ -121,8 +120,6 @@ class ComposedModel:
         return self.folder.path / entry["dir"] if entry else None
 
     # -- multimodal serving (runtime/multimodal.py, runtime/generate.py) --------------------
-    trust_remote_code = False  # whether a modality's processor/config may run its folder's code
-
     def modality(self, task: str, with_model: bool = True) -> Modality:
         """The task's processor and (with_model) its towers and projectors as modules, built on
         first use and kept."""
@@ -138,12 +135,7 @@ class ComposedModel:
     def _bits(self, task: str, tensor: str, positions: torch.Tensor | None = None, value: float = 1.0) -> torch.Tensor:
         """value × the task's mask of `tensor`, float32 and flat: every element, or the flat
         `positions` only (an embedding's looked-up rows)."""
-        packed = self.masks[(task, tensor)]
-        if positions is None:
-            table = self._byte_bits if value == 1.0 else self._byte_bits * value
-            return F.embedding(packed.long(), table).reshape(-1)[:self.shared[tensor].numel()]
-        bits = ((packed[positions >> 3] >> (positions & 7)) & 1).float()
-        return bits.mul_(value) if value != 1.0 else bits
+        return unpack_bits_scaled(self.masks[(task, tensor)], self.shared[tensor].numel(), value, positions)
 
     def _coef(self, key: tuple, tensor: str, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """(c, s) with W_key − W_t = s · c ⊙ τ* for one merged tensor, c flat float32 (every element
@@ -446,6 +438,4 @@ def load_composed(folder: str | Path, model_cls: Any = None, *, device: str | to
     if dtype is not None:
         kwargs["dtype"] = dtype
     llm = model_cls.from_pretrained(str(d.path), **kwargs).to(device).eval()
-    composed = ComposedModel(d, llm, torch.device(device))
-    composed.trust_remote_code = trust_remote_code
-    return composed
+    return ComposedModel(d, llm, torch.device(device), trust_remote_code)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from ..checkpoint.vocabulary import load_tokenizer
 from ..errors import MergeError
 from .multimodal import MEDIA, PROCESSOR_FILES, Modality, media_of
 
@@ -67,14 +68,12 @@ class Generation:
 def text_tokenizer(composed: "ComposedModel") -> Any:
     """The composed folder's tokenizer (the base's, copied by the merge); else the first
     modality processor's."""
-    from transformers import AutoTokenizer
-
-    tok = composed.__dict__.get("text_tokenizer")
-    if tok is not None:
-        return tok
+    if composed.text_tokenizer is not None:
+        return composed.text_tokenizer
     root = composed.folder.path
+    tok = None
     if any((root / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        tok = AutoTokenizer.from_pretrained(str(root), trust_remote_code=composed.trust_remote_code)
+        tok = load_tokenizer(root, f"composed model {root}", composed.trust_remote_code)
     else:
         for task in composed.tasks:
             if composed.modality_folder(task) is not None:
@@ -85,7 +84,7 @@ def text_tokenizer(composed: "ComposedModel") -> Any:
     if tok is None:
         raise MergeError(f"{root}: no tokenizer (tokenizer.json / tokenizer_config.json) in the composed folder or "
                          "its modalities; copy the base model's tokenizer files there")
-    composed.__dict__["text_tokenizer"] = tok
+    composed.text_tokenizer = tok
     return tok
 
 

@@ -21,8 +21,6 @@ its language model (Phi-4-multimodal): their tensors have no place once it is se
 
 from __future__ import annotations
 
-import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,8 +29,8 @@ import torch
 from torch import nn
 
 from ..checkpoint.sources import open_source
-from ..engine.family_parts import discover, read_config
-from ..errors import MergeError
+from ..engine.family_parts import discover, quiet, read_config
+from ..errors import MergeError, one_line
 
 if TYPE_CHECKING:
     from .composed import ComposedModel
@@ -101,7 +99,7 @@ class Modality:
                                    add_special_tokens=False, **extra)
         except Exception as e:  # noqa: BLE001 - the processor's own message, on one line
             raise MergeError(f"modality {self.task!r}: its processor could not read the {kind} given "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+                             f"({type(e).__name__}: {one_line(e, 120)})") from e
         ids = batch["input_ids"][0]
         inputs = {k: (v.to(dtype) if torch.is_floating_point(v) else v) if isinstance(v, torch.Tensor) else v
                   for k, v in batch.items() if k in _forward_names(self.model)}
@@ -114,7 +112,7 @@ class Modality:
             embeds = c.kwargs.get("inputs_embeds")
         except Exception as e:  # noqa: BLE001 - the family's own complaint (features and tokens that differ)
             raise MergeError(f"modality {self.task!r}: {type(self.model).__name__} could not encode the {kind} "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+                             f"({type(e).__name__}: {one_line(e, 120)})") from e
         else:
             embeds = None
         positions = ids == token_id
@@ -147,11 +145,11 @@ def load_processor(folder: Path, task: str, trust_remote_code: bool) -> Any | No
     if not any((folder / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")):
         return None
     try:
-        with _quiet():
+        with quiet():
             return AutoProcessor.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - a broken or partial processor: one line
         raise MergeError(f"modality {task!r}: its processor in {folder} does not load "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); copy the source "
+                         f"({type(e).__name__}: {one_line(e, 120)}); copy the source "
                          f"model's {PROCESSOR_FILES} there") from e
 
 
@@ -159,11 +157,11 @@ def load_config(folder: Path, task: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
     try:
-        with _quiet():
+        with quiet():
             return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001
         raise MergeError(f"modality {task!r}: {folder / 'config.json'} does not load as a transformers config "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+                         f"({type(e).__name__}: {one_line(e, 120)})") from e
 
 
 def placeholders(task: str, folder: Path, config: Any, processor: Any, kinds: list[str]) -> dict[str, tuple[str, int]]:
@@ -206,7 +204,7 @@ def build_family_model(task: str, folder: Path, config: Any, embeddings: nn.Modu
     if cls is None or layout is None:
         raise MergeError(f"modality {task!r}: {folder / 'config.json'} names no transformers class whose parts "
                          "can be found (architectures); generate runs transformers' own multimodal classes only")
-    with _quiet(), torch.device("meta"):
+    with quiet(), torch.device("meta"):
         model = cls(config)
     if any(hasattr(m, "get_rope_index") for m in model.modules()):
         raise MergeError(f"modality {task!r}: {config.model_type} positions its tokens in 3-D (get_rope_index), "
@@ -235,7 +233,7 @@ def build_family_model(task: str, folder: Path, config: Any, embeddings: nn.Modu
     for t in tensors.values():
         t._is_hf_initialized = True
     if hasattr(model, "initialize_weights"):
-        with _quiet():
+        with quiet():
             model.initialize_weights()
     model.load_state_dict(_modality_tensors(task, folder, layout, model)[0], strict=False)  # exact values back
     still = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -286,24 +284,6 @@ def load_modality(task: str, index: int, folder: Path, embeddings: nn.Module, de
     return m
 
 
-class _quiet:
-    """transformers' warnings about unused config keys or slow processors are not the user's business."""
-
-    def __enter__(self):
-        self.logger = logging.getLogger("transformers")
-        self.level = self.logger.level
-        self.logger.setLevel(logging.ERROR)
-        self.warn = warnings.catch_warnings()
-        self.warn.__enter__()
-        warnings.simplefilter("ignore")
-        return self
-
-    def __exit__(self, *exc):
-        self.warn.__exit__(*exc)
-        self.logger.setLevel(self.level)
-        return False
-
-
 def default_model_class(folder: Path):
     """transformers.AutoModelForCausalLM, so that the composed LLM has logits; AutoModel where
     the base's model type has no causal-LM class (an encoder)."""
@@ -316,7 +296,7 @@ def default_model_class(folder: Path):
 
 def modality_of(composed: "ComposedModel", task: str, with_model: bool = True) -> Modality:
     """The composed model's modality `task`, loaded once and kept on the composed model."""
-    loaded: dict[str, Modality] = composed.__dict__.setdefault("loaded_modalities", {})
+    loaded = composed.loaded_modalities
     found = loaded.get(task)
     if found is not None and (found.model is not None or not with_model):
         return found

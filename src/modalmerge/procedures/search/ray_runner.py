@@ -26,7 +26,7 @@ from typing import Any
 from ...errors import MergeError, one_line
 from ..ray_cluster import connect, node_name, usable_cores
 from .runners import SEARCH_EXTRA
-from .trial import PruneRule, SearchSpec, TrialContext, TrialResult
+from .trial import PruneRule, SearchSpec, TrialContext, TrialResult, failure_text
 
 
 
@@ -46,10 +46,8 @@ class TrialWorker:
         self.error: str | None = None
         try:
             self.context = TrialContext(spec, worker=self.worker)
-        except MergeError as e:
-            self.error = str(e)
         except Exception as e:  # noqa: BLE001 - told to the driver as one line, not a remote traceback
-            self.error = f"{type(e).__name__}: {one_line(e, 300)}"
+            self.error = failure_text(e)
 
     def ready(self) -> tuple[str | None, str, str]:
         """(the error that kept the context from being made, or None; the Ray node id; the worker)."""

@@ -30,6 +30,11 @@ from .space import SearchSpace, parse_space
 STATUSES = ("ok", "failed", "pruned")
 
 
+def failure_text(e: BaseException) -> str:
+    """A failure as one line: a MergeError's own message, else the exception's type and message."""
+    return str(e) if isinstance(e, MergeError) else f"{type(e).__name__}: {one_line(e, 300)}"
+
+
 @dataclass(frozen=True)
 class Objective:
     """A metric the search optimises, and which way."""
@@ -201,10 +206,8 @@ class TrialContext:
                 metrics.update(ev.evaluate(self.model, self.tokenizer, report))
         except Pruned as p:
             return result("pruned", {p.metric: p.value})
-        except MergeError as e:
-            return result("failed", {}, str(e))
         except Exception as e:  # noqa: BLE001 - a failing trial is recorded; the search goes on
-            return result("failed", {}, f"{type(e).__name__}: {one_line(e, 300)}")
+            return result("failed", {}, failure_text(e))
         return result(*checked(metrics, self.spec.objectives))
 
     def load_weights(self, merged: dict) -> None:

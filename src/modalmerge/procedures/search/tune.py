@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ...errors import MergeError, one_line
 from .space import SearchSpace, parse_space
 from .study import SearchResult, run_study
-from .trial import Objective, PruneRule, TrialResult, checked
+from .trial import Objective, PruneRule, TrialResult, checked, failure_text
 
 InProcessObjective = Callable[[dict[str, Any]], Mapping[str, float]]
 
@@ -67,7 +67,7 @@ class CallableRunner:
             if self.stop_on_error:
                 raise
             status, metrics = "failed", {}
-            error = str(e) if isinstance(e, MergeError) else f"{type(e).__name__}: {one_line(e, 300)}"
+            error = failure_text(e)
         return number, TrialResult(metrics, time.perf_counter() - start, status, error, socket.gethostname(),
                                    self.worker)
 
